@@ -1,0 +1,30 @@
+"""multijepa: self-supervised JEPA pretraining for images, video, audio, time series and point clouds.
+
+>>> import multijepa as mj
+>>> recipe = mj.load_recipe("recipes/image.yaml", overrides=["data.path=photos/"])  # doctest: +SKIP
+>>> run = mj.pretrain(recipe)                                                       # doctest: +SKIP
+>>> vectors = mj.load(run / "last.pt").embed(["a.jpg", "b.png"])                    # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from multijepa.errors import DataError, DecodeError, MultijepaError, RecipeError, TrainingError  # noqa: E402
+from multijepa.recipe import Recipe, load_recipe  # noqa: E402
+
+
+def pretrain(recipe: Recipe):
+    """Train as the recipe says (see :func:`multijepa.train.pretrain`); returns the run folder."""
+    from multijepa.train import pretrain as _pretrain
+
+    return _pretrain(recipe)
+
+
+def load(path, device: str = "auto"):
+    """Load a checkpoint for embedding: ``multijepa.load(path).embed(files_or_tensors)``."""
+    from multijepa.embed import load as _load
+
+    return _load(path, device)
+
+
+__all__ = ["DataError", "DecodeError", "MultijepaError", "Recipe", "RecipeError", "TrainingError", "load",
+           "load_recipe", "pretrain", "__version__"]

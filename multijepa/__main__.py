@@ -1,0 +1,5 @@
+import sys
+
+from multijepa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""The ``multijepa`` command: a thin shell over the Python API.
+
+    multijepa pretrain recipes/image.yaml data.path=photos/ train.steps=500
+    multijepa embed cat.jpg dog.png --out vectors.npy
+    multijepa probe --checkpoint runs/image/last.pt labelled_folder/
+    multijepa shard photos/ shards/
+    multijepa demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from multijepa.errors import MultijepaError
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from multijepa.recipe import load_recipe
+    from multijepa.train import pretrain
+
+    run = pretrain(load_recipe(args.recipe, args.overrides))
+    print(f"checkpoint: {run / 'last.pt'}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from multijepa.datasets.readers import modality_of
+    from multijepa.embed import find_latest_checkpoint, load, write_embeddings
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        modalities = {modality_of(f) for f in args.files}
+        if len(modalities) > 1:
+            raise MultijepaError(f"the files mix {', '.join(sorted(modalities))}; embed one modality at a time "
+                                 f"or pass --checkpoint")
+        (modality,) = modalities
+        found = find_latest_checkpoint(modality, args.runs)
+        if found is None:
+            raise MultijepaError(
+                f"no {modality} checkpoint under {args.runs}/ (looked for {args.runs}/*/last.pt). Train one with\n"
+                f"  multijepa pretrain recipes/{modality}.yaml data.path=YOUR_FOLDER\n"
+                f"or pass --checkpoint PATH")
+        checkpoint = str(found)
+        print(f"using {checkpoint}", file=sys.stderr)
+    model = load(checkpoint, device=args.device)
+    vectors = model.embed(args.files, tokens=args.tokens, batch_size=args.batch_size)
+    write_embeddings([str(f) for f in args.files], vectors, args.out)
+    if args.out:
+        print(f"wrote {vectors.shape} embeddings to {args.out}", file=sys.stderr)
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from multijepa.evaluate import probe
+
+    result = probe(args.data, args.checkpoint, args.random_init, args.test_fraction, args.folds, args.seed,
+                   args.device, args.batch_size, args.workers)
+    what = "random-init encoder" if args.random_init else "JEPA encoder"
+    split = f"{args.folds}-fold" if args.folds > 1 else f"{result['n_train']} train / {result['n_test']} test"
+    print(f"{what} ({split}): linear probe accuracy {result['linear']:.4f}, kNN accuracy {result['knn']:.4f}")
+    if args.json:
+        print(json.dumps(result))
+
+
+def _shard(args: argparse.Namespace) -> None:
+    from multijepa.datasets.files import write_shards
+
+    written = write_shards(args.src, args.out, args.per_shard)
+    print(f"wrote {len(written)} shards to {args.out}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from multijepa.datasets.synthetic import make_shapes
+    from multijepa.evaluate import probe
+    from multijepa.recipe import load_recipe
+    from multijepa.train import pretrain
+
+    root = Path(args.dir)
+    data = root / "shapes"
+    if not data.exists():
+        print(f"[demo] writing a small labelled image set (4 shape classes x 100) to {data}")
+        make_shapes(data, per_class=100)
+    recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "image.yaml"
+    overrides = [f"data.path={data}", f"run.dir={root / 'run'}", f"train.steps={args.steps}",
+                 "train.checkpoint_every=100", "train.log_every=25", "data.batch_size=64",
+                 "optim.warmup_steps=30", "model.depth=4", "model.predictor_depth=2"]
+    print(f"[demo] pretraining an image JEPA: multijepa pretrain {recipe_path} {' '.join(overrides)}")
+    run = pretrain(load_recipe(recipe_path, overrides))
+    ckpt = run / "last.pt"
+    example = sorted((data / "circle").glob("*.png"))[0]
+    from multijepa.embed import load
+
+    vector = load(ckpt).embed([example])[0]
+    print(f"[demo] multijepa embed {example} --checkpoint {ckpt}\n       -> vector of {vector.shape[0]} "
+          f"numbers, first five {[round(float(v), 3) for v in vector[:5]]}")
+    jepa = probe(str(data), str(ckpt), folds=0)
+    rand = probe(str(data), str(ckpt), random_init=True, folds=0)
+    print(f"[demo] multijepa probe --checkpoint {ckpt} {data}")
+    print(f"       JEPA encoder:        linear {jepa['linear']:.3f}  kNN {jepa['knn']:.3f}")
+    print(f"       random-init encoder: linear {rand['linear']:.3f}  kNN {rand['knn']:.3f}")
+    print(f"[demo] done: metrics in {run / 'metrics.jsonl'}, checkpoint {ckpt}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multijepa", description="JEPA pretraining for every modality.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train a JEPA from a recipe (resumes from run.dir/last.pt)")
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/image.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=200")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("embed", help="files in, embeddings out")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--checkpoint", help="a last.pt; default: the newest run of the files' modality under --runs")
+    p.add_argument("--runs", default="runs", help="where to look for runs without --checkpoint")
+    p.add_argument("--out", help="out.npy or out.jsonl; default: JSON lines on stdout")
+    p.add_argument("--tokens", action="store_true", help="per-token features instead of the pooled mean")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("probe", help="linear + kNN probe of frozen embeddings on a labelled folder")
+    p.add_argument("data", help="folder with one sub-folder per class")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--random-init", action="store_true", help="probe the same encoder at random init (baseline)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of one split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.set_defaults(func=_probe)
+
+    p = sub.add_parser("shard", help="pack a folder into webdataset .tar shards")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--per-shard", type=int, default=1000)
+    p.set_defaults(func=_shard)
+
+    p = sub.add_parser("demo", help="make a small image set, pretrain, embed and probe (a few minutes on CPU)")
+    p.add_argument("--dir", default="demo")
+    p.add_argument("--steps", type=int, default=300)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MultijepaError as e:
+        print(f"multijepa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Multi-block masks on N-dimensional token grids, sampled in DataLoader workers.
+
+One idea covers every modality: a block is a box in the token grid (image rows x cols, audio
+freq x time, video t x rows x cols, time-series t). Axes listed in ``full_span_axes`` are covered
+whole by every block (video tubes span all frames; audio time spans cover all frequencies).
+
+Block sizes are drawn once per batch, positions per sample, so every sample in a batch has the
+same number of target tokens; context sets are cut to the batch's smallest so tensors stay dense.
+"""
+
+from __future__ import annotations
+
+import math
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from multijepa.errors import RecipeError
+
+if TYPE_CHECKING:
+    from multijepa.recipe import MaskConfig
+
+
+def _uniform(rng: tuple[float, float], g: torch.Generator) -> float:
+    return rng[0] + (rng[1] - rng[0]) * torch.rand((), generator=g).item()
+
+
+def block_extent(grid: tuple[int, ...], scale: float, aspect: float, full_span_axes: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-axis extent of a box covering about ``scale`` of ``grid``.
+
+    The first two free axes share the ``aspect`` ratio (rows/cols); further free axes are scaled
+    evenly; full-span axes take the whole grid.
+
+    >>> block_extent((8, 8), 0.25, 1.0, ())
+    (4, 4)
+    >>> block_extent((4, 8, 8), 0.25, 1.0, (0,))
+    (4, 4, 4)
+    """
+    free = [i for i in range(len(grid)) if i not in full_span_axes]
+    volume = scale * math.prod(grid[i] for i in free)
+    base = volume ** (1.0 / len(free))
+    sizes = [float(g) for g in grid]
+    for j, axis in enumerate(free):
+        s = base
+        if len(free) >= 2 and j == 0:
+            s = base * math.sqrt(aspect)
+        elif len(free) >= 2 and j == 1:
+            s = base / math.sqrt(aspect)
+        sizes[axis] = s
+    return tuple(max(1, min(grid[i], round(sizes[i]))) for i in range(len(grid)))
+
+
+def _box(grid: tuple[int, ...], extent: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """A bool grid with one box of ``extent`` at a uniform random position."""
+    mask = torch.zeros(grid, dtype=torch.bool)
+    starts = [int(torch.randint(0, n - e + 1, (1,), generator=g)) for n, e in zip(grid, extent)]
+    mask[tuple(slice(s, s + e) for s, e in zip(starts, extent))] = True
+    return mask
+
+
+def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, g: torch.Generator,
+                       max_tries: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample context and target indices for a batch (indices into the flattened grid, C order).
+
+    Args:
+        grid: token grid shape, e.g. (8, 8).
+        cfg: the recipe's mask section (validated against ``grid`` at load).
+        batch_size: B.
+        g: the random generator (seeded per batch, so a resumed run draws the same masks).
+        max_tries: context draws per sample before falling back to "everything but the targets".
+
+    Returns:
+        context_idx: [B, Nc] long, sorted, disjoint from that sample's targets.
+        target_idx: [B, M, Nt] long, M = cfg.num_targets blocks of Nt tokens each.
+
+    >>> from multijepa.recipe import MaskConfig
+    >>> c, t = sample_block_masks((8, 8), MaskConfig(), 2, torch.Generator().manual_seed(0))
+    >>> t.shape[:2]
+    torch.Size([2, 4])
+    """
+    n = math.prod(grid)
+    log_aspect = (math.log(cfg.target_aspect[0]), math.log(cfg.target_aspect[1]))
+    t_extent = block_extent(grid, _uniform(cfg.target_scale, g), math.exp(_uniform(log_aspect, g)),
+                            cfg.full_span_axes)
+    log_aspect = (math.log(cfg.context_aspect[0]), math.log(cfg.context_aspect[1]))
+    c_extent = block_extent(grid, _uniform(cfg.context_scale, g), math.exp(_uniform(log_aspect, g)),
+                            cfg.full_span_axes)
+    contexts, targets = [], []
+    for _ in range(batch_size):
+        for _ in range(max_tries):
+            blocks = [_box(grid, t_extent, g).flatten() for _ in range(cfg.num_targets)]
+            covered = torch.stack(blocks).any(0)
+            context = _box(grid, c_extent, g).flatten() & ~covered
+            if int(context.sum()) >= cfg.min_context:
+                break
+        else:
+            context = ~covered
+            if int(context.sum()) < cfg.min_context:
+                # The targets cover (nearly) everything: stack them on one spot. Validation
+                # guarantees one block leaves min_context tokens, so this always ends.
+                blocks = [blocks[0]] * cfg.num_targets
+                context = ~blocks[0]
+        contexts.append(context.nonzero().squeeze(1))
+        targets.append(torch.stack([b.nonzero().squeeze(1) for b in blocks]))
+    keep = min(len(c) for c in contexts)
+    # Cut every context to the smallest, dropping random tokens (not the tail) to avoid a spatial bias.
+    context_idx = torch.stack([c[torch.randperm(len(c), generator=g)[:keep]].sort().values for c in contexts])
+    assert keep >= min(cfg.min_context, n)
+    return context_idx, torch.stack(targets)
+
+
+def check(cond: bool, where: str, key: str, msg: str) -> None:
+    """Raise a :class:`RecipeError` naming ``where`` and the dotted ``key`` unless ``cond``."""
+    if not cond:
+        raise RecipeError(f"{where}: '{key}' {msg}")
+
+
+def check_range(rng: tuple[float, float], where: str, key: str, lo: float, hi: float) -> None:
+    check(lo <= rng[0] <= rng[1] <= hi, where, key,
+          f"must be [low, high] with {lo} <= low <= high <= {hi}, got {list(rng)}")
+
+
+def validate_mask(m: MaskConfig, grid: tuple[int, ...], where: str) -> None:
+    """Check that a multi-block mask can be sampled on ``grid`` without looping for ever."""
+    check(m.num_targets >= 1, where, "mask.num_targets", "must be at least 1")
+    check_range(m.target_scale, where, "mask.target_scale", 1e-6, 1.0)
+    check_range(m.context_scale, where, "mask.context_scale", 1e-6, 1.0)
+    check_range(m.target_aspect, where, "mask.target_aspect", 1e-3, 1e3)
+    check_range(m.context_aspect, where, "mask.context_aspect", 1e-3, 1e3)
+    for a in m.full_span_axes:
+        check(0 <= a < len(grid), where, "mask.full_span_axes",
+               f"names axis {a} but the token grid {list(grid)} has {len(grid)} axes")
+    n = math.prod(grid)
+    free = [g for i, g in enumerate(grid) if i not in m.full_span_axes]
+    check(len(free) > 0, where, "mask.full_span_axes", "cannot cover every axis of the grid")
+    check(m.min_context >= 1, where, "mask.min_context", "must be at least 1")
+    check(round(m.target_scale[0] * n) >= 1, where, "mask.target_scale",
+           f"gives target blocks of under one token on a {list(grid)} grid ({n} tokens); raise it")
+    # The sampler retries a bounded number of times, then falls back to stacking the targets on
+    # one spot, so it always ends when one block leaves room for min_context tokens.
+    aspects = [m.target_aspect[0] * (m.target_aspect[1] / m.target_aspect[0]) ** (i / 10) for i in range(11)]
+    largest_target = max(math.prod(block_extent(grid, m.target_scale[1], a, m.full_span_axes)) for a in aspects)
+    check(largest_target + m.min_context <= n, where, "mask.target_scale",
+          f"allows target blocks of {largest_target} tokens, leaving fewer than mask.min_context="
+          f"{m.min_context} of the {list(grid)} grid's {n} tokens for context; lower target_scale "
+          f"or min_context, or use a finer grid")

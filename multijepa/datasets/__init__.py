@@ -1,0 +1,12 @@
+"""Data sets for every modality: folders, file lists, webdataset shards.
+
+Lives at ``multijepa.datasets`` (not a top-level ``datasets``) so it never shadows Hugging Face's
+widely installed ``datasets`` package.
+"""
+
+from multijepa.datasets.files import (FileDataset, FileIndex, ShardDataset, StepBatchSampler, build_train_loader,
+                                      index_files, list_folder, load_input, read_filelist, write_shards)
+from multijepa.datasets.readers import EXTENSIONS, modality_of, read_image
+
+__all__ = ["EXTENSIONS", "FileDataset", "FileIndex", "ShardDataset", "StepBatchSampler", "build_train_loader",
+           "index_files", "list_folder", "load_input", "modality_of", "read_filelist", "read_image", "write_shards"]

@@ -1,0 +1,358 @@
+"""Data sets from a folder, a file list or webdataset shards, and the training loader around them.
+
+Training order is a function of (seed, step) alone: a step-indexed batch sampler walks an endless
+chain of per-epoch permutations, every sample's augmentation is seeded by (seed, step, index) and
+every batch's masks by (seed, step, rank). A resumed run therefore sees exactly the batches an
+uninterrupted run would have, for any worker count. Shards stream instead (see ShardDataset).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from multijepa.core.masking import sample_block_masks
+from multijepa.datasets.readers import EXTENSIONS, Source, read_image
+from multijepa.datasets.transforms import image_transform
+from multijepa.errors import DataError, DecodeError
+from multijepa.recipe import Recipe, token_grid
+
+# How a recipe turns one file (path or bytes) into a model input; g=None means deterministic (embed).
+LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[torch.Generator]], torch.Tensor]] = {
+    "image": lambda src, r, name, g: image_transform(read_image(src, r.image.channels, name), r.image, g),
+}
+
+
+def load_input(src: Source, recipe: Recipe, name: str = "", g: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Decode and preprocess one file for ``recipe.modality``; raises DecodeError naming the file."""
+    return LOADERS[recipe.modality](src, recipe, name or str(src), g)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), stable across processes and Python runs."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass
+class FileIndex:
+    """Files with integer labels (-1 when unlabelled) and the class names behind them."""
+
+    files: list[str]
+    labels: list[int]
+    classes: list[str] = field(default_factory=list)
+
+
+def list_folder(root: Union[str, Path], extensions: Sequence[str]) -> FileIndex:
+    """Every file under ``root`` with one of ``extensions``, sorted.
+
+    Files inside first-level sub-folders are labelled by that sub-folder's name (ImageFolder style);
+    files directly in ``root`` are unlabelled.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; set data.path to a folder, a file list or shards")
+    exts = {e.lower() for e in extensions}
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    if not found:
+        raise DataError(f"{root}: the folder holds no files of type {', '.join(sorted(exts))}; "
+                        f"point data.path at a folder with such files")
+    top = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in found]
+    classes = sorted({t for t in top if t is not None})
+    index = {c: i for i, c in enumerate(classes)}
+    return FileIndex([str(p) for p in found], [index[t] if t is not None else -1 for t in top], classes)
+
+
+def _resolve(listfile: Path, entry: str) -> Path:
+    return Path(entry) if Path(entry).is_absolute() else listfile.parent / entry
+
+
+def read_filelist(path: Union[str, Path]) -> FileIndex:
+    """A text file with one ``path [label]`` per line (paths relative to the list's folder; # comments)."""
+    path = Path(path)
+    files, names = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        file, label = line, None
+        if not _resolve(path, line).is_file() and len(line.split()) > 1:
+            file, label = line.rsplit(maxsplit=1)
+        if not _resolve(path, file).is_file():
+            raise DataError(f"{path}, line {lineno}: {file} does not exist")
+        files.append(str(_resolve(path, file)))
+        names.append(label)
+    if not files:
+        raise DataError(f"{path}: the file list is empty")
+    classes = sorted({n for n in names if n is not None})
+    index = {c: i for i, c in enumerate(classes)}
+    return FileIndex(files, [index[n] if n is not None else -1 for n in names], classes)
+
+
+def shard_urls(path: str) -> list[str]:
+    """Shard files from a folder of .tar files, a glob, a brace pattern or one .tar."""
+    if os.path.isdir(path):
+        urls = sorted(glob.glob(os.path.join(path, "*.tar")))
+    elif "{" in path:
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(path))
+    else:
+        urls = sorted(glob.glob(path))
+    if not urls:
+        raise DataError(f"{path}: no webdataset shards (.tar) found")
+    return urls
+
+
+def detect_format(recipe: Recipe) -> str:
+    path, fmt = recipe.data.path, recipe.data.format
+    if not path:
+        raise DataError("data.path is not set: give it in the recipe or as data.path=FOLDER on the command line")
+    if fmt != "auto":
+        return fmt
+    if path.endswith(".tar") or "{" in path or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar"))):
+        return "shards"
+    if os.path.isfile(path) and path.endswith((".txt", ".lst", ".csv")):
+        return "filelist"
+    if os.path.isdir(path):
+        return "folder"
+    raise DataError(f"{path}: data.path does not exist (a folder, a .txt file list or .tar shards)")
+
+
+def index_files(recipe: Recipe) -> FileIndex:
+    fmt = detect_format(recipe)
+    if fmt == "filelist":
+        return read_filelist(recipe.data.path)
+    if fmt == "folder":
+        return list_folder(recipe.data.path, EXTENSIONS[recipe.modality])
+    raise DataError(f"{recipe.data.path}: shards cannot be listed file by file; use a folder or file list")
+
+
+# --------------------------------------------------------------------------- map-style training data
+
+
+class FileDataset(Dataset):
+    """Files decoded and preprocessed on demand.
+
+    Indexed by ``(step, i)`` in training (random augmentation seeded by both) or by ``i`` for
+    embedding. In training an undecodable file is replaced by the next one and reported in the
+    sample's ``bad`` list; elsewhere the DecodeError propagates.
+    """
+
+    def __init__(self, index: FileIndex, recipe: Recipe, train: bool):
+        self.index, self.recipe, self.train = index, recipe, train
+
+    def __len__(self) -> int:
+        return len(self.index.files)
+
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict:
+        step, i = key if isinstance(key, tuple) else (-1, key)
+        bad: list[str] = []
+        for attempt in range(len(self) if self.train else 1):
+            j = (i + attempt) % len(self)
+            g = torch.Generator().manual_seed(_mix(self.recipe.train.seed, step, j)) if self.train else None
+            try:
+                x = load_input(self.index.files[j], self.recipe, g=g)
+                return {"input": x, "label": self.index.labels[j], "step": step, "bad": bad}
+            except DecodeError as e:
+                if not self.train:
+                    raise
+                bad.append(str(e))
+        raise DataError(f"{self.recipe.data.path}: no file in the data set could be decoded; first error: {bad[0]}")
+
+
+class StepBatchSampler:
+    """Endless batches of ``(step, index)``: step s, rank r takes positions
+    ``[(s*W + r)*B, (s*W + r + 1)*B)`` of a chain of per-epoch permutations seeded by (seed, epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.rank, self.world = start_step, rank, world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))}
+        return int(self._perms[epoch][offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            first = (step * self.world + self.rank) * self.batch_size
+            yield [(step, self._at(p)) for p in range(first, first + self.batch_size)]
+            step += 1
+
+
+# --------------------------------------------------------------------------- shards
+
+
+class ShardDataset(IterableDataset):
+    """Endless stream of samples from webdataset shards, split across ranks and workers.
+
+    Each epoch shuffles the shard order with (seed, epoch); each (rank, worker) reads its share of
+    shards and shuffles samples in a buffer. Resuming re-seeds the stream with the resume step, so
+    a resumed run sees a fresh, equally distributed stream rather than the identical one.
+    """
+
+    def __init__(self, urls: list[str], recipe: Recipe, start_step: int = 0, rank: int = 0, world: int = 1,
+                 buffer: int = 1000):
+        self.urls, self.recipe, self.start_step, self.rank, self.world = urls, recipe, start_step, rank, world
+        self.buffer = buffer
+
+    def _samples(self, urls: list[str]) -> Iterator[tuple[str, bytes, int]]:
+        exts = {e.lstrip(".") for e in EXTENSIONS[self.recipe.modality]}
+        for url in urls:
+            try:
+                tar = tarfile.open(url)
+            except (tarfile.TarError, OSError) as e:
+                raise DataError(f"{url}: cannot open shard ({e})") from None
+            with tar:
+                group: dict[str, bytes] = {}
+                key = None
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    k, _, ext = member.name.partition(".")
+                    if key is not None and k != key:
+                        yield from self._emit(url, key, group, exts)
+                        group = {}
+                    key = k
+                    group[ext] = tar.extractfile(member).read()
+                if key is not None:
+                    yield from self._emit(url, key, group, exts)
+
+    @staticmethod
+    def _emit(url: str, key: str, group: dict, exts: set) -> Iterator[tuple[str, bytes, int]]:
+        data_ext = next((e for e in group if e.lower() in exts), None)
+        if data_ext is None:
+            return
+        label = int(group["cls"].decode()) if "cls" in group else -1
+        yield f"{url}:{key}.{data_ext}", group[data_ext], label
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        reader = self.rank * workers + worker
+        readers = self.world * workers
+        seed = _mix(self.recipe.train.seed, self.start_step, reader)
+        epoch, counter = 0, 0
+        buffer: list[tuple[str, bytes, int]] = []
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+            urls = [self.urls[int(i)] for i in order]
+            mine = urls[reader::readers] if len(urls) >= readers else urls  # few shards: all read all
+            read = 0
+            for item in self._samples(mine):
+                read += 1
+                buffer.append(item)
+                if len(buffer) >= self.buffer:
+                    name, data, label = buffer.pop(int(torch.randint(len(buffer), (1,), generator=g)))
+                    counter += 1
+                    yield self._load(name, data, label, counter * readers + reader)
+            if read == 0:
+                raise DataError(f"{', '.join(mine[:3])}: the shards hold no {self.recipe.modality} samples")
+            epoch += 1
+
+    def _load(self, name: str, data: bytes, label: int, step: int) -> dict:
+        g = torch.Generator().manual_seed(_mix(self.recipe.train.seed, step))
+        try:
+            return {"input": load_input(data, self.recipe, name, g), "label": label, "step": step, "bad": []}
+        except DecodeError as e:
+            return {"input": None, "label": label, "step": step, "bad": [str(e)]}
+
+
+def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: int = 1000) -> list[str]:
+    """Pack every readable-type file under ``src`` into webdataset tar shards.
+
+    Each sample is ``{key}.{ext}`` (the file's bytes), ``{key}.cls`` (class index, from the first
+    sub-folder) and ``{key}.txt`` (the original relative path). ``classes.json`` lists class names.
+    Shards are written under a temporary name and renamed, so a killed run leaves no half shard.
+
+    Returns:
+        The shard paths written.
+    """
+    all_exts = [e for exts in EXTENSIONS.values() for e in exts]
+    index = list_folder(src, all_exts)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start in range(0, len(index.files), per_shard):
+        name = out_dir / f"shard-{start // per_shard:06d}.tar"
+        tmp = name.with_suffix(".tar.tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for k in range(start, min(start + per_shard, len(index.files))):
+                path = Path(index.files[k])
+                key = f"{k:09d}"
+                members = {path.suffix.lower().lstrip("."): path.read_bytes(),
+                           "txt": str(path.relative_to(src)).encode()}
+                if index.labels[k] >= 0:
+                    members["cls"] = str(index.labels[k]).encode()
+                for ext, data in members.items():
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size = len(data)
+                    tar.addfile(ti, io.BytesIO(data))
+        os.replace(tmp, name)
+        written.append(str(name))
+    (out_dir / "classes.json").write_text(json.dumps(index.classes))
+    return written
+
+
+# --------------------------------------------------------------------------- loader
+
+
+class MaskCollate:
+    """Stacks samples and samples the batch's masks (runs in DataLoader workers)."""
+
+    def __init__(self, recipe: Recipe, rank: int = 0):
+        self.grid, self.mask, self.seed, self.rank = token_grid(recipe), recipe.mask, recipe.train.seed, rank
+
+    def __call__(self, samples: list[dict]) -> dict:
+        bad = [b for s in samples for b in s["bad"]]
+        good = [s for s in samples if s["input"] is not None]
+        if not good:
+            return {"input": None, "bad": bad, "count": len(samples) + len(bad)}
+        g = torch.Generator().manual_seed(_mix(self.seed, samples[0]["step"], self.rank, 7))
+        context_idx, target_idx = sample_block_masks(self.grid, self.mask, len(good), g)
+        return {"input": torch.stack([s["input"] for s in good]),
+                "label": torch.tensor([s["label"] for s in good]),
+                "context_idx": context_idx, "target_idx": target_idx,
+                "bad": bad, "count": len(samples) + len(bad)}
+
+
+def build_train_loader(recipe: Recipe, start_step: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """The endless training loader for ``recipe.data``; each batch carries its masks."""
+    fmt = detect_format(recipe)
+    collate = MaskCollate(recipe, rank)
+    d = recipe.data
+    kwargs = dict(num_workers=d.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=False)
+    if d.num_workers > 0:
+        kwargs["prefetch_factor"] = 4
+    if fmt == "shards":
+        dataset = ShardDataset(shard_urls(d.path), recipe, start_step, rank, world)
+        return DataLoader(dataset, batch_size=d.batch_size, **kwargs)
+    index = index_files(recipe)
+    if len(index.files) < d.batch_size * world:
+        warnings.warn(f"{d.path}: {len(index.files)} files is fewer than one global batch "
+                      f"({d.batch_size} x {world}); samples repeat within a step", stacklevel=2)
+    sampler = StepBatchSampler(len(index.files), d.batch_size, recipe.train.seed, start_step, rank, world)
+    return DataLoader(FileDataset(index, recipe, train=True), batch_sampler=sampler, **kwargs)

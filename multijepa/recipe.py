@@ -1,0 +1,348 @@
+"""Recipes: YAML files mapped one to one onto frozen dataclasses.
+
+Defaults live only in these dataclasses. Loading is strict: an unknown key, a wrong type or an
+impossible value raises :class:`RecipeError` naming the file and the dotted key. Command-line
+overrides (``train.steps=200``) go through the same schema.
+
+>>> r = load_recipe("recipes/image.yaml", overrides=["train.steps=10"])  # doctest: +SKIP
+>>> r.train.steps  # doctest: +SKIP
+10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from multijepa.core.masking import check, check_range, validate_mask
+from multijepa.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where samples come from and how they are batched (shared by every modality)."""
+
+    path: str = ""  # a folder, a file list (.txt, one path [label] per line) or webdataset shards
+    format: Literal["auto", "folder", "filelist", "shards"] = "auto"
+    batch_size: int = 64  # per process; the global batch is batch_size * world size
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01  # stop training when more than this share of files fails to decode
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Image decoding, augmentation and the 2D patch tokenizer."""
+
+    size: int = 32  # square side in pixels after cropping
+    channels: Literal[1, 3] = 3
+    patch_size: int = 4
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area range in training
+    hflip: bool = True
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Multi-block masking on the token grid (I-JEPA defaults)."""
+
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid covered by each target block
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    context_aspect: tuple[float, float] = (1.0, 1.0)
+    min_context: int = 4  # fewest context tokens a sample may keep
+    full_span_axes: tuple[int, ...] = ()  # grid axes every block spans entirely (video tubes, audio time spans)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shared transformer core: context/target encoder and the narrow predictor."""
+
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    predictor_dim: int = 96
+    predictor_depth: int = 3
+    predictor_heads: int = 3
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Latent prediction loss and the optional second collapse guard."""
+
+    type: Literal["l1", "l2", "smooth_l1"] = "smooth_l1"
+    normalize_targets: bool = True  # layer-norm target features before the loss
+    regularizer: Literal["none", "sigreg", "vicreg"] = "none"
+    regularizer_weight: float = 0.05
+    sigreg_directions: int = 256
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay; weight decay on a cosine ramp."""
+
+    lr: float = 1.0e-3  # peak learning rate for the global batch
+    min_lr: float = 1.0e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # 0 disables clipping
+    accum_steps: int = 1
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """Target-encoder momentum, raised from start to end on a cosine schedule."""
+
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    checkpoint_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    collapse_std: float = 0.01  # warn when target feature std falls below this
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/image"
+    resume: bool = True  # continue from dir/last.pt when it exists
+
+
+@dataclass(frozen=True)
+class Recipe:
+    modality: Literal["image"] = "image"
+    data: DataConfig = field(default_factory=DataConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in the dataclass's form."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: '{key}' must be a mapping of keys, got {value!r}")
+        return _build(tp, value, key, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise RecipeError(f"{where}: '{key}' must be one of {', '.join(map(repr, choices))}, "
+                              f"got {value!r}{extra}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeError(f"{where}: '{key}' must be {_type_name(tp)}, got {len(value)} values")
+        return tuple(_convert(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"recipe schema uses an unsupported type {tp!r} at {key}")  # a bug in this file
+
+
+def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(names)})"
+            raise RecipeError(f"{where}: unknown key '{dotted}'{extra}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            dotted = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(raw[name], hints[name], dotted, where)
+    return cls(**kwargs)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain YAML-ready data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set ``a.b.c=value`` strings into a nested dict; the value is parsed as YAML."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"command line: override {item!r} must look like key.sub=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"command line: '{dotted}' goes inside '{part}', which is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise RecipeError(f"command line: cannot parse the value of '{dotted}': {e}") from None
+    return raw
+
+
+def _deep_copy(d: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    """Build and validate a :class:`Recipe` from nested plain data."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    recipe = _build(Recipe, raw, "", where)
+    validate(recipe, where)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
+    """Load a YAML recipe, apply ``key.sub=value`` overrides, validate.
+
+    Args:
+        path: the YAML file.
+        overrides: strings such as ``"train.steps=200"``.
+
+    Raises:
+        RecipeError: naming the file and the dotted key that is wrong.
+
+    >>> load_recipe("recipes/image.yaml", ["train.steps=5"]).train.steps  # doctest: +SKIP
+    5
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found (shipped recipes live in recipes/)") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+    where = str(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        where = f"{path} (with overrides {' '.join(overrides)})"
+    return recipe_from_dict(raw, where)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def token_grid(recipe: Recipe) -> tuple[int, ...]:
+    """The token grid shape the recipe's tokenizer produces, e.g. ``(8, 8)`` for 32 px / patch 4."""
+    if recipe.modality == "image":
+        side = recipe.image.size // recipe.image.patch_size
+        return (side, side)
+    raise AssertionError(recipe.modality)
+
+
+def validate(recipe: Recipe, where: str) -> None:
+    """Reject values no run could use, naming the dotted key and what would work."""
+    im, m, mo, o, t = recipe.image, recipe.mask, recipe.model, recipe.optim, recipe.train
+    check(im.patch_size > 0 and im.size % im.patch_size == 0, where, "image.patch_size",
+           f"must divide image.size={im.size}, got {im.patch_size}")
+    check(len(im.mean) == im.channels and len(im.std) == im.channels, where, "image.mean",
+           f"image.mean and image.std need {im.channels} values (one per channel)")
+    check_range(im.crop_scale, where, "image.crop_scale", 0.01, 1.0)
+    check(recipe.data.batch_size > 0, where, "data.batch_size", "must be positive")
+    check(recipe.data.num_workers >= 0, where, "data.num_workers", "must be 0 or more")
+    check(0 <= recipe.data.max_bad_fraction <= 1, where, "data.max_bad_fraction", "must be in [0, 1]")
+    check(mo.dim % mo.heads == 0 and (mo.dim // mo.heads) % 2 == 0, where, "model.heads",
+           f"must divide model.dim={mo.dim} into even-sized heads, got {mo.heads}")
+    check(mo.predictor_dim % mo.predictor_heads == 0, where, "model.predictor_heads",
+           f"must divide model.predictor_dim={mo.predictor_dim}")
+    check(mo.depth > 0 and mo.predictor_depth > 0, where, "model.depth", "depths must be positive")
+    check(0 <= mo.drop_path < 1, where, "model.drop_path", "must be in [0, 1)")
+    check(o.lr > 0 and 0 <= o.min_lr <= o.lr, where, "optim.lr", "needs 0 <= optim.min_lr <= optim.lr and lr > 0")
+    check(o.accum_steps >= 1, where, "optim.accum_steps", "must be at least 1")
+    check(o.grad_clip >= 0, where, "optim.grad_clip", "must be 0 (off) or positive")
+    check(0 <= recipe.ema.momentum_start <= recipe.ema.momentum_end <= 1, where, "ema.momentum_start",
+           "needs 0 <= momentum_start <= momentum_end <= 1")
+    check(t.steps > 0, where, "train.steps", "must be positive")
+    check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be positive")
+    check(t.log_every > 0, where, "train.log_every", "must be positive")
+    check(recipe.loss.regularizer_weight >= 0, where, "loss.regularizer_weight", "must be 0 or more")
+    validate_mask(m, token_grid(recipe), where)

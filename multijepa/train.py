@@ -1,0 +1,262 @@
+"""The trainer: AdamW, schedules, AMP, gradient accumulation, checkpoints, resume, torchrun/DDP.
+
+``pretrain(recipe)`` is what ``multijepa pretrain recipe.yaml`` runs. Under ``torchrun`` each
+process trains on its own share of every batch; rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from multijepa.checkpoint import load_checkpoint, save_checkpoint
+from multijepa.core.jepa import JEPA, build_model, cosine_schedule, feature_health
+from multijepa.datasets.files import build_train_loader
+from multijepa.errors import DataError, TrainingError
+from multijepa.recipe import Recipe, recipe_to_dict, save_recipe
+
+# Recipe sections that fix the model's shape: a checkpoint only resumes under the same ones.
+ARCHITECTURE_SECTIONS = ("modality", "model", "image")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+def param_groups(model: JEPA, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases, norms and the mask token are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("mask_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _check_resumable(saved: dict, recipe: Recipe, path: Path) -> None:
+    now = recipe_to_dict(recipe)
+    for section in ARCHITECTURE_SECTIONS:
+        if saved.get(section) != now[section]:
+            raise TrainingError(
+                f"{path}: this checkpoint was trained with a different '{section}' section "
+                f"({saved.get(section)} vs {now[section]}); use another run.dir, or run.resume=false to start over")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from, so the curve has no duplicates."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def pretrain(recipe: Recipe) -> Path:
+    """Train a JEPA as the recipe says; resumes from ``run.dir/last.pt`` when present.
+
+    Returns:
+        The run folder, holding ``last.pt``, ``recipe.yaml`` and ``metrics.jsonl``.
+
+    >>> from multijepa import load_recipe, pretrain
+    >>> run = pretrain(load_recipe("recipes/image.yaml", ["data.path=photos/"]))  # doctest: +SKIP
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(recipe.train.device, local_rank)
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        return _train(recipe, device, rank, world)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
+    t, o = recipe.train, recipe.optim
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    run_dir = Path(recipe.run.dir)
+    ckpt_path, metrics_path = run_dir / "last.pt", run_dir / "metrics.jsonl"
+    main = rank == 0
+    torch.manual_seed(t.seed)
+    model = build_model(recipe).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
+    step = 0
+    if recipe.run.resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        _check_resumable(state["recipe"], recipe, ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        if main:
+            print(f"resuming {run_dir} from step {step}", file=sys.stderr)
+            _truncate_metrics(metrics_path, step)
+    if step >= t.steps:
+        if main:
+            print(f"{ckpt_path} is already at step {step} >= train.steps={t.steps}; raise train.steps to "
+                  f"train on", file=sys.stderr)
+        return run_dir
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    loader = build_train_loader(recipe, start_step=step * o.accum_steps, rank=rank, world=world)
+    batches = iter(loader)
+    bad_total, seen_total = 0, 0
+    interval_loss = torch.zeros((), device=device)
+    interval_parts = torch.zeros(2, device=device)
+    interval_steps, interval_samples, t_last = 0, 0, time.perf_counter()
+    pooled = None
+    progress = _progress(main and t.progress, t.steps, step)
+
+    with _StopRequest() as stop:
+        while step < t.steps:
+            lr = cosine_schedule(step, t.steps, o.lr, o.min_lr, o.warmup_steps)
+            wd = cosine_schedule(step, t.steps, o.weight_decay, o.weight_decay_end)
+            momentum = cosine_schedule(step, t.steps, recipe.ema.momentum_start, recipe.ema.momentum_end)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                if group["weight_decay"] > 0:
+                    group["weight_decay"] = wd
+            for micro in range(o.accum_steps):
+                batch = next(batches)
+                bad_total += len(batch["bad"])
+                seen_total += batch["count"]
+                _report_bad(batch["bad"], bad_total, seen_total, recipe)
+                while batch["input"] is None:  # every file of this batch failed to decode
+                    batch = next(batches)
+                    bad_total += len(batch["bad"])
+                    seen_total += batch["count"]
+                inputs = batch["input"].to(device, non_blocking=True)
+                sync = contextlib.nullcontext() if world == 1 or micro == o.accum_steps - 1 else net.no_sync()
+                with sync:
+                    with autocast:
+                        out = net(inputs, batch["context_idx"].to(device, non_blocking=True),
+                                  batch["target_idx"].to(device, non_blocking=True))
+                    (out["loss"] / o.accum_steps).backward()
+                interval_loss += out["loss"].detach() / o.accum_steps
+                interval_parts += torch.stack([out["prediction"], out["regularizer"]]) / o.accum_steps
+                interval_samples += inputs.shape[0] * world
+                pooled = out["target_pooled"]
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_target(momentum)
+            step += 1
+            interval_steps += 1
+            progress.update(1)
+            if step % t.log_every == 0 or step == t.steps or stop.requested:
+                loss = interval_loss.item() / interval_steps  # the one host sync per logging interval
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss} by step {step}: training diverged. The last good checkpoint "
+                        f"is {ckpt_path if ckpt_path.exists() else '(none yet)'}; lower optim.lr (now {o.lr}), "
+                        f"lengthen optim.warmup_steps or set optim.grad_clip, then run again")
+                now = time.perf_counter()
+                record = {"step": step, "loss": loss,
+                          "loss_prediction": interval_parts[0].item() / interval_steps,
+                          "loss_regularizer": interval_parts[1].item() / interval_steps,
+                          "lr": lr, "weight_decay": wd, "ema_momentum": momentum,
+                          "samples_per_s": interval_samples / (now - t_last),
+                          "bad_files": bad_total}
+                record.update({k: v.item() for k, v in feature_health(pooled).items()})
+                if main:
+                    _log(record, metrics_path, progress, recipe)
+                interval_loss.zero_()
+                interval_parts.zero_()
+                interval_steps, interval_samples, t_last = 0, 0, now
+            if main and (step % t.checkpoint_every == 0 or step == t.steps or stop.requested):
+                rng = {"torch": torch.get_rng_state()}
+                if device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state(device)
+                save_checkpoint({"step": step, "recipe": recipe_to_dict(recipe), "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "rng": rng}, ckpt_path)
+            if stop.requested:
+                progress.close()
+                if main:
+                    print(f"\nstopped at step {step}; checkpoint saved to {ckpt_path}. "
+                          f"Run the same command to resume.", file=sys.stderr)
+                raise KeyboardInterrupt
+    progress.close()
+    return run_dir
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="pretrain",
+                mininterval=1.0)
+
+
+def _report_bad(bad: list[str], bad_total: int, seen_total: int, recipe: Recipe) -> None:
+    for message in bad:
+        warnings.warn(f"skipped a file that does not decode: {message}", stacklevel=3)
+    if bad_total and seen_total >= 100 and bad_total / seen_total > recipe.data.max_bad_fraction:
+        raise DataError(
+            f"{recipe.data.path}: {bad_total} of {seen_total} files read so far failed to decode "
+            f"({bad_total / seen_total:.1%} > data.max_bad_fraction={recipe.data.max_bad_fraction}); "
+            f"the warnings above name them: fix or remove them, or raise data.max_bad_fraction")
+
+
+def _log(record: dict, metrics_path: Path, progress, recipe: Recipe) -> None:
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                         erank=f"{record['target_erank']:.1f}", refresh=False)
+    if record["target_std"] < recipe.train.collapse_std or record["target_erank"] < 1.5:
+        warnings.warn(
+            f"step {record['step']}: target representations look collapsed (std {record['target_std']:.4f}, "
+            f"effective rank {record['target_erank']:.2f}); try loss.regularizer=sigreg, a lower optim.lr "
+            f"or a higher ema.momentum_start", stacklevel=2)
