@@ -91,6 +91,8 @@ def read_image(src: Source, channels: int = 3, name: str = "") -> torch.Tensor:
                               f"truncated or not an image: remove it or re-export it") from None
     if image.ndim == 4:  # animated GIF: keep the first frame
         image = image[0]
+    if image.shape[0] != channels:  # torchvision cannot convert some (WebP to grayscale): PIL can
+        image = _decode_with_pil(data, channels)
     if image.shape[0] != channels or image.shape[1] == 0 or image.shape[2] == 0:
         raise DecodeError(f"{name}: decoded to an unusable image of shape {tuple(image.shape)}")
     return image

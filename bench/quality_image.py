@@ -1,0 +1,91 @@
+"""Representation quality on CIFAR-10 (dev copy): JEPA vs the same encoder at random init vs raw pixels.
+
+    .venv/bin/python bench/quality_image.py --data ../shared/data/images/cifar10-dev --minutes 30
+
+Holds out a stratified 20% of the images as the probe's test split; pretrains on the other 80%
+(labels unused) for a fixed number of steps chosen to fit --minutes of CPU time (measured on a
+short calibration run), then fits linear probes on frozen features. Prints a Markdown table row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multijepa.datasets.files import list_folder
+from multijepa.datasets.readers import EXTENSIONS, read_image
+from multijepa.embed import Embedder, load
+from multijepa.evaluate import knn_accuracy, linear_probe_accuracy, stratified_split
+from multijepa.recipe import load_recipe
+from multijepa.train import pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/images/cifar10-dev"))
+    ap.add_argument("--out", default=str(ROOT / "bench/out/image"))
+    ap.add_argument("--minutes", type=float, default=30.0, help="pretraining budget (wall clock, this machine)")
+    ap.add_argument("--steps", type=int, default=0, help="fixed step count instead of --minutes")
+    ap.add_argument("--recipe", default=str(ROOT / "recipes/image.yaml"))
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = list_folder(args.data, EXTENSIONS["image"])
+    labels = np.array(index.labels)
+    train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
+    filelist = out / "train.txt"
+    filelist.write_text("".join(f"{Path(index.files[i]).resolve()}\n" for i in train_idx))
+
+    base = [f"data.path={filelist}", "train.progress=false"] + args.overrides
+    steps = args.steps
+    if not steps:  # calibrate: time 30 steps (after 10 warm-up steps) of this exact recipe
+        calib = load_recipe(args.recipe, base + [f"run.dir={out / 'calib'}", "train.steps=40",
+                                                 "train.log_every=10", "run.resume=false"])
+        pretrain(calib)
+        rows = [json.loads(line) for line in (out / "calib/metrics.jsonl").read_text().splitlines()]
+        per_s = np.mean([r["samples_per_s"] for r in rows[1:]])
+        steps = int(args.minutes * 60 * per_s / calib.data.batch_size)
+        print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {args.minutes} min", flush=True)
+    recipe = load_recipe(args.recipe, base + [f"run.dir={out / 'run'}", f"train.steps={steps}",
+                                              f"train.checkpoint_every={max(steps // 10, 1)}"])
+    t0 = time.perf_counter()
+    run = pretrain(recipe)
+    train_minutes = (time.perf_counter() - t0) / 60
+
+    def features(model: Embedder) -> np.ndarray:
+        return model.embed(index.files, batch_size=256, num_workers=2)
+
+    results = {}
+    jepa = load(run / "last.pt")
+    for name, model in [("jepa", jepa), ("random_init", Embedder.random_init(jepa.recipe, seed=0))]:
+        f = features(model)
+        results[name] = {"linear": linear_probe_accuracy(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx]),
+                         "knn": knn_accuracy(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx])}
+    pixels = np.stack([read_image(f).float().div(255).flatten().numpy() for f in index.files])
+    results["raw_pixels"] = {
+        "linear": linear_probe_accuracy(pixels[train_idx], labels[train_idx], pixels[test_idx], labels[test_idx]),
+        "knn": knn_accuracy(pixels[train_idx], labels[train_idx], pixels[test_idx], labels[test_idx])}
+    results.update(steps=steps, train_minutes=round(train_minutes, 1), date=str(date.today()),
+                   machine=f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+                   command=" ".join(["python", *sys.argv]))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(f"| CIFAR-10 dev (8000/2000) | {steps} steps, {train_minutes:.1f} min | "
+          f"{results['jepa']['linear']:.3f} | {results['random_init']['linear']:.3f} | "
+          f"{results['raw_pixels']['linear']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

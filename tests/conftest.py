@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny generated data and tiny recipe overrides so every test runs in seconds on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+# A model small enough to train a few steps in well under a second.
+TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.predictor_dim=16", "model.predictor_depth=1",
+        "model.predictor_heads=2", "data.batch_size=8", "data.num_workers=0", "train.progress=false",
+        "optim.warmup_steps=2", "train.log_every=1"]
+TINY_IMAGE = TINY + ["image.size=16", "image.patch_size=4", "mask.min_context=2"]
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """A labelled folder: 4 classes x 8 PNG images of 16 px."""
+    from multijepa.datasets.synthetic import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("shapes"), per_class=8, size=16)
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m multijepa ARGS`` as a user would, returning the finished process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-m", "multijepa", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"multijepa {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,64 @@
+import os
+
+import pytest
+import torch
+
+from multijepa.checkpoint import load_checkpoint, save_checkpoint
+from multijepa.errors import MultijepaError, TrainingError
+
+
+def test_save_checkpoint__round_trip_with_weights_only(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"step": 3, "model": {"w": torch.ones(2)}, "recipe": {"a": [1, 2]}}, path)
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert state["versions"]["torch"] == str(torch.__version__) and os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_save_checkpoint__failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def explode(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_load_checkpoint__garbage_or_foreign_file_is_named(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(MultijepaError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(MultijepaError, match="not a multijepa checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(MultijepaError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def test_pretrain__nan_loss_stops_with_advice(tmp_path, shapes, monkeypatch):
+    from conftest import RECIPES, TINY_IMAGE
+    from multijepa.core import jepa
+    from multijepa.recipe import load_recipe
+    from multijepa.train import pretrain
+
+    monkeypatch.setattr(jepa, "latent_loss", lambda p, t, k: (p * float("nan")).mean())
+    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={shapes}", f"run.dir={tmp_path}", "train.steps=3"])
+    with pytest.raises(TrainingError, match="diverged.*lower optim.lr"):
+        pretrain(recipe)
+    assert not (tmp_path / "last.pt").exists()  # a NaN model is never checkpointed
+
+
+def test_pretrain__refuses_to_resume_a_different_architecture(tmp_path, shapes):
+    from conftest import RECIPES, TINY_IMAGE
+    from multijepa.recipe import load_recipe
+    from multijepa.train import pretrain
+
+    base = TINY_IMAGE + [f"data.path={shapes}", f"run.dir={tmp_path}", "train.steps=1"]
+    pretrain(load_recipe(RECIPES[0], base))
+    with pytest.raises(TrainingError, match="different 'model' section"):
+        pretrain(load_recipe(RECIPES[0], base + ["model.dim=64", "train.steps=2"]))

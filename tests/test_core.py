@@ -1,0 +1,97 @@
+import copy
+
+import pytest
+import torch
+
+from multijepa.core.jepa import build_model, cosine_schedule, feature_health, latent_loss, sigreg, vicreg
+from multijepa.core.masking import sample_block_masks
+from multijepa.core.transformer import Transformer, sincos_embed
+from multijepa.recipe import load_recipe, token_grid
+from multijepa.tokenizers.image import image_tokenizer
+from conftest import RECIPES, TINY_IMAGE
+
+
+def test_image_tokenizer__shapes_and_row_major_coords():
+    tokens, coords = image_tokenizer(channels=3, patch_size=4, dim=24)(torch.randn(2, 3, 12, 16))
+    assert tokens.shape == (2, 12, 24) and coords.shape == (2, 12, 2)
+    assert coords[0, :5].tolist() == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
+
+
+def test_sincos_embed__distinct_per_position_and_padded():
+    coords = torch.tensor([[[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])
+    e = sincos_embed(coords, 10)
+    assert e.shape == (1, 3, 10)
+    assert not torch.allclose(e[0, 1], e[0, 2])
+    assert torch.all(e[..., 8:] == 0)
+
+
+def test_transformer__attention_mask_blocks_keys():
+    torch.manual_seed(0)
+    net = Transformer(16, depth=1, heads=2).eval()
+    x = torch.randn(1, 4, 16)
+    allow = torch.tensor([True, True, False, False]).view(1, 1, 1, 4)
+    y1 = net(x, allow)
+    x2 = x.clone()
+    x2[:, 2:] = torch.randn(1, 2, 16)  # change only masked-out keys
+    y2 = net(x2, allow)
+    assert torch.allclose(y1[:, :2], y2[:, :2], atol=1e-6)
+
+
+@pytest.mark.parametrize("regularizer", ["none", "sigreg", "vicreg"])
+@pytest.mark.parametrize("loss", ["l1", "l2", "smooth_l1"])
+def test_jepa__forward_backward_finite(loss, regularizer):
+    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"loss.type={loss}", f"loss.regularizer={regularizer}"])
+    model = build_model(recipe)
+    x = torch.randn(4, 3, 16, 16)
+    ctx, tgt = sample_block_masks(token_grid(recipe), recipe.mask, 4, torch.Generator().manual_seed(0))
+    out = model(x, ctx, tgt)
+    assert torch.isfinite(out["loss"]) and out["target_pooled"].shape == (4, 32)
+    out["loss"].backward()
+    grads = [p.grad for p in model.context.parameters()] + [p.grad for p in model.predictor.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in model.target.parameters())
+
+
+def test_update_target__is_exact_ema():
+    model = build_model(load_recipe(RECIPES[0], TINY_IMAGE))
+    with torch.no_grad():
+        for p in model.context.parameters():
+            p.add_(torch.randn_like(p))
+    before = copy.deepcopy(model.target.state_dict())
+    online = copy.deepcopy(model.context.state_dict())
+    model.update_target(0.9)
+    after = model.target.state_dict()
+    for name in before:
+        assert torch.allclose(after[name], 0.9 * before[name] + 0.1 * online[name], atol=1e-6)
+    model.update_target(1.0)
+    assert all(torch.equal(after[k], model.target.state_dict()[k]) for k in after)
+
+
+def test_latent_loss__values():
+    a, b = torch.zeros(2, 3), torch.full((2, 3), 2.0)
+    assert latent_loss(a, b, "l1") == 2.0 and latent_loss(a, b, "l2") == 4.0 and latent_loss(a, b, "smooth_l1") == 1.5
+
+
+def test_sigreg__small_for_gaussian_large_for_collapsed():
+    g = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(2048, 32, generator=g)
+    collapsed = torch.randn(2048, 1, generator=g).expand(-1, 32) * 0.01
+    assert sigreg(gaussian, 64, g) < 0.01 < sigreg(collapsed, 64, g)
+
+
+def test_vicreg__penalises_collapse():
+    assert vicreg(torch.randn(512, 16)) < vicreg(torch.zeros(512, 16))
+
+
+def test_feature_health__detects_collapse():
+    spread = feature_health(torch.randn(64, 32))
+    collapsed = feature_health(torch.ones(64, 32) + 1e-6 * torch.randn(64, 32))
+    assert spread["target_erank"] > 20 and spread["target_std"] > 0.5
+    assert collapsed["target_std"] < 1e-3
+
+
+def test_cosine_schedule__warmup_then_decay():
+    assert cosine_schedule(5, 100, 1.0, 0.0, warmup=10) == 0.5
+    assert cosine_schedule(10, 100, 1.0, 0.0, warmup=10) == 1.0
+    assert abs(cosine_schedule(55, 100, 1.0, 0.0, warmup=10) - 0.5) < 1e-9
+    assert cosine_schedule(100, 100, 0.996, 1.0) == 1.0  # EMA momentum rises

@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import RECIPES, TINY
+from multijepa.core.jepa import build_model
+from multijepa.errors import RecipeError
+from multijepa.recipe import load_recipe, recipe_to_dict, save_recipe
+from multijepa.tokenizers import TOKENIZERS
+
+
+def test_recipes__every_shipped_recipe_loads_and_builds():
+    assert RECIPES, "recipes/ is empty"
+    for path in RECIPES:
+        recipe = load_recipe(path, TINY)
+        model = build_model(recipe)
+        assert sum(p.numel() for p in model.parameters()) > 0
+    assert {load_recipe(p).modality for p in RECIPES} == set(TOKENIZERS)
+
+
+def test_recipes__shipped_recipe_full_size_builds():
+    for path in RECIPES:
+        build_model(load_recipe(path))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_load_recipe__unknown_key_names_file_dotted_key_and_suggestion(tmp_path):
+    p = write(tmp_path, "image:\n  patch_sise: 4\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(p) in str(e.value) and "'image.patch_sise'" in str(e.value) and "did you mean 'patch_size'" in str(e.value)
+
+
+def test_load_recipe__unknown_section(tmp_path):
+    with pytest.raises(RecipeError, match="unknown key 'trian'.*did you mean 'train'"):
+        load_recipe(write(tmp_path, "trian:\n  steps: 3\n"))
+
+
+@pytest.mark.parametrize("text,key", [
+    ("train:\n  steps: ten\n", "train.steps"),
+    ("train:\n  steps: 1.5\n", "train.steps"),
+    ("image:\n  hflip: 1\n", "image.hflip"),
+    ("image:\n  crop_scale: 0.5\n", "image.crop_scale"),
+    ("loss:\n  type: l3\n", "loss.type"),
+    ("data: 5\n", "data"),
+])
+def test_load_recipe__wrong_type_names_key(tmp_path, text, key):
+    with pytest.raises(RecipeError, match=f"'{key}'"):
+        load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text,key", [
+    ("image:\n  size: 30\n  patch_size: 4\n", "image.patch_size"),
+    ("mask:\n  target_scale: [0.9, 0.95]\n", "mask.target_scale"),
+    ("mask:\n  target_scale: [0.3, 0.1]\n", "mask.target_scale"),
+    ("mask:\n  full_span_axes: [2]\n", "mask.full_span_axes"),
+    ("mask:\n  full_span_axes: [0, 1]\n", "mask.full_span_axes"),
+    ("image:\n  size: 8\n  patch_size: 4\nmask:\n  target_scale: [0.01, 0.02]\n", "mask.target_scale"),
+    ("model:\n  dim: 30\n  heads: 4\n", "model.heads"),
+    ("optim:\n  lr: -1\n", "optim.lr"),
+    ("train:\n  steps: 0\n", "train.steps"),
+])
+def test_load_recipe__impossible_value_names_key(tmp_path, text, key):
+    with pytest.raises(RecipeError, match=f"'{key}'"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_load_recipe__bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "train: [\n"))
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_overrides__same_schema_as_the_file(tmp_path):
+    p = write(tmp_path, "train:\n  steps: 3\n")
+    r = load_recipe(p, ["train.steps=7", "image.crop_scale=[0.5,1.0]", "loss.regularizer=sigreg"])
+    assert r.train.steps == 7 and r.image.crop_scale == (0.5, 1.0) and r.loss.regularizer == "sigreg"
+    with pytest.raises(RecipeError, match="'train.stepz'.*did you mean 'steps'"):
+        load_recipe(p, ["train.stepz=7"])
+    with pytest.raises(RecipeError, match="'train.steps' must be an integer"):
+        load_recipe(p, ["train.steps=many"])
+    with pytest.raises(RecipeError, match="key.sub=value"):
+        load_recipe(p, ["train.steps"])
+
+
+def test_save_recipe__round_trips(tmp_path):
+    r = load_recipe(RECIPES[0], ["train.steps=11"])
+    save_recipe(r, tmp_path / "saved.yaml")
+    assert load_recipe(tmp_path / "saved.yaml") == r
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text()) == recipe_to_dict(r)
