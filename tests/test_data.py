@@ -171,3 +171,11 @@ def test_write_shards__round_trip_and_training_stream(tmp_path, shapes):
 def test_shard_urls__nothing_found(tmp_path):
     with pytest.raises(DataError, match="no webdataset shards"):
         shard_urls(str(tmp_path / "*.tar"))
+
+
+def test_shard_dataset__corrupt_shard_is_named(tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"this is not a tar file" * 100)
+    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={bad}"])
+    with pytest.raises(DataError, match="bad.tar"):
+        next(iter(ShardDataset([str(bad)], recipe, buffer=2)))

@@ -107,6 +107,10 @@ def read_filelist(path: Union[str, Path]) -> FileIndex:
 
 def shard_urls(path: str) -> list[str]:
     """Shard files from a folder of .tar files, a glob, a brace pattern or one .tar."""
+    if "://" in path or path.startswith("pipe:"):  # remote: webdataset opens these itself
+        import braceexpand
+
+        return list(braceexpand.braceexpand(path))
     if os.path.isdir(path):
         urls = sorted(glob.glob(os.path.join(path, "*.tar")))
     elif "{" in path:
@@ -126,7 +130,7 @@ def detect_format(recipe: Recipe) -> str:
         raise DataError("data.path is not set: give it in the recipe or as data.path=FOLDER on the command line")
     if fmt != "auto":
         return fmt
-    if path.endswith(".tar") or "{" in path or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar"))):
+    if path.endswith(".tar") or "{" in path or "://" in path or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar"))):
         return "shards"
     if os.path.isfile(path) and path.endswith((".txt", ".lst", ".csv")):
         return "filelist"
@@ -218,34 +222,19 @@ class ShardDataset(IterableDataset):
         self.buffer = buffer
 
     def _samples(self, urls: list[str]) -> Iterator[tuple[str, bytes, int]]:
-        exts = {e.lstrip(".") for e in EXTENSIONS[self.recipe.modality]}
-        for url in urls:
-            try:
-                tar = tarfile.open(url)
-            except (tarfile.TarError, OSError) as e:
-                raise DataError(f"{url}: cannot open shard ({e})") from None
-            with tar:
-                group: dict[str, bytes] = {}
-                key = None
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    k, _, ext = member.name.partition(".")
-                    if key is not None and k != key:
-                        yield from self._emit(url, key, group, exts)
-                        group = {}
-                    key = k
-                    group[ext] = tar.extractfile(member).read()
-                if key is not None:
-                    yield from self._emit(url, key, group, exts)
+        """(name, encoded bytes, label) for each sample holding a file of this modality."""
+        import webdataset as wds
 
-    @staticmethod
-    def _emit(url: str, key: str, group: dict, exts: set) -> Iterator[tuple[str, bytes, int]]:
-        data_ext = next((e for e in group if e.lower() in exts), None)
-        if data_ext is None:
-            return
-        label = int(group["cls"].decode()) if "cls" in group else -1
-        yield f"{url}:{key}.{data_ext}", group[data_ext], label
+        exts = {e.lstrip(".") for e in EXTENSIONS[self.recipe.modality]}
+        stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        try:
+            for sample in stream:
+                data_ext = next((k for k in sample if not k.startswith("__") and k.lower() in exts), None)
+                if data_ext is not None:
+                    label = int(sample["cls"]) if "cls" in sample else -1
+                    yield f"{sample['__url__']}:{sample['__key__']}.{data_ext}", sample[data_ext], label
+        except (OSError, ValueError, tarfile.TarError) as e:
+            raise DataError(f"cannot read the shards {', '.join(urls[:3])}: {e}") from None
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -343,8 +332,9 @@ def build_train_loader(recipe: Recipe, start_step: int = 0, rank: int = 0, world
     fmt = detect_format(recipe)
     collate = MaskCollate(recipe, rank)
     d = recipe.data
+    # An own generator: worker seeding must not draw from the global RNG, whose state a checkpoint restores.
     kwargs = dict(num_workers=d.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=False)
+                  generator=torch.Generator().manual_seed(_mix(recipe.train.seed, start_step, rank)))
     if d.num_workers > 0:
         kwargs["prefetch_factor"] = 4
     if fmt == "shards":
