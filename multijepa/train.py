@@ -152,8 +152,8 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
     use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     loader = build_train_loader(recipe, start_step=step * o.accum_steps, rank=rank, world=world)
-    batches = iter(loader)
-    bad_total, seen_total = 0, 0
+    tally = {"bad": 0, "seen": 0}
+    batches = _decodable(iter(loader), recipe, tally)
     interval_loss = torch.zeros((), device=device)
     interval_parts = torch.zeros(2, device=device)
     interval_steps, interval_samples, t_last = 0, 0, time.perf_counter()
@@ -171,13 +171,6 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
                     group["weight_decay"] = wd
             for micro in range(o.accum_steps):
                 batch = next(batches)
-                bad_total += len(batch["bad"])
-                seen_total += batch["count"]
-                _report_bad(batch["bad"], bad_total, seen_total, recipe)
-                while batch["input"] is None:  # every file of this batch failed to decode
-                    batch = next(batches)
-                    bad_total += len(batch["bad"])
-                    seen_total += batch["count"]
                 inputs = batch["input"].to(device, non_blocking=True)
                 sync = contextlib.nullcontext() if world == 1 or micro == o.accum_steps - 1 else net.no_sync()
                 with sync:
@@ -210,7 +203,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
                           "loss_regularizer": interval_parts[1].item() / interval_steps,
                           "lr": lr, "weight_decay": wd, "ema_momentum": momentum,
                           "samples_per_s": interval_samples / (now - t_last),
-                          "bad_files": bad_total}
+                          "bad_files": tally["bad"]}
                 record.update({k: v.item() for k, v in feature_health(pooled).items()})
                 if main:
                     _log(record, metrics_path, progress, recipe)
@@ -240,14 +233,24 @@ def _progress(enabled: bool, total: int, initial: int):
                 mininterval=1.0)
 
 
-def _report_bad(bad: list[str], bad_total: int, seen_total: int, recipe: Recipe) -> None:
-    for message in bad:
-        warnings.warn(f"skipped a file that does not decode: {message}", stacklevel=3)
-    if bad_total and seen_total >= 100 and bad_total / seen_total > recipe.data.max_bad_fraction:
-        raise DataError(
-            f"{recipe.data.path}: {bad_total} of {seen_total} files read so far failed to decode "
-            f"({bad_total / seen_total:.1%} > data.max_bad_fraction={recipe.data.max_bad_fraction}); "
-            f"the warnings above name them: fix or remove them, or raise data.max_bad_fraction")
+def _decodable(batches, recipe: Recipe, tally: dict):
+    """Yield the batches that hold inputs, counting files that failed to decode in ``tally``.
+
+    Stops the run with a report when the failed share passes ``data.max_bad_fraction``.
+    """
+    for batch in batches:
+        tally["bad"] += len(batch["bad"])
+        tally["seen"] += batch["count"]
+        for message in batch["bad"]:
+            warnings.warn(f"skipped a file that does not decode: {message}", stacklevel=2)
+        bad, seen = tally["bad"], tally["seen"]
+        if bad and seen >= 100 and bad / seen > recipe.data.max_bad_fraction:
+            raise DataError(
+                f"{recipe.data.path}: {bad} of {seen} files read so far failed to decode "
+                f"({bad / seen:.1%} > data.max_bad_fraction={recipe.data.max_bad_fraction}); "
+                f"the warnings above name them: fix or remove them, or raise data.max_bad_fraction")
+        if batch["input"] is not None:
+            yield batch
 
 
 def _log(record: dict, metrics_path: Path, progress, recipe: Recipe) -> None:

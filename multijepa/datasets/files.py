@@ -318,13 +318,13 @@ class MaskCollate:
         bad = [b for s in samples for b in s["bad"]]
         good = [s for s in samples if s["input"] is not None]
         if not good:
-            return {"input": None, "bad": bad, "count": len(samples) + len(bad)}
+            return {"input": None, "bad": bad, "count": len(bad)}
         g = torch.Generator().manual_seed(_mix(self.seed, samples[0]["step"], self.rank, 7))
         context_idx, target_idx = sample_block_masks(self.grid, self.mask, len(good), g)
         return {"input": torch.stack([s["input"] for s in good]),
                 "label": torch.tensor([s["label"] for s in good]),
                 "context_idx": context_idx, "target_idx": target_idx,
-                "bad": bad, "count": len(samples) + len(bad)}
+                "bad": bad, "count": len(good) + len(bad)}  # files tried, decoded or not
 
 
 def build_train_loader(recipe: Recipe, start_step: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
