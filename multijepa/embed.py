@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from multijepa.checkpoint import load_checkpoint
@@ -116,8 +117,6 @@ def find_latest_checkpoint(modality: str, runs: Union[str, Path] = "runs") -> Op
         recipe_file = ckpt.parent / "recipe.yaml"
         if not recipe_file.exists():
             continue
-        import yaml
-
         if (yaml.safe_load(recipe_file.read_text()) or {}).get("modality") != modality:
             continue
         if best is None or ckpt.stat().st_mtime > best.stat().st_mtime:
