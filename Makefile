@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/multijepa demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) demo runs

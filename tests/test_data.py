@@ -179,3 +179,14 @@ def test_shard_dataset__corrupt_shard_is_named(tmp_path):
     recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={bad}"])
     with pytest.raises(DataError, match="bad.tar"):
         next(iter(ShardDataset([str(bad)], recipe, buffer=2)))
+
+
+def test_shard_dataset__ranks_get_disjoint_samples_even_with_one_shard(tmp_path, shapes):
+    urls = write_shards(shapes, tmp_path / "one", per_shard=100)
+    assert len(urls) == 1
+    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={urls[0]}"])
+    shares = []
+    for rank in (0, 1):
+        stream = iter(ShardDataset(urls, recipe, rank=rank, world=2, buffer=1))
+        shares.append({next(stream)["name"] for _ in range(16)})  # one pass over this rank's half
+    assert len(shares[0]) == len(shares[1]) == 16 and not shares[0] & shares[1]

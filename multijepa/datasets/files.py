@@ -248,10 +248,15 @@ class ShardDataset(IterableDataset):
         while True:
             order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
             urls = [self.urls[int(i)] for i in order]
-            mine = urls[reader::readers] if len(urls) >= readers else urls  # few shards: all read all
+            # Enough shards: each reader takes whole shards. Fewer shards than readers: every reader
+            # reads them all and keeps every readers-th sample, so shares stay disjoint.
+            by_shard = len(urls) >= readers
+            mine = urls[reader::readers] if by_shard else urls
             read = 0
-            for item in self._samples(mine):
+            for i, item in enumerate(self._samples(mine)):
                 read += 1
+                if not by_shard and i % readers != reader:
+                    continue
                 buffer.append(item)
                 if len(buffer) >= self.buffer:
                     name, data, label = buffer.pop(int(torch.randint(len(buffer), (1,), generator=g)))
@@ -262,11 +267,12 @@ class ShardDataset(IterableDataset):
             epoch += 1
 
     def _load(self, name: str, data: bytes, label: int, step: int) -> dict:
-        g = torch.Generator().manual_seed(_mix(self.recipe.train.seed, step))
+        g = torch.Generator().manual_seed(_mix(self.recipe.train.seed, self.start_step, step))
         try:
-            return {"input": load_input(data, self.recipe, name, g), "label": label, "step": step, "bad": []}
+            return {"input": load_input(data, self.recipe, name, g), "label": label, "step": step, "bad": [],
+                    "name": name}
         except DecodeError as e:
-            return {"input": None, "label": label, "step": step, "bad": [str(e)]}
+            return {"input": None, "label": label, "step": step, "bad": [str(e)], "name": name}
 
 
 def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: int = 1000) -> list[str]:
