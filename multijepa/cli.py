@@ -2,6 +2,7 @@
 
     multijepa pretrain recipes/image.yaml data.path=photos/ train.steps=500
     multijepa embed cat.jpg dog.png --out vectors.npy
+    multijepa embed series.csv GunPoint_TEST.ts --out vectors.npy     # one row per series
     multijepa probe --checkpoint runs/image/last.pt labelled_folder/
     multijepa shard photos/ shards/
     multijepa demo
@@ -45,9 +46,15 @@ def _embed(args: argparse.Namespace) -> None:
                 f"or pass --checkpoint PATH")
         checkpoint = str(found)
         print(f"using {checkpoint}", file=sys.stderr)
+    from multijepa.datasets.files import SAMPLE_LISTERS
+
     model = load(checkpoint, device=args.device)
-    vectors = model.embed(args.files, tokens=args.tokens, batch_size=args.batch_size)
-    write_embeddings([str(f) for f in args.files], vectors, args.out)
+    vectors, rows = model.embed_with_index(args.files, tokens=args.tokens, batch_size=args.batch_size)
+    # Files of a modality that can hold many samples (a .ts file, a wide CSV) give one row per
+    # sample, in file order; each row then also says which sample of its file it is.
+    many = model.recipe.modality in SAMPLE_LISTERS
+    write_embeddings([str(args.files[i]) for i, _ in rows], vectors, args.out,
+                     index=[k for _, k in rows] if many else None)
     if args.out:
         print(f"wrote {vectors.shape} embeddings to {args.out}", file=sys.stderr)
 
@@ -112,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=200")
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("embed", help="files in, embeddings out")
+    p = sub.add_parser("embed", help="files in, embeddings out (one row per sample; a .ts file gives one per series)")
     p.add_argument("files", nargs="+")
     p.add_argument("--checkpoint", help="a last.pt; default: the newest run of the files' modality under --runs")
     p.add_argument("--runs", default="runs", help="where to look for runs without --checkpoint")
