@@ -49,7 +49,8 @@ def one_nn_euclidean(train: list[np.ndarray], y_train: np.ndarray, test: list[np
     return float((y_train[d.argmin(1)] == y_test).mean())
 
 
-def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: list[str]) -> dict:
+def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: list[str], cv_only: bool = False
+                 ) -> dict:
     train_file, test_file = data / name / f"{name}_TRAIN.ts", data / name / f"{name}_TEST.ts"
     x_train, l_train = labelled(train_file)
     x_test, l_test = labelled(test_file)
@@ -66,12 +67,16 @@ def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: 
     result = {"n_train": len(y_train), "n_test": len(y_test), "classes": len(classes), "pretrain_minutes": minutes,
               "length": jepa.recipe.timeseries.length, "channels": jepa.recipe.timeseries.channels}
     for which, model in [("jepa", jepa), ("random_init", Embedder.random_init(jepa.recipe, seed=0, device="cpu"))]:
-        f_train, f_test = model.embed([train_file]), model.embed([test_file])
+        f_train = model.embed([train_file])
+        result[which] = {"train_cv_linear": probe_features(f_train, y_train, folds=5)["linear"]}
+        if cv_only:  # tuning: TEST is never embedded
+            continue
+        f_test = model.embed([test_file])
         assert len(f_train) == len(y_train) and len(f_test) == len(y_test)
-        result[which] = {
-            "linear": linear_probe_accuracy(f_train, y_train, f_test, y_test),
-            "knn": knn_accuracy(f_train, y_train, f_test, y_test),
-            "train_cv_linear": probe_features(f_train, y_train, folds=5)["linear"]}
+        result[which].update(linear=linear_probe_accuracy(f_train, y_train, f_test, y_test),
+                             knn=knn_accuracy(f_train, y_train, f_test, y_test))
+    if cv_only:
+        return result
     result["one_nn_ed"] = one_nn_euclidean(x_train, y_train, x_test, y_test)
     eq_train, eq_test = data / name / f"{name}_eq_TRAIN.ts", data / name / f"{name}_eq_TEST.ts"
     if eq_train.exists():  # unequal length: also the archive's equal-length version
@@ -89,6 +94,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/out/timeseries"))
     ap.add_argument("--recipe", default=str(ROOT / "recipes/timeseries.yaml"))
     ap.add_argument("--sets", nargs="*", default=list(SETS))
+    ap.add_argument("--cv-only", action="store_true", help="tuning: 5-fold CV on TRAIN only, TEST never embedded")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. train.steps=300")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -96,8 +102,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.sets:
-        results[name] = evaluate_set(name, Path(args.data), out, args.recipe, args.overrides)
+        results[name] = evaluate_set(name, Path(args.data), out, args.recipe, args.overrides, args.cv_only)
         print(name, json.dumps(results[name]), flush=True)
+    if args.cv_only:
+        for name, r in results.items():
+            print(f"{name:18s} train 5-fold CV linear: JEPA {r['jepa']['train_cv_linear']:.3f}  "
+                  f"random init {r['random_init']['train_cv_linear']:.3f}")
+        return
     meta = {"date": str(date.today()), "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
             "command": " ".join(["python", *sys.argv])}
     (out / "results.json").write_text(json.dumps({"meta": meta, "sets": results}, indent=2))

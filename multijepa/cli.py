@@ -4,6 +4,7 @@
     multijepa embed cat.jpg dog.png --out vectors.npy
     multijepa embed series.csv GunPoint_TEST.ts --out vectors.npy     # one row per series
     multijepa probe --checkpoint runs/image/last.pt labelled_folder/
+    multijepa probe --checkpoint runs/timeseries/last.pt GunPoint_TRAIN.ts --test GunPoint_TEST.ts
     multijepa shard photos/ shards/
     multijepa demo
 """
@@ -63,9 +64,10 @@ def _probe(args: argparse.Namespace) -> None:
     from multijepa.evaluate import probe
 
     result = probe(args.data, args.checkpoint, args.random_init, args.test_fraction, args.folds, args.seed,
-                   args.device, args.batch_size, args.workers)
+                   args.device, args.batch_size, args.workers, test_data=args.test)
     what = "random-init encoder" if args.random_init else "JEPA encoder"
-    split = f"{args.folds}-fold" if args.folds > 1 else f"{result['n_train']} train / {result['n_test']} test"
+    split = f"{args.folds}-fold" if args.folds > 1 and not args.test else \
+        f"{result['n_train']} train / {result['n_test']} test"
     print(f"{what} ({split}): linear probe accuracy {result['linear']:.4f}, kNN accuracy {result['knn']:.4f}")
     if args.json:
         print(json.dumps(result))
@@ -129,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_embed)
 
-    p = sub.add_parser("probe", help="linear + kNN probe of frozen embeddings on a labelled folder")
-    p.add_argument("data", help="folder with one sub-folder per class")
+    p = sub.add_parser("probe", help="linear + kNN probe of frozen embeddings on labelled data")
+    p.add_argument("data", help="folder with one sub-folder per class, or a file with labels inside (a .ts file)")
+    p.add_argument("--test", help="a separate labelled test set (e.g. X_TEST.ts): fit on DATA, score on it")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--random-init", action="store_true", help="probe the same encoder at random init (baseline)")
     p.add_argument("--test-fraction", type=float, default=0.2)

@@ -185,7 +185,7 @@ def _parse_csv(text: str, name: str, cfg: TimeSeriesConfig) -> tuple[list[np.nda
     rows = []
     try:
         for row in reader:
-            if any(f.strip() for f in row):
+            if row:  # blank lines are skipped; a row of empty fields is a step with every value missing
                 rows.append((reader.line_num, row))
     except csv.Error as e:
         raise DecodeError(f"{name}, line {reader.line_num}: not valid CSV ({e})") from None

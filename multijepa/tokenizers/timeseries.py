@@ -41,7 +41,7 @@ def valid_tokens(series: torch.Tensor, patch_size: int, stride: int, independent
     return per_patch
 
 
-def instance_norm(series: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def instance_norm(series: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per series and channel, zero mean and unit variance over real samples; padding becomes 0.
 
     series [B, C, L] with NaN padding -> float [B, C, L] without NaN.
@@ -55,7 +55,7 @@ def instance_norm(series: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 class SeriesTokenizer(nn.Module):
-    """Patches along time, each embedded by a small convolution stack and a linear map.
+    """Patches along time, each embedded by a small convolution stack, a linear map and a LayerNorm.
 
     Args:
         channels: input channels (mixed mode; independent mode takes any number).
@@ -86,6 +86,9 @@ class SeriesTokenizer(nn.Module):
         self.proj = nn.Linear(width * patch_size, dim)
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
+        # Unit-scale tokens: without it a patch's content starts ~30x smaller than its sin-cos position
+        # code, every series looks alike, and the predictor can score well from positions alone.
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, series: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """series [B, C, L] (NaN = padding) -> tokens [B, N, D], coords [B, N, 2 or 1]."""
@@ -101,7 +104,7 @@ class SeriesTokenizer(nn.Module):
         else:
             flat = patches.permute(0, 2, 1, 3).reshape(b * p, c, self.patch_size)
             coords = t.reshape(1, p, 1)
-        tokens = self.proj(self.convs(flat).flatten(1)).reshape(b, coords.shape[1], -1)
+        tokens = self.norm(self.proj(self.convs(flat).flatten(1))).reshape(b, coords.shape[1], -1)
         return tokens, coords.expand(b, -1, -1)
 
 
