@@ -242,7 +242,7 @@ def test_sample_block_masks__padding_is_never_context_or_target():
     cfg = MaskConfig(num_targets=3, target_scale=(0.15, 0.3), min_context=2, full_span_axes=(0,))
     g = torch.Generator().manual_seed(0)
     seen_t, seen_c = torch.zeros(6, 30), torch.zeros(6, 30)
-    for _ in range(100):
+    for _ in range(40):
         context, target = sample_block_masks(grid, cfg, 6, g, valid=valid)
         for b in range(6):
             c, t = context[b][context[b] >= 0], target[b][target[b] >= 0]
@@ -400,8 +400,6 @@ def test_cli__pretrain_on_ts_then_embed_ts_csv_npy(tmp_path):
                                                                                            ("one.npy", 0)]
     vectors = np.array([r["embedding"] for r in rows])
     assert vectors.shape == (14, 32) and np.allclose(vectors[12], vectors[0], atol=1e-5)
-    run_cli("embed", "train.ts", "--out", "v.npy", "--checkpoint", "runs/ts/last.pt", cwd=tmp_path)
-    assert np.load(tmp_path / "v.npy").shape == (12, 32)
     write_ts(tmp_path / "test.ts", waves(6, channels=2, length=32, seed=1), labels=[0, 1, 2] * 2)
     out = run_cli("probe", "train.ts", "--test", "test.ts", "--checkpoint", "runs/ts/last.pt", "--json",
                   "--workers", "0", cwd=tmp_path)
