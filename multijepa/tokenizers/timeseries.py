@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from multijepa.errors import RecipeError
+
 
 def patch_count(length: int, patch_size: int, stride: int) -> int:
     """Patches of ``patch_size`` every ``stride`` samples that fit in ``length`` samples (at least 1).
@@ -112,7 +114,7 @@ def timeseries_tokenizer(channels: int = 1, patch_size: int = 4, stride: int = 4
                          widths: Sequence[int] = (32, 32), kernel_size: int = 3, channel_mode: str = "independent",
                          normalize: bool = True) -> SeriesTokenizer:
     if channel_mode == "mixed" and channels < 1:
-        raise ValueError("a mixed-channel time-series tokenizer needs timeseries.channels; it is set from the data "
-                         "when pretraining starts, or give it in the recipe")
+        raise RecipeError("'timeseries.channels' is 0 (taken from the data when pretraining starts), but a mixed-channel "
+                          "tokenizer needs it to be built; set timeseries.channels, or pretrain first")
     return SeriesTokenizer(channels, patch_size, stride, dim, widths, kernel_size, channel_mode == "independent",
                            normalize)
