@@ -2,7 +2,9 @@
 
     multijepa pretrain recipes/image.yaml data.path=photos/ train.steps=500
     multijepa embed cat.jpg dog.png --out vectors.npy
+    multijepa embed series.csv GunPoint_TEST.ts --out vectors.npy     # one row per series
     multijepa probe --checkpoint runs/image/last.pt labelled_folder/
+    multijepa probe --checkpoint runs/timeseries/last.pt GunPoint_TRAIN.ts --test GunPoint_TEST.ts
     multijepa shard photos/ shards/
     multijepa demo
 """
@@ -45,9 +47,15 @@ def _embed(args: argparse.Namespace) -> None:
                 f"or pass --checkpoint PATH")
         checkpoint = str(found)
         print(f"using {checkpoint}", file=sys.stderr)
+    from multijepa.datasets.files import SAMPLE_LISTERS
+
     model = load(checkpoint, device=args.device)
-    vectors = model.embed(args.files, tokens=args.tokens, batch_size=args.batch_size)
-    write_embeddings([str(f) for f in args.files], vectors, args.out)
+    vectors, rows = model.embed_with_index(args.files, tokens=args.tokens, batch_size=args.batch_size)
+    # Files of a modality that can hold many samples (a .ts file, a wide CSV) give one row per
+    # sample, in file order; each row then also says which sample of its file it is.
+    many = model.recipe.modality in SAMPLE_LISTERS
+    write_embeddings([str(args.files[i]) for i, _ in rows], vectors, args.out,
+                     index=[k for _, k in rows] if many else None)
     if args.out:
         print(f"wrote {vectors.shape} embeddings to {args.out}", file=sys.stderr)
 
@@ -56,9 +64,10 @@ def _probe(args: argparse.Namespace) -> None:
     from multijepa.evaluate import probe
 
     result = probe(args.data, args.checkpoint, args.random_init, args.test_fraction, args.folds, args.seed,
-                   args.device, args.batch_size, args.workers)
+                   args.device, args.batch_size, args.workers, test_data=args.test)
     what = "random-init encoder" if args.random_init else "JEPA encoder"
-    split = f"{args.folds}-fold" if args.folds > 1 else f"{result['n_train']} train / {result['n_test']} test"
+    split = f"{args.folds}-fold" if args.folds > 1 and not args.test else \
+        f"{result['n_train']} train / {result['n_test']} test"
     print(f"{what} ({split}): linear probe accuracy {result['linear']:.4f}, kNN accuracy {result['knn']:.4f}")
     if args.json:
         print(json.dumps(result))
@@ -114,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=200")
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("embed", help="files in, embeddings out")
+    p = sub.add_parser("embed", help="files in, embeddings out (one row per sample; a .ts file gives one per series)")
     p.add_argument("files", nargs="+")
     p.add_argument("--checkpoint", help="a last.pt; default: the newest run of the files' modality under --runs")
     p.add_argument("--runs", default="runs", help="where to look for runs without --checkpoint")
@@ -124,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_embed)
 
-    p = sub.add_parser("probe", help="linear + kNN probe of frozen embeddings on a labelled folder")
-    p.add_argument("data", help="folder with one sub-folder per class")
+    p = sub.add_parser("probe", help="linear + kNN probe of frozen embeddings on labelled data")
+    p.add_argument("data", help="folder with one sub-folder per class, or a file with labels inside (a .ts file)")
+    p.add_argument("--test", help="a separate labelled test set (e.g. X_TEST.ts): fit on DATA, score on it")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--random-init", action="store_true", help="probe the same encoder at random init (baseline)")
     p.add_argument("--test-fraction", type=float, default=0.2)

@@ -18,8 +18,8 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from multijepa.checkpoint import load_checkpoint
-from multijepa.core.jepa import Backbone, build_model
-from multijepa.datasets.files import load_input
+from multijepa.core.jepa import Backbone, build_model, pool_tokens
+from multijepa.datasets.files import EMBED_VIEWS, valid_mask
 from multijepa.datasets.readers import modality_of
 from multijepa.errors import DecodeError, MultijepaError
 from multijepa.recipe import Recipe, recipe_from_dict
@@ -28,18 +28,24 @@ from multijepa.train import resolve_device
 Item = Union[str, Path, torch.Tensor]
 
 
-class _Files(Dataset):
+class _Views(Dataset):
+    """Per item, its samples' views (``EMBED_VIEWS``), decoded in DataLoader workers."""
+
     def __init__(self, items: Sequence[Item], recipe: Recipe):
         self.items, self.recipe = items, recipe
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> list[list[torch.Tensor]]:
         item = self.items[i]
-        if isinstance(item, torch.Tensor):
-            return item
-        return load_input(str(item), self.recipe)
+        name = f"input {i}" if isinstance(item, torch.Tensor) else str(item)
+        return EMBED_VIEWS[self.recipe.modality](item if isinstance(item, torch.Tensor) else str(item), self.recipe,
+                                                 name)
+
+
+def _as_is(x):
+    return x
 
 
 class Embedder:
@@ -74,20 +80,31 @@ class Embedder:
     def dim(self) -> int:
         return self.recipe.model.dim
 
-    @torch.no_grad()
     def embed(self, items: Sequence[Item], tokens: bool = False, batch_size: int = 64,
               num_workers: int = 0) -> np.ndarray:
-        """Embed files (paths) or preprocessed input tensors.
+        """Embed files (paths) or input tensors: one row per sample, in order.
+
+        A file that holds many samples (a .ts file, a wide CSV, a 2-D .npy) gives one row per sample,
+        in file order. A sample seen through several views (a series longer than the recipe's window,
+        cut into windows) gets the mean of its views' vectors.
 
         Args:
-            items: paths of this model's modality, or tensors shaped like one model input.
-            tokens: return per-token features [N, T, D] instead of the pooled mean [N, D].
-            batch_size: inputs per forward pass.
+            items: paths of this model's modality, or tensors: a preprocessed image [C, H, W], or a
+                raw series [C, L] or [L] (any length; NaN = missing).
+            tokens: per-token features [S, T, D] instead of the pooled mean [S, D] (one view per
+                sample only; padding tokens are NaN).
+            batch_size: views per forward pass.
             num_workers: DataLoader workers decoding files.
 
         Returns:
-            float32 array [N, D] (pooled) or [N, T, D] (tokens).
+            float32 array [S, D] (pooled) or [S, T, D] (tokens), S = samples.
         """
+        return self.embed_with_index(items, tokens, batch_size, num_workers)[0]
+
+    @torch.no_grad()
+    def embed_with_index(self, items: Sequence[Item], tokens: bool = False, batch_size: int = 64,
+                         num_workers: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Like :meth:`embed`, plus (item number, sample number within the item) for every row."""
         items = list(items)
         for item in items:
             if not isinstance(item, torch.Tensor):
@@ -95,14 +112,42 @@ class Embedder:
                 if kind != self.recipe.modality:
                     raise DecodeError(f"{item}: a {kind} file, but this model was trained on "
                                       f"{self.recipe.modality}; pass a {kind} checkpoint")
-        if not items:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        loader = DataLoader(_Files(items, self.recipe), batch_size=batch_size, num_workers=num_workers)
-        out = []
-        for batch in loader:
-            feats, _ = self.encoder(batch.to(self.device))
-            out.append((feats if tokens else feats.mean(1)).float().cpu())
-        return torch.cat(out).numpy()
+        loader = DataLoader(_Views(items, self.recipe), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+        rows: list[tuple[int, int]] = []
+        sums: list[torch.Tensor] = []
+        counts: list[int] = []
+        pending: list[tuple[int, torch.Tensor]] = []  # (row, view)
+
+        def flush(everything: bool) -> None:
+            while pending and (everything or len(pending) >= batch_size):
+                chunk = pending[:batch_size]
+                del pending[:batch_size]
+                x = torch.stack([v for _, v in chunk]).to(self.device)
+                valid = valid_mask(x, self.recipe)
+                feats, _ = self.encoder(x, real=valid)
+                if tokens:
+                    out = feats if valid is None else feats.masked_fill(~valid.unsqueeze(-1), float("nan"))
+                else:
+                    out = pool_tokens(feats, valid)
+                for (row, _), vec in zip(chunk, out.float().cpu()):
+                    sums[row] = vec if counts[row] == 0 else sums[row] + vec
+                    counts[row] += 1
+
+        for i, samples in enumerate(loader):
+            for k, views in enumerate(samples):
+                if tokens and len(views) != 1:
+                    raise MultijepaError(f"{items[i] if not isinstance(items[i], torch.Tensor) else f'input {i}'}: "
+                                         f"sample {k + 1} is seen through {len(views)} windows; per-token features "
+                                         f"need one (embed pooled vectors, or use a longer window)")
+                rows.append((i, k))
+                sums.append(torch.empty(0))
+                counts.append(0)
+                pending.extend((len(rows) - 1, v) for v in views)
+            flush(everything=False)
+        flush(everything=True)
+        if not rows:
+            return np.zeros((0, self.dim), dtype=np.float32), rows
+        return torch.stack([s / c for s, c in zip(sums, counts)]).numpy(), rows
 
 
 def load(path: Union[str, Path], device: str = "auto") -> Embedder:
@@ -124,12 +169,21 @@ def find_latest_checkpoint(modality: str, runs: Union[str, Path] = "runs") -> Op
     return best
 
 
-def write_embeddings(files: Sequence[str], vectors: np.ndarray, out: Optional[str]) -> None:
-    """Save to .npy (one array) or .jsonl (one {"file", "embedding"} line per file); stdout when out is None."""
+def write_embeddings(files: Sequence[str], vectors: np.ndarray, out: Optional[str],
+                     index: Optional[Sequence[int]] = None) -> None:
+    """Save to .npy (one array) or .jsonl (one {"file", "embedding"} line per row); stdout when out is None.
+
+    ``files[i]`` names row i's file; ``index`` (rows of many-sample files) adds each row's position in its file.
+    """
     if out and out.endswith(".npy"):
         np.save(out, vectors)
         return
-    lines = (json.dumps({"file": f, "embedding": np.round(v, 6).tolist()}) for f, v in zip(files, vectors))
+
+    def row(i: int) -> dict:
+        extra = {"index": int(index[i])} if index is not None else {}
+        return {"file": files[i], **extra, "embedding": np.round(vectors[i], 6).tolist()}
+
+    lines = (json.dumps(row(i)) for i in range(len(vectors)))
     if out:
         if not out.endswith(".jsonl"):
             raise MultijepaError(f"--out {out}: use a .npy or .jsonl file name")

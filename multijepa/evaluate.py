@@ -118,16 +118,37 @@ def probe_features(features: np.ndarray, labels: np.ndarray, test_fraction: floa
             "n_train": int(len(splits[0][0])), "n_test": int(len(splits[0][1]))}
 
 
+def _embed_labelled(model, data: str, batch_size: int, num_workers: int) -> tuple[np.ndarray, list[str]]:
+    """Features and class names of every sample of a labelled folder, or of one data file with labels
+    inside (a .ts file with class labels, a wide CSV with a label column)."""
+    import os
+
+    from multijepa.datasets.files import FileIndex, expand_samples, list_folder
+    from multijepa.datasets.readers import EXTENSIONS
+
+    recipe = model.recipe
+    base = FileIndex([data], [-1]) if os.path.isfile(data) else list_folder(data, EXTENSIONS[recipe.modality])
+    index = expand_samples(base, recipe)  # one entry per sample, files in order, samples in file order
+    if min(index.labels) < 0 or len(index.classes) < 2:
+        raise MultijepaError(f"{data}: probing needs labels: one sub-folder per class, or a file with class labels "
+                             f"inside (a .ts file, a wide CSV with a label column), at least two classes")
+    feats = model.embed(list(dict.fromkeys(index.files)), batch_size=batch_size, num_workers=num_workers)
+    assert len(feats) == len(index.labels)
+    return feats, [index.classes[i] for i in index.labels]
+
+
 def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False, test_fraction: float = 0.2,
           folds: int = 0, seed: int = 0, device: str = "auto", batch_size: int = 256,
-          num_workers: int = 2) -> dict:
-    """Embed a labelled folder with a checkpoint's encoder (or the same encoder at random init) and probe it.
+          num_workers: int = 2, test_data: Optional[str] = None) -> dict:
+    """Embed labelled data with a checkpoint's encoder (or the same encoder at random init) and probe it.
+
+    ``data`` is a folder with one sub-folder per class, or a data file with labels inside (a .ts
+    file). With ``test_data`` (the same kinds) the probes fit on all of ``data`` and are scored on
+    it; otherwise on a stratified split or k folds of ``data``.
 
     Returns:
         {"linear": acc, "knn": acc, "n_train", "n_test", "seconds_embedding"}.
     """
-    from multijepa.datasets.files import list_folder
-    from multijepa.datasets.readers import EXTENSIONS
     from multijepa.embed import Embedder, load
 
     if checkpoint is None:
@@ -135,12 +156,15 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
     model = load(checkpoint, device)
     if random_init:
         model = Embedder.random_init(model.recipe, seed=seed, device=device)
-    index = list_folder(data, EXTENSIONS[model.recipe.modality])
-    labels = np.array(index.labels)
-    if (labels < 0).any() or len(index.classes) < 2:
-        raise MultijepaError(f"{data}: probing needs a labelled folder: one sub-folder per class, at least two")
     t0 = time.perf_counter()
-    feats = model.embed(index.files, batch_size=batch_size, num_workers=num_workers)
-    result = probe_features(feats, labels, test_fraction=test_fraction, folds=folds, seed=seed)
+    feats, names = _embed_labelled(model, data, batch_size, num_workers)
+    test_index = None
+    if test_data is not None:
+        test_feats, test_names = _embed_labelled(model, test_data, batch_size, num_workers)
+        test_index = np.arange(len(names), len(names) + len(test_names))
+        feats, names = np.concatenate([feats, test_feats]), names + test_names
+    classes = sorted(set(names))
+    labels = np.array([classes.index(n) for n in names])
+    result = probe_features(feats, labels, test_fraction=test_fraction, folds=folds, seed=seed, test_index=test_index)
     result["seconds_embedding"] = round(time.perf_counter() - t0, 2)
     return result

@@ -30,8 +30,9 @@ from multijepa.errors import RecipeError
 class DataConfig:
     """Where samples come from and how they are batched (shared by every modality)."""
 
-    path: str = ""  # a folder, a file list (.txt, one path [label] per line) or webdataset shards
-    format: Literal["auto", "folder", "filelist", "shards"] = "auto"
+    path: str = ""  # a folder, a file list (.txt, one path [label] per line), webdataset shards or one data file
+    # auto: from the path; file: one data file that is a data set by itself (a .ts file, a wide CSV, a 2-D .npy)
+    format: Literal["auto", "folder", "filelist", "shards", "file"] = "auto"
     batch_size: int = 64  # per process; the global batch is batch_size * world size
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # stop training when more than this share of files fails to decode
@@ -48,6 +49,28 @@ class ImageConfig:
     hflip: bool = True
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TimeSeriesConfig:
+    """Time-series reading, cropping and windowing, and the 1D-CNN patch tokenizer.
+
+    ``length`` and ``channels`` may be 0: pretraining then sets them from the training data before
+    it builds the model, and the resolved values are saved with the run and its checkpoints.
+    """
+
+    length: int = 0  # window in samples; 0: the longest training series rounded up to whole patches (at most 512)
+    channels: int = 0  # channels per series; 0: from the training data (every series must have the same count)
+    patch_size: int = 4  # samples per token
+    stride: int = 0  # hop between patches; 0: patch_size (non-overlapping); smaller values overlap
+    channel_mode: Literal["independent", "mixed"] = "independent"  # independent: one token per (channel, patch)
+    conv_widths: tuple[int, ...] = (32, 32)  # the convolution stack run inside each patch
+    kernel_size: int = 3  # odd; zero padding inside the patch, so a token never sees a neighbouring patch
+    instance_norm: bool = True  # each series (window) and channel to zero mean, unit variance: scales do not leak
+    missing: Literal["interpolate", "zero", "error"] = "interpolate"  # NaN, ? or empty values inside a series
+    csv_layout: Literal["long", "wide"] = "long"  # long: one series per file, rows = time, columns = channels
+    csv_label_column: Literal["none", "first", "last"] = "none"  # wide layout: a class label column
+    window_hop: int = 0  # embed: hop between windows of series longer than length; 0: length // 2
 
 
 @dataclass(frozen=True)
@@ -131,9 +154,10 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    modality: Literal["image"] = "image"
+    modality: Literal["image", "timeseries"] = "image"
     data: DataConfig = field(default_factory=DataConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    timeseries: TimeSeriesConfig = field(default_factory=TimeSeriesConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -311,12 +335,57 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 # --------------------------------------------------------------------------- validation
 
 
+def patch_stride(ts: TimeSeriesConfig) -> int:
+    """The hop between time-series patches (``stride``, or ``patch_size`` when stride is 0)."""
+    return ts.stride or ts.patch_size
+
+
+def shape_from_data(recipe: Recipe) -> bool:
+    """True while a time-series recipe still waits for its length or channel count from the data."""
+    return recipe.modality == "timeseries" and not (recipe.timeseries.length and recipe.timeseries.channels)
+
+
 def token_grid(recipe: Recipe) -> tuple[int, ...]:
-    """The token grid shape the recipe's tokenizer produces, e.g. ``(8, 8)`` for 32 px / patch 4."""
+    """The token grid shape the recipe's tokenizer produces.
+
+    Image: ``(rows, cols)``, e.g. ``(8, 8)`` for 32 px / patch 4. Time series: ``(patches,)`` with
+    mixed channels, ``(channels, patches)`` with channel-independent tokens.
+    """
     if recipe.modality == "image":
         side = recipe.image.size // recipe.image.patch_size
         return (side, side)
+    if recipe.modality == "timeseries":
+        ts = recipe.timeseries
+        if shape_from_data(recipe):
+            raise RecipeError("timeseries.length or timeseries.channels is 0 (set from the data when pretraining "
+                              "starts); the token grid is not known yet")
+        patches = (ts.length - ts.patch_size) // patch_stride(ts) + 1
+        return (ts.channels, patches) if ts.channel_mode == "independent" else (patches,)
     raise AssertionError(recipe.modality)
+
+
+def _validate_timeseries(ts: TimeSeriesConfig, where: str) -> None:
+    check(ts.patch_size >= 1, where, "timeseries.patch_size", "must be at least 1")
+    check(0 <= ts.stride <= ts.patch_size, where, "timeseries.stride",
+          f"must be 0 (= patch_size) or between 1 and patch_size={ts.patch_size} (a larger hop would skip "
+          f"samples), got {ts.stride}")
+    check(ts.channels >= 0, where, "timeseries.channels", "must be 0 (from the data) or positive")
+    check(ts.length >= 0, where, "timeseries.length", "must be 0 (from the data) or positive")
+    stride = patch_stride(ts)
+    if ts.length:
+        fits = ts.length >= ts.patch_size and (ts.length - ts.patch_size) % stride == 0
+        nearest = ts.patch_size + max(0, math.ceil((ts.length - ts.patch_size) / stride)) * stride
+        check(fits, where, "timeseries.length",
+              f"must be patch_size + k * stride so patches tile the window (patch_size={ts.patch_size}, "
+              f"stride={stride}); got {ts.length}, try {nearest}")
+    check(len(ts.conv_widths) >= 1 and all(w >= 1 for w in ts.conv_widths), where, "timeseries.conv_widths",
+          f"must list one or more positive channel widths, got {list(ts.conv_widths)}")
+    check(ts.kernel_size >= 1 and ts.kernel_size % 2 == 1, where, "timeseries.kernel_size",
+          f"must be odd and positive (same-size padding inside a patch), got {ts.kernel_size}")
+    check(ts.window_hop >= 0 and (not ts.length or ts.window_hop <= ts.length), where, "timeseries.window_hop",
+          f"must be 0 (= length // 2) or between 1 and timeseries.length={ts.length}, got {ts.window_hop}")
+    check(ts.csv_label_column == "none" or ts.csv_layout == "wide", where, "timeseries.csv_label_column",
+          "needs timeseries.csv_layout: wide (a long CSV holds one series, so it has no label column)")
 
 
 def validate(recipe: Recipe, where: str) -> None:
@@ -345,4 +414,11 @@ def validate(recipe: Recipe, where: str) -> None:
     check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be positive")
     check(t.log_every > 0, where, "train.log_every", "must be positive")
     check(recipe.loss.regularizer_weight >= 0, where, "loss.regularizer_weight", "must be 0 or more")
+    _validate_timeseries(recipe.timeseries, where)
+    if shape_from_data(recipe):
+        # The grid is known once pretraining reads the data, which validates the mask again then; its
+        # number of axes is known now, so axis settings are checked on a stand-in grid of that rank.
+        stand_in = (max(recipe.timeseries.channels, 1), 64) if recipe.timeseries.channel_mode == "independent" else (64,)
+        validate_mask(m, stand_in, where)
+        return
     validate_mask(m, token_grid(recipe), where)

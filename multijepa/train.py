@@ -23,12 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from multijepa.checkpoint import load_checkpoint, save_checkpoint
 from multijepa.core.jepa import JEPA, build_model, cosine_schedule, feature_health
-from multijepa.datasets.files import build_train_loader
+from multijepa.datasets.files import build_train_loader, resolve_recipe
 from multijepa.errors import DataError, TrainingError
 from multijepa.recipe import Recipe, recipe_to_dict, save_recipe
 
 # Recipe sections that fix the model's shape: a checkpoint only resumes under the same ones.
-ARCHITECTURE_SECTIONS = ("modality", "model", "image")
+ARCHITECTURE_SECTIONS = ("modality", "model", "image", "timeseries")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -117,6 +117,7 @@ def pretrain(recipe: Recipe) -> Path:
 
 
 def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
+    recipe = resolve_recipe(recipe)  # settings taken from the data (timeseries.length: 0) are fixed here
     t, o = recipe.train, recipe.optim
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -172,11 +173,12 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
             for micro in range(o.accum_steps):
                 batch = next(batches)
                 inputs = batch["input"].to(device, non_blocking=True)
+                valid = batch["valid"].to(device, non_blocking=True) if batch["valid"] is not None else None
                 sync = contextlib.nullcontext() if world == 1 or micro == o.accum_steps - 1 else net.no_sync()
                 with sync:
                     with autocast:
                         out = net(inputs, batch["context_idx"].to(device, non_blocking=True),
-                                  batch["target_idx"].to(device, non_blocking=True))
+                                  batch["target_idx"].to(device, non_blocking=True), valid)
                     (out["loss"] / o.accum_steps).backward()
                 interval_loss += out["loss"].detach() / o.accum_steps
                 interval_parts += torch.stack([out["prediction"], out["regularizer"]]) / o.accum_steps

@@ -37,3 +37,20 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"multijepa {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+TINY_TS = TINY + ["timeseries.patch_size=4", "timeseries.conv_widths=[8]", "mask.min_context=2"]
+
+
+def write_ts(path: Path, series: list, labels: list | None = None, name: str = "tiny") -> Path:
+    """Write series ([C, L] arrays, lengths may differ) as a sktime/aeon .ts file."""
+    dims = len(series[0])
+    equal = len({len(s[0]) for s in series}) == 1
+    head = [f"@problemName {name}", "@timeStamps false", f"@univariate {'true' if dims == 1 else 'false'}",
+            f"@dimensions {dims}", f"@equalLength {'true' if equal else 'false'}"]
+    if labels is not None:
+        head.append("@classLabel true " + " ".join(sorted({str(v) for v in labels})))
+    else:
+        head.append("@classLabel false")
+    lines = [":".join(",".join(f"{v:.6g}" for v in ch) for ch in s) + (f":{labels[i]}" if labels is not None else "")
+             for i, s in enumerate(series)]
+    path.write_text("\n".join(["# generated for a test", *head, "@data", *lines]) + "\n")
+    return path

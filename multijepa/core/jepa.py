@@ -25,11 +25,25 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def key_mask(keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """bool [B, K] (True = a real token) -> an attention mask [B, 1, 1, K] that hides padded keys."""
+    return None if keep is None else keep[:, None, None, :]
+
+
+def pool_tokens(feats: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over tokens: feats [B, N, D] -> [B, D], over the valid ones only when ``valid`` [B, N] is given."""
+    if valid is None:
+        return feats.mean(1)
+    w = valid.to(feats.dtype).unsqueeze(-1)
+    return (feats * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 class Backbone(nn.Module):
     """Tokenizer + position codes from coords + transformer encoder.
 
     ``forward(inputs, keep_idx)`` encodes only the kept tokens (the context); without ``keep_idx``
-    it encodes all of them (the target view and embedding).
+    it encodes all of them (the target view and embedding). ``real`` marks, per encoded token, the
+    real ones: padded tokens are hidden from attention, so they never change a real token's output.
     """
 
     def __init__(self, tokenizer: nn.Module, cfg: ModelConfig,
@@ -40,14 +54,17 @@ class Backbone(nn.Module):
         self.dim = cfg.dim
         self.encoder = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
 
-    def forward(self, inputs: torch.Tensor, keep_idx: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns features [B, K, D] (K = N without keep_idx) and their coords [B, K, C]."""
+    def forward(self, inputs: torch.Tensor, keep_idx: Optional[torch.Tensor] = None,
+                real: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """keep_idx [B, K] (>= 0), real bool [B, K] or [B, N] without keep_idx.
+
+        Returns features [B, K, D] (K = N without keep_idx) and their coords [B, K, C].
+        """
         tokens, coords = self.tokenizer(inputs)
         x = tokens + self.pos_embed(coords, self.dim).to(tokens.dtype)
         if keep_idx is not None:
             x, coords = gather_tokens(x, keep_idx), gather_tokens(coords, keep_idx)
-        return self.encoder(x), coords
+        return self.encoder(x, key_mask(real)), coords
 
 
 class Predictor(nn.Module):
@@ -67,18 +84,23 @@ class Predictor(nn.Module):
         init_weights(self.out)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, context: torch.Tensor, context_coords: torch.Tensor,
-                target_coords: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, context_coords: torch.Tensor, target_coords: torch.Tensor,
+                context_real: Optional[torch.Tensor] = None, target_real: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         """context [B, Nc, D], context_coords [B, Nc, C], target_coords [B, M, Nt, C] -> [B, M, Nt, D].
 
         Each of the M target blocks is predicted in its own sequence, as in I-JEPA, so blocks
-        cannot see each other's mask tokens.
+        cannot see each other's mask tokens. ``context_real`` [B, Nc] and ``target_real`` [B, M, Nt]
+        (given together) hide padded context tokens and padded queries from attention.
         """
         b, m, nt, c = target_coords.shape
         x = self.embed(context) + self.pos_embed(context_coords, self.pdim).to(context.dtype)
         x = x.repeat_interleave(m, dim=0)  # [B*M, Nc, P]
         queries = self.mask_token + self.pos_embed(target_coords.reshape(b * m, nt, c), self.pdim).to(x.dtype)
-        h = self.transformer(torch.cat([x, queries], dim=1))
+        real = None
+        if context_real is not None:
+            real = torch.cat([context_real.repeat_interleave(m, dim=0), target_real.reshape(b * m, nt)], dim=1)
+        h = self.transformer(torch.cat([x, queries], dim=1), key_mask(real))
         return self.out(h[:, x.shape[1]:]).reshape(b, m, nt, -1)
 
 
@@ -138,29 +160,39 @@ class JEPA(nn.Module):
         self.target.requires_grad_(False)
         self.loss_cfg = loss
 
-    def forward(self, inputs: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
+                valid: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """inputs: a modality batch; context_idx [B, Nc]; target_idx [B, M, Nt].
+
+        With ``valid`` (bool [B, N], False on padding tokens) the index sets may hold -1 entries
+        (padding, see ``sample_block_masks``): padding is hidden from every attention and left out
+        of the loss.
 
         Returns a dict with ``loss`` (to minimise), ``prediction``, ``regularizer`` and the
         detached mean-pooled target features ``target_pooled [B, D]`` for health monitors.
         """
         b, m, nt = target_idx.shape
+        context_real = target_real = None
+        if valid is not None:
+            context_real, target_real = context_idx >= 0, target_idx >= 0
+            context_idx, target_idx = context_idx.clamp_min(0), target_idx.clamp_min(0)
         with torch.no_grad():
             self.target.eval()  # no stochastic depth in the teacher
-            feats, coords = self.target(inputs)
-            pooled = feats.mean(1)
+            feats, coords = self.target(inputs, real=valid)
+            pooled = pool_tokens(feats, valid)
             if self.loss_cfg.normalize_targets:
                 feats = F.layer_norm(feats, feats.shape[-1:])
             flat_idx = target_idx.reshape(b, m * nt)
             targets = gather_tokens(feats, flat_idx).reshape(b, m, nt, -1)
             target_coords = gather_tokens(coords, flat_idx).reshape(b, m, nt, -1)
-        ctx, ctx_coords = self.context(inputs, context_idx)
-        pred = self.predictor(ctx, ctx_coords, target_coords)
+        ctx, ctx_coords = self.context(inputs, context_idx, real=context_real)
+        pred = self.predictor(ctx, ctx_coords, target_coords, context_real, target_real)
+        if target_real is not None:  # only real targets count; [K, D] after boolean indexing
+            pred, targets = pred[target_real], targets[target_real]
         pred_loss = latent_loss(pred.float(), targets.float(), self.loss_cfg.type)
         reg = pred_loss.new_zeros(())
         if self.loss_cfg.regularizer != "none" and self.loss_cfg.regularizer_weight > 0:
-            z = ctx.reshape(-1, ctx.shape[-1])
+            z = ctx[context_real] if context_real is not None else ctx.reshape(-1, ctx.shape[-1])
             reg = sigreg(z, self.loss_cfg.sigreg_directions) if self.loss_cfg.regularizer == "sigreg" else vicreg(z)
         loss = pred_loss + self.loss_cfg.regularizer_weight * reg
         return {"loss": loss, "prediction": pred_loss.detach(), "regularizer": reg.detach(),

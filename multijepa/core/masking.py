@@ -51,16 +51,26 @@ def block_extent(grid: tuple[int, ...], scale: float, aspect: float, full_span_a
     return tuple(max(1, min(grid[i], round(sizes[i]))) for i in range(len(grid)))
 
 
-def _box(grid: tuple[int, ...], extent: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """A bool grid with one box of ``extent`` at a uniform random position."""
+def _box(grid: tuple[int, ...], extent: tuple[int, ...], g: torch.Generator,
+         region: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+    """A bool grid with one box of ``extent`` at a uniform random position (inside ``region``'s (start, size) per axis)."""
     mask = torch.zeros(grid, dtype=torch.bool)
-    starts = [int(torch.randint(0, n - e + 1, (1,), generator=g)) for n, e in zip(grid, extent)]
+    region = region or tuple((0, n) for n in grid)
+    starts = [lo + int(torch.randint(0, n - e + 1, (1,), generator=g)) for (lo, n), e in zip(region, extent)]
     mask[tuple(slice(s, s + e) for s, e in zip(starts, extent))] = True
     return mask
 
 
+def _pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack 1-D index tensors of unequal length, padding with -1: [len(rows), longest]."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
 def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, g: torch.Generator,
-                       max_tries: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+                       max_tries: int = 20, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample context and target indices for a batch (indices into the flattened grid, C order).
 
     Args:
@@ -69,10 +79,14 @@ def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, 
         batch_size: B.
         g: the random generator (seeded per batch, so a resumed run draws the same masks).
         max_tries: context draws per sample before falling back to "everything but the targets".
+        valid: optional bool [B, N], False on padding tokens (a short series in a longer window).
+            Blocks are then placed inside each sample's box of valid tokens, sized by the mask
+            scales on that box, and keep only valid tokens; padding is never context or target.
+            Sets then differ in size, so they are padded with -1 (not cut to the smallest).
 
     Returns:
-        context_idx: [B, Nc] long, sorted, disjoint from that sample's targets.
-        target_idx: [B, M, Nt] long, M = cfg.num_targets blocks of Nt tokens each.
+        context_idx: [B, Nc] long, sorted, disjoint from that sample's targets (-1 = padding, only with ``valid``).
+        target_idx: [B, M, Nt] long, M = cfg.num_targets blocks of Nt tokens each (likewise).
 
     >>> from multijepa.recipe import MaskConfig
     >>> c, t = sample_block_masks((8, 8), MaskConfig(), 2, torch.Generator().manual_seed(0))
@@ -81,33 +95,51 @@ def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, 
     """
     n = math.prod(grid)
     log_aspect = (math.log(cfg.target_aspect[0]), math.log(cfg.target_aspect[1]))
-    t_extent = block_extent(grid, _uniform(cfg.target_scale, g), math.exp(_uniform(log_aspect, g)),
-                            cfg.full_span_axes)
+    t_scale, t_aspect = _uniform(cfg.target_scale, g), math.exp(_uniform(log_aspect, g))
     log_aspect = (math.log(cfg.context_aspect[0]), math.log(cfg.context_aspect[1]))
-    c_extent = block_extent(grid, _uniform(cfg.context_scale, g), math.exp(_uniform(log_aspect, g)),
-                            cfg.full_span_axes)
+    c_scale, c_aspect = _uniform(cfg.context_scale, g), math.exp(_uniform(log_aspect, g))
+    t_extent = block_extent(grid, t_scale, t_aspect, cfg.full_span_axes)
+    c_extent = block_extent(grid, c_scale, c_aspect, cfg.full_span_axes)
+    region, allowed = None, torch.ones(n, dtype=torch.bool)
     contexts, targets = [], []
-    for _ in range(batch_size):
+    for b in range(batch_size):
+        if valid is not None:
+            allowed = valid[b].reshape(-1).bool()
+            if int(allowed.sum()) < 2:
+                raise ValueError(f"sample {b} of the batch has {int(allowed.sum())} valid tokens; masking needs 2")
+            where = allowed.reshape(grid).nonzero()
+            lo, hi = where.min(0).values.tolist(), (where.max(0).values + 1).tolist()
+            region = tuple((a, z - a) for a, z in zip(lo, hi))
+            box_grid = tuple(size for _, size in region)
+            t_extent = block_extent(box_grid, t_scale, t_aspect, cfg.full_span_axes)
+            c_extent = block_extent(box_grid, c_scale, c_aspect, cfg.full_span_axes)
         for _ in range(max_tries):
-            blocks = [_box(grid, t_extent, g).flatten() for _ in range(cfg.num_targets)]
+            blocks = [_box(grid, t_extent, g, region).flatten() & allowed for _ in range(cfg.num_targets)]
             covered = torch.stack(blocks).any(0)
-            context = _box(grid, c_extent, g).flatten() & ~covered
+            context = _box(grid, c_extent, g, region).flatten() & ~covered & allowed
             if int(context.sum()) >= cfg.min_context:
                 break
         else:
-            context = ~covered
+            context = ~covered & allowed
             if int(context.sum()) < cfg.min_context:
                 # The targets cover (nearly) everything: stack them on one spot. Validation
                 # guarantees one block leaves min_context tokens, so this always ends.
                 blocks = [blocks[0]] * cfg.num_targets
-                context = ~blocks[0]
+                context = ~blocks[0] & allowed
+                if not context.any():  # a short padded sample whose one block is all it has
+                    first = int(blocks[0].nonzero()[0])
+                    blocks = [blocks[0].clone()] * cfg.num_targets
+                    blocks[0][first] = False
+                    context[first] = True
         contexts.append(context.nonzero().squeeze(1))
-        targets.append(torch.stack([b.nonzero().squeeze(1) for b in blocks]))
+        targets.append([blk.nonzero().squeeze(1) for blk in blocks])
+    if valid is not None:
+        return _pad_stack(contexts), _pad_stack([t for ts in targets for t in ts]).reshape(batch_size, cfg.num_targets, -1)
     keep = min(len(c) for c in contexts)
     # Cut every context to the smallest, dropping random tokens (not the tail) to avoid a spatial bias.
     context_idx = torch.stack([c[torch.randperm(len(c), generator=g)[:keep]].sort().values for c in contexts])
     assert keep >= min(cfg.min_context, n)
-    return context_idx, torch.stack(targets)
+    return context_idx, torch.stack([torch.stack(ts) for ts in targets])
 
 
 def check(cond: bool, where: str, key: str, msg: str) -> None:

@@ -1,12 +1,15 @@
-"""Data sets for every modality: folders, file lists, webdataset shards.
+"""Data sets for every modality: folders, file lists, webdataset shards, one data file.
 
 Lives at ``multijepa.datasets`` (not a top-level ``datasets``) so it never shadows Hugging Face's
 widely installed ``datasets`` package.
 """
 
 from multijepa.datasets.files import (FileDataset, FileIndex, ShardDataset, StepBatchSampler, build_train_loader,
-                                      index_files, list_folder, load_input, read_filelist, write_shards)
+                                      expand_samples, index_files, list_folder, load_input, read_filelist,
+                                      resolve_recipe, write_shards)
 from multijepa.datasets.readers import EXTENSIONS, modality_of, read_image
+from multijepa.datasets.series import read_series
 
 __all__ = ["EXTENSIONS", "FileDataset", "FileIndex", "ShardDataset", "StepBatchSampler", "build_train_loader",
-           "index_files", "list_folder", "load_input", "modality_of", "read_filelist", "read_image", "write_shards"]
+           "expand_samples", "index_files", "list_folder", "load_input", "modality_of", "read_filelist", "read_image",
+           "read_series", "resolve_recipe", "write_shards"]

@@ -23,19 +23,61 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from multijepa.core.masking import sample_block_masks
 from multijepa.datasets.readers import EXTENSIONS, Source, read_image
+from multijepa.datasets.series import series_labels
+from multijepa.datasets.timeseries import resolve_shape, series_sample, series_views
 from multijepa.datasets.transforms import image_transform
 from multijepa.errors import DataError, DecodeError
-from multijepa.recipe import Recipe, token_grid
+from multijepa.recipe import Recipe, patch_stride, shape_from_data, token_grid
+from multijepa.tokenizers.timeseries import valid_tokens
 
-# How a recipe turns one file (path or bytes) into a model input; g=None means deterministic (embed).
-LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[torch.Generator]], torch.Tensor]] = {
-    "image": lambda src, r, name, g: image_transform(read_image(src, r.image.channels, name), r.image, g),
+# How a recipe turns one sample into a model input: (file path or bytes, recipe, name for errors,
+# part = which sample of a many-sample file or None for a one-sample file, generator or None for
+# deterministic) -> tensor.
+LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[int], Optional[torch.Generator]], torch.Tensor]] = {
+    "image": lambda src, r, name, part, g: image_transform(read_image(src, r.image.channels, name), r.image, g),
+    "timeseries": series_sample,
+}
+
+# How a recipe turns one file (or a tensor) into embedding inputs: per sample in file order, its
+# views (crops, windows), whose features are pooled into the sample's one vector.
+EMBED_VIEWS: dict[str, Callable[[Union[Source, torch.Tensor], Recipe, str], list[list[torch.Tensor]]]] = {
+    "image": lambda item, r, name: [[item if isinstance(item, torch.Tensor) else
+                                     image_transform(read_image(item, r.image.channels, name), r.image, None)]],
+    "timeseries": series_views,
+}
+
+# Modalities whose files can hold many samples (a .ts file, a wide CSV, a 2-D .npy): path ->
+# each sample's in-file label (None where the file has none), in file order.
+SAMPLE_LISTERS: dict[str, Callable[[str, Recipe], list[Optional[str]]]] = {
+    "timeseries": lambda path, r: series_labels(path, r.timeseries),
+}
+
+# Modalities whose inputs can hold padding: a stacked batch of inputs -> valid tokens bool [B, N].
+VALID_TOKENS: dict[str, Callable[[torch.Tensor, Recipe], torch.Tensor]] = {
+    "timeseries": lambda x, r: valid_tokens(x, r.timeseries.patch_size, patch_stride(r.timeseries),
+                                            r.timeseries.channel_mode == "independent"),
+}
+
+# Modalities with settings taken from the data (0 = from the data): (recipe, index) -> resolved recipe.
+RESOLVERS: dict[str, Callable[[Recipe, "FileIndex"], Recipe]] = {
+    "timeseries": lambda r, index: resolve_shape(r, index.files, r.data.path) if shape_from_data(r) else r,
 }
 
 
-def load_input(src: Source, recipe: Recipe, name: str = "", g: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Decode and preprocess one file for ``recipe.modality``; raises DecodeError naming the file."""
-    return LOADERS[recipe.modality](src, recipe, name or str(src), g)
+def load_input(src: Source, recipe: Recipe, name: str = "", g: Optional[torch.Generator] = None,
+               part: Optional[int] = None) -> torch.Tensor:
+    """Decode and preprocess one sample for ``recipe.modality``; raises DecodeError naming the file.
+
+    ``part`` picks one sample of a file that holds many (a series of a .ts file); None means the
+    file is one sample.
+    """
+    return LOADERS[recipe.modality](src, recipe, name or str(src), part, g)
+
+
+def valid_mask(inputs: torch.Tensor, recipe: Recipe) -> Optional[torch.Tensor]:
+    """Valid tokens bool [B, N] of a stacked batch, or None for modalities without padding."""
+    fn = VALID_TOKENS.get(recipe.modality)
+    return fn(inputs, recipe) if fn is not None else None
 
 
 def _mix(*values: int) -> int:
@@ -52,11 +94,16 @@ def _mix(*values: int) -> int:
 
 @dataclass
 class FileIndex:
-    """Files with integer labels (-1 when unlabelled) and the class names behind them."""
+    """Samples with integer labels (-1 when unlabelled) and the class names behind them.
+
+    A sample is a whole file, or, where ``parts`` is set, sample ``parts[i]`` of ``files[i]`` (a file
+    that holds many: a .ts file, a wide CSV, a 2-D .npy), listed in file order.
+    """
 
     files: list[str]
     labels: list[int]
     classes: list[str] = field(default_factory=list)
+    parts: Optional[list[int]] = None  # None: every sample is a whole file
 
 
 def list_folder(root: Union[str, Path], extensions: Sequence[str]) -> FileIndex:
@@ -132,6 +179,8 @@ def detect_format(recipe: Recipe) -> str:
         return fmt
     if path.endswith(".tar") or "{" in path or "://" in path or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar"))):
         return "shards"
+    if os.path.isfile(path) and path.lower().endswith(EXTENSIONS[recipe.modality]):
+        return "file"  # checked before file lists: a time-series .csv is data, not a list
     if os.path.isfile(path) and path.endswith((".txt", ".lst", ".csv")):
         return "filelist"
     if os.path.isdir(path):
@@ -140,12 +189,51 @@ def detect_format(recipe: Recipe) -> str:
 
 
 def index_files(recipe: Recipe) -> FileIndex:
+    """The samples of ``recipe.data``: every file, or every sample of files that hold many."""
     fmt = detect_format(recipe)
     if fmt == "filelist":
-        return read_filelist(recipe.data.path)
-    if fmt == "folder":
-        return list_folder(recipe.data.path, EXTENSIONS[recipe.modality])
-    raise DataError(f"{recipe.data.path}: shards cannot be listed file by file; use a folder or file list")
+        index = read_filelist(recipe.data.path)
+    elif fmt == "folder":
+        index = list_folder(recipe.data.path, EXTENSIONS[recipe.modality])
+    elif fmt == "file":
+        if not os.path.isfile(recipe.data.path):
+            raise DataError(f"{recipe.data.path}: no such file (data.format=file)")
+        index = FileIndex([recipe.data.path], [-1])
+    else:
+        raise DataError(f"{recipe.data.path}: shards cannot be listed file by file; use a folder or file list")
+    return expand_samples(index, recipe)
+
+
+def expand_samples(index: FileIndex, recipe: Recipe) -> FileIndex:
+    """One entry per sample for modalities whose files hold many; other indexes come back as they are.
+
+    A sample's label is its in-file label (a .ts class label, a wide CSV's label column, an .npz's
+    ``y``) where it has one, else its file's (the class sub-folder or the file list's label).
+    """
+    lister = SAMPLE_LISTERS.get(recipe.modality)
+    if lister is None:
+        return index
+    files, parts, names = [], [], []
+    for f, label in zip(index.files, index.labels):
+        outer = index.classes[label] if label >= 0 else None
+        for k, inner in enumerate(lister(f, recipe)):
+            files.append(f)
+            parts.append(k)
+            names.append(inner if inner is not None else outer)
+    classes = sorted({n for n in names if n is not None})
+    number = {c: i for i, c in enumerate(classes)}
+    return FileIndex(files, [number[n] if n is not None else -1 for n in names], classes, parts)
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with its from-the-data settings filled in (``timeseries.length: 0``); unchanged otherwise."""
+    resolver = RESOLVERS.get(recipe.modality)
+    if resolver is None or not shape_from_data(recipe):
+        return recipe
+    if detect_format(recipe) == "shards":
+        raise DataError(f"{recipe.data.path}: with shards, set timeseries.length and timeseries.channels in the "
+                        f"recipe (they cannot be read from a stream)")
+    return resolver(recipe, index_files(recipe))
 
 
 # --------------------------------------------------------------------------- map-style training data
@@ -171,8 +259,9 @@ class FileDataset(Dataset):
         for attempt in range(len(self) if self.train else 1):
             j = (i + attempt) % len(self)
             g = torch.Generator().manual_seed(_mix(self.recipe.train.seed, step, j)) if self.train else None
+            part = self.index.parts[j] if self.index.parts is not None else None
             try:
-                x = load_input(self.index.files[j], self.recipe, g=g)
+                x = load_input(self.index.files[j], self.recipe, g=g, part=part)
                 return {"input": x, "label": self.index.labels[j], "step": step, "bad": bad}
             except DecodeError as e:
                 if not self.train:
@@ -318,18 +407,22 @@ class MaskCollate:
     """Stacks samples and samples the batch's masks (runs in DataLoader workers)."""
 
     def __init__(self, recipe: Recipe, rank: int = 0):
-        self.grid, self.mask, self.seed, self.rank = token_grid(recipe), recipe.mask, recipe.train.seed, rank
+        self.recipe, self.rank = recipe, rank
+        self.grid, self.mask, self.seed = token_grid(recipe), recipe.mask, recipe.train.seed
 
     def __call__(self, samples: list[dict]) -> dict:
+        """Returns input, label, context_idx, target_idx, valid (bool [B, N], or None where the
+        modality has no padding; with it, index sets are padded with -1), bad and count."""
         bad = [b for s in samples for b in s["bad"]]
         good = [s for s in samples if s["input"] is not None]
         if not good:
             return {"input": None, "bad": bad, "count": len(bad)}
         g = torch.Generator().manual_seed(_mix(self.seed, samples[0]["step"], self.rank, 7))
-        context_idx, target_idx = sample_block_masks(self.grid, self.mask, len(good), g)
-        return {"input": torch.stack([s["input"] for s in good]),
-                "label": torch.tensor([s["label"] for s in good]),
-                "context_idx": context_idx, "target_idx": target_idx,
+        inputs = torch.stack([s["input"] for s in good])
+        valid = valid_mask(inputs, self.recipe)
+        context_idx, target_idx = sample_block_masks(self.grid, self.mask, len(good), g, valid=valid)
+        return {"input": inputs, "label": torch.tensor([s["label"] for s in good]),
+                "context_idx": context_idx, "target_idx": target_idx, "valid": valid,
                 "bad": bad, "count": len(good) + len(bad)}  # files tried, decoded or not
 
 

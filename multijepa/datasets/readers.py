@@ -15,6 +15,7 @@ from multijepa.errors import DecodeError
 
 EXTENSIONS: dict[str, tuple[str, ...]] = {
     "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+    "timeseries": (".ts", ".csv", ".npy", ".npz"),  # read by multijepa.datasets.series
 }
 
 Source = Union[str, Path, bytes]

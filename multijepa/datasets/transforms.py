@@ -48,3 +48,33 @@ def image_transform(image: torch.Tensor, cfg: ImageConfig, g: Optional[torch.Gen
         out = TF.center_crop(TF.resize(image, [cfg.size], antialias=True), [cfg.size, cfg.size])
     out = out.float().div_(255.0)
     return TF.normalize(out, list(cfg.mean), list(cfg.std))
+
+
+def crop_or_pad(series: torch.Tensor, length: int, g: Optional[torch.Generator]) -> torch.Tensor:
+    """float [C, L] -> [C, length]: a window of a longer series (random with a generator, else the
+    start), or a shorter one padded with NaN at the end (NaN marks padding for the tokenizer).
+
+    >>> crop_or_pad(torch.ones(1, 3), 5, None).tolist()
+    [[1.0, 1.0, 1.0, nan, nan]]
+    """
+    c, n = series.shape
+    if n >= length:
+        start = int(torch.randint(0, n - length + 1, (1,), generator=g)) if g is not None else 0
+        return series[:, start:start + length]
+    return torch.cat([series, series.new_full((c, length - n), float("nan"))], dim=1)
+
+
+def series_windows(series: torch.Tensor, length: int, hop: int) -> list[torch.Tensor]:
+    """All windows [C, length] of a series [C, L], every ``hop`` samples, the last one flush with the
+    end so the tail is covered; one NaN-padded window when the series is not longer than ``length``.
+
+    >>> [w[0, 0].item() for w in series_windows(torch.arange(10.0)[None], 4, 3)]
+    [0.0, 3.0, 6.0]
+    """
+    n = series.shape[1]
+    if n <= length:
+        return [crop_or_pad(series, length, None)]
+    starts = list(range(0, n - length + 1, hop))
+    if starts[-1] != n - length:
+        starts.append(n - length)
+    return [series[:, s:s + length] for s in starts]
