@@ -2,6 +2,7 @@
 
     multijepa pretrain recipes/image.yaml data.path=photos/ train.steps=500
     multijepa embed cat.jpg dog.png --out vectors.npy
+    multijepa embed speech.wav --windows
     multijepa probe --checkpoint runs/image/last.pt labelled_folder/
     multijepa shard photos/ shards/
     multijepa demo
@@ -46,10 +47,14 @@ def _embed(args: argparse.Namespace) -> None:
         checkpoint = str(found)
         print(f"using {checkpoint}", file=sys.stderr)
     model = load(checkpoint, device=args.device)
-    vectors = model.embed(args.files, tokens=args.tokens, batch_size=args.batch_size)
-    write_embeddings([str(f) for f in args.files], vectors, args.out)
+    # Audio tokens are always per window: a long file has a token grid per window.
+    windows = args.windows or (args.tokens and model.windowed)
+    vectors = model.embed(args.files, tokens=args.tokens, windows=windows, batch_size=args.batch_size)
+    write_embeddings([str(f) for f in args.files], vectors, args.out, model.window_hop_seconds)
     if args.out:
-        print(f"wrote {vectors.shape} embeddings to {args.out}", file=sys.stderr)
+        what = f"{sum(len(v) for v in vectors)} window embeddings of {len(vectors)} files" if windows \
+            else f"{vectors.shape} embeddings"
+        print(f"wrote {what} to {args.out}", file=sys.stderr)
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -117,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a last.pt; default: the newest run of the files' modality under --runs")
     p.add_argument("--runs", default="runs", help="where to look for runs without --checkpoint")
     p.add_argument("--out", help="out.npy or out.jsonl; default: JSON lines on stdout")
-    p.add_argument("--tokens", action="store_true", help="per-token features instead of the pooled mean")
+    p.add_argument("--tokens", action="store_true",
+                   help="per-token features instead of the pooled mean (audio: per window, as --windows)")
+    p.add_argument("--windows", action="store_true",
+                   help="audio: one vector per window (audio.embed_window_seconds every audio.embed_hop_seconds) "
+                        "instead of their mean")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_embed)

@@ -51,6 +51,73 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
+class AudioConfig:
+    """Audio decoding, clip length, log-mel features and the (freq, time) patch tokenizer.
+
+    Files are resampled to ``sample_rate``; training crops (or zero-pads) each to ``clip_seconds`` at a
+    random offset; ``embed`` covers a whole file with windows of ``embed_window_seconds`` every
+    ``embed_hop_seconds``. Log-mel features are computed on the model's device from the waveforms.
+    """
+
+    sample_rate: int = 16000
+    clip_seconds: float = 1.0  # training clip length
+    channels: Literal["mix", "keep"] = "mix"  # mix: average to mono; keep: keep_channels channels
+    keep_channels: int = 2  # with channels=keep: mono files are repeated, other counts are an error
+    win_ms: float = 25.0  # STFT window (Hann) length
+    hop_ms: float = 10.0  # STFT hop
+    n_fft: int = 0  # 0: the next power of two >= the window length in samples
+    n_mels: int = 64
+    f_min: float = 0.0  # Hz
+    f_max: float = 0.0  # Hz; 0 means sample_rate / 2
+    top_db: float = 80.0  # floor each clip's log-mel at its maximum minus top_db; 0 disables
+    normalize: Literal["fixed", "clip", "none"] = "fixed"  # fixed: (dB - norm_mean) / norm_std; clip: per clip
+    norm_mean: float = -30.0  # dB, with normalize=fixed
+    norm_std: float = 20.0  # dB, with normalize=fixed
+    patch_size: tuple[int, int] = (16, 16)  # (mel bins, frames) per token
+    embed_window_seconds: float = 0.0  # 0: audio.clip_seconds
+    embed_hop_seconds: float = 0.0  # 0: half the embedding window
+
+    @property
+    def clip_samples(self) -> int:
+        return max(1, round(self.clip_seconds * self.sample_rate))
+
+    @property
+    def win_length(self) -> int:
+        return max(1, round(self.win_ms * self.sample_rate / 1000))
+
+    @property
+    def hop_length(self) -> int:
+        return max(1, round(self.hop_ms * self.sample_rate / 1000))
+
+    @property
+    def fft_size(self) -> int:
+        return self.n_fft or 1 << (self.win_length - 1).bit_length()
+
+    @property
+    def max_freq(self) -> float:
+        return self.f_max or self.sample_rate / 2
+
+    @property
+    def model_channels(self) -> int:
+        """Channels of every waveform the model sees."""
+        return 1 if self.channels == "mix" else self.keep_channels
+
+    @property
+    def window_samples(self) -> int:
+        """Samples in one embedding window."""
+        return max(1, round((self.embed_window_seconds or self.clip_seconds) * self.sample_rate))
+
+    @property
+    def window_hop_samples(self) -> int:
+        hop = self.embed_hop_seconds * self.sample_rate if self.embed_hop_seconds else self.window_samples / 2
+        return max(1, round(hop))
+
+    def frames(self, samples: int) -> int:
+        """STFT frames for ``samples`` samples (centred frames, as torch.stft(center=True))."""
+        return 1 + samples // self.hop_length
+
+
+@dataclass(frozen=True)
 class MaskConfig:
     """Multi-block masking on the token grid (I-JEPA defaults)."""
 
@@ -131,9 +198,10 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    modality: Literal["image"] = "image"
+    modality: Literal["image", "audio"] = "image"
     data: DataConfig = field(default_factory=DataConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -316,6 +384,9 @@ def token_grid(recipe: Recipe) -> tuple[int, ...]:
     if recipe.modality == "image":
         side = recipe.image.size // recipe.image.patch_size
         return (side, side)
+    if recipe.modality == "audio":
+        a = recipe.audio
+        return (a.n_mels // a.patch_size[0], a.frames(a.clip_samples) // a.patch_size[1])
     raise AssertionError(recipe.modality)
 
 
@@ -345,4 +416,39 @@ def validate(recipe: Recipe, where: str) -> None:
     check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be positive")
     check(t.log_every > 0, where, "train.log_every", "must be positive")
     check(recipe.loss.regularizer_weight >= 0, where, "loss.regularizer_weight", "must be 0 or more")
+    validate_audio(recipe.audio, where)
     validate_mask(m, token_grid(recipe), where)
+
+
+def validate_audio(a: AudioConfig, where: str) -> None:
+    """Reject audio settings that cannot give a log-mel patch grid (checked whatever the modality)."""
+    check(a.sample_rate >= 1000, where, "audio.sample_rate", f"must be at least 1000 Hz, got {a.sample_rate}")
+    check(a.clip_seconds > 0, where, "audio.clip_seconds", "must be positive")
+    check(a.keep_channels >= 1, where, "audio.keep_channels", "must be at least 1")
+    check(a.win_ms > 0 and a.win_length >= 2, where, "audio.win_ms",
+          f"must give a window of at least 2 samples at {a.sample_rate} Hz, got {a.win_ms} ms")
+    check(a.hop_ms > 0, where, "audio.hop_ms", "must be positive")
+    check(a.n_fft == 0 or a.n_fft >= a.win_length, where, "audio.n_fft",
+          f"must be 0 (auto) or at least the window length ({a.win_length} samples)")
+    check(0 <= a.f_min < a.max_freq <= a.sample_rate / 2, where, "audio.f_max",
+          f"needs 0 <= audio.f_min < audio.f_max <= sample_rate / 2 = {a.sample_rate / 2:g} Hz "
+          f"(f_max 0 means sample_rate / 2); got f_min={a.f_min:g}, f_max={a.f_max:g}")
+    check(a.top_db >= 0, where, "audio.top_db", "must be 0 (off) or positive")
+    check(a.norm_std > 0, where, "audio.norm_std", "must be positive")
+    check(a.embed_window_seconds >= 0 and a.embed_hop_seconds >= 0, where, "audio.embed_window_seconds",
+          "embed_window_seconds and embed_hop_seconds must be 0 (automatic) or positive")
+    pf, pt = a.patch_size
+    check(pf >= 1 and pt >= 1, where, "audio.patch_size", f"must be positive, got {list(a.patch_size)}")
+    check(a.n_mels >= 1 and a.n_mels % pf == 0, where, "audio.n_mels",
+          f"must be a multiple of audio.patch_size[0]={pf}, got {a.n_mels}")
+    for key, samples in (("audio.clip_seconds", a.clip_samples), ("audio.embed_window_seconds", a.window_samples)):
+        check(a.frames(samples) >= pt, where, key,
+              f"gives {a.frames(samples)} frames at hop {a.hop_ms:g} ms, fewer than audio.patch_size[1]={pt}: "
+              f"lengthen the clip or use a smaller time patch")
+    from multijepa.tokenizers.audio import mel_filterbank  # here: tokenizers import this module
+
+    fb = mel_filterbank(a.fft_size // 2 + 1, a.sample_rate, a.n_mels, a.f_min, a.max_freq)
+    empty = int((fb.sum(0) == 0).sum())
+    check(empty == 0, where, "audio.n_mels",
+          f"leaves {empty} of {a.n_mels} mel filters without any FFT bin (n_fft={a.fft_size}, "
+          f"{a.f_min:g}-{a.max_freq:g} Hz): lower n_mels, raise f_min or use a larger n_fft / win_ms")

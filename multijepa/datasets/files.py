@@ -22,15 +22,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from multijepa.core.masking import sample_block_masks
-from multijepa.datasets.readers import EXTENSIONS, Source, read_image
-from multijepa.datasets.transforms import image_transform
+from multijepa.datasets.readers import EXTENSIONS, Source, read_audio, read_image
+from multijepa.datasets.transforms import audio_transform, image_transform
 from multijepa.errors import DataError, DecodeError
 from multijepa.recipe import Recipe, token_grid
 
 # How a recipe turns one file (path or bytes) into a model input; g=None means deterministic (embed).
 LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[torch.Generator]], torch.Tensor]] = {
     "image": lambda src, r, name, g: image_transform(read_image(src, r.image.channels, name), r.image, g),
+    "audio": lambda src, r, name, g: audio_transform(read_audio(src, r.audio.sample_rate, r.audio.model_channels,
+                                                                name), r.audio, g),
 }
+
+# Dimensions of one model input. Without a generator a loader may return one more, leading, dimension:
+# the windows that cover a long file (audio), which embedding pools per file.
+INPUT_NDIM: dict[str, int] = {"image": 3, "audio": 2}
 
 
 def load_input(src: Source, recipe: Recipe, name: str = "", g: Optional[torch.Generator] = None) -> torch.Tensor:

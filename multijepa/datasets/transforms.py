@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from multijepa.recipe import ImageConfig
+import torch.nn.functional as F
+
+from multijepa.recipe import AudioConfig, ImageConfig
 
 
 def _random_resized_crop_box(h: int, w: int, scale: tuple[float, float], g: torch.Generator,
@@ -48,3 +50,42 @@ def image_transform(image: torch.Tensor, cfg: ImageConfig, g: Optional[torch.Gen
         out = TF.center_crop(TF.resize(image, [cfg.size], antialias=True), [cfg.size, cfg.size])
     out = out.float().div_(255.0)
     return TF.normalize(out, list(cfg.mean), list(cfg.std))
+
+
+def crop_or_pad(wave: torch.Tensor, length: int, g: Optional[torch.Generator]) -> torch.Tensor:
+    """[C, S] -> [C, length]: a crop of a longer clip or a zero-padded shorter one.
+
+    With a generator the crop, or the clip's place inside the padding, is uniformly random
+    (training); without one the crop starts at 0 and padding goes at the end.
+    """
+    s = wave.shape[1]
+    if s == length:
+        return wave
+    offset = int(torch.randint(0, abs(s - length) + 1, (1,), generator=g)) if g is not None else 0
+    if s > length:
+        return wave[:, offset:offset + length]
+    return F.pad(wave, (offset, length - s - offset))
+
+
+def audio_windows(wave: torch.Tensor, window: int, hop: int) -> torch.Tensor:
+    """[C, S] -> [W, C, window]: windows every ``hop`` samples covering the whole clip.
+
+    The end is zero-padded so the last window reaches past the last sample; a clip shorter than one
+    window gives one padded window. W = 1 + ceil(max(S - window, 0) / hop).
+    """
+    s = wave.shape[1]
+    count = 1 + max(0, math.ceil((s - window) / hop))
+    total = window + (count - 1) * hop
+    padded = F.pad(wave, (0, total - s)) if total > s else wave
+    return padded.unfold(1, window, hop).permute(1, 0, 2)  # a view: no copy of long files
+
+
+def audio_transform(wave: torch.Tensor, cfg: AudioConfig, g: Optional[torch.Generator]) -> torch.Tensor:
+    """float [C, S] at cfg.sample_rate -> a model input.
+
+    With a generator (training): a random crop or padding to ``clip_seconds``, [C, clip_samples].
+    Without (embedding): windows covering the whole file, [W, C, window_samples].
+    """
+    if g is not None:
+        return crop_or_pad(wave, cfg.clip_samples, g)
+    return audio_windows(wave, cfg.window_samples, cfg.window_hop_samples)
