@@ -47,6 +47,12 @@ def _embed(args: argparse.Namespace) -> None:
         checkpoint = str(found)
         print(f"using {checkpoint}", file=sys.stderr)
     model = load(checkpoint, device=args.device)
+    if args.window is not None or args.hop is not None:
+        if not model.windowed:
+            raise MultijepaError(f"--window and --hop apply to audio models; {checkpoint} is a "
+                                 f"{model.recipe.modality} model")
+        model = model.with_overrides([f"audio.embed_{key}_seconds={value}" for key, value in
+                                      (("window", args.window), ("hop", args.hop)) if value is not None])
     # Audio tokens are always per window: a long file has a token grid per window.
     windows = args.windows or (args.tokens and model.windowed)
     vectors = model.embed(args.files, tokens=args.tokens, windows=windows, batch_size=args.batch_size)
@@ -127,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", action="store_true",
                    help="audio: one vector per window (audio.embed_window_seconds every audio.embed_hop_seconds) "
                         "instead of their mean")
+    p.add_argument("--window", type=float, metavar="SECONDS", help="audio: window length (default: the recipe's)")
+    p.add_argument("--hop", type=float, metavar="SECONDS", help="audio: seconds between windows (default: the recipe's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_embed)

@@ -21,7 +21,7 @@ from multijepa.core.jepa import Backbone, build_model
 from multijepa.datasets.files import INPUT_NDIM, load_input
 from multijepa.datasets.readers import modality_of
 from multijepa.errors import DecodeError, MultijepaError
-from multijepa.recipe import Recipe, recipe_from_dict
+from multijepa.recipe import Recipe, apply_overrides, recipe_from_dict, recipe_to_dict
 from multijepa.train import resolve_device
 
 Item = Union[str, Path, torch.Tensor]
@@ -81,6 +81,20 @@ class Embedder:
         """The same architecture at initialisation: the baseline a probe compares against."""
         torch.manual_seed(seed)
         return cls(build_model(recipe).target, recipe, device)
+
+    def with_overrides(self, overrides: Sequence[str]) -> "Embedder":
+        """The same encoder reading inputs with some recipe keys changed, e.g. other audio windows.
+
+        Only keys that leave the weights' shapes alone make sense here (``audio.embed_window_seconds``,
+        ``audio.embed_hop_seconds``); the changed recipe is validated like a recipe file.
+
+        >>> model.with_overrides(["audio.embed_window_seconds=2"]).embed(["long.wav"])  # doctest: +SKIP
+        """
+        if not overrides:
+            return self
+        raw = apply_overrides(recipe_to_dict(self.recipe), list(overrides))
+        return Embedder(self.encoder, recipe_from_dict(raw, f"the checkpoint's recipe with {' '.join(overrides)}"),
+                        str(self.device))
 
     @property
     def dim(self) -> int:

@@ -416,39 +416,8 @@ def validate(recipe: Recipe, where: str) -> None:
     check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be positive")
     check(t.log_every > 0, where, "train.log_every", "must be positive")
     check(recipe.loss.regularizer_weight >= 0, where, "loss.regularizer_weight", "must be 0 or more")
+    from multijepa.tokenizers.audio import validate_audio  # lazily: the tokenizers import this module
+
     validate_audio(recipe.audio, where)
     validate_mask(m, token_grid(recipe), where)
 
-
-def validate_audio(a: AudioConfig, where: str) -> None:
-    """Reject audio settings that cannot give a log-mel patch grid (checked whatever the modality)."""
-    check(a.sample_rate >= 1000, where, "audio.sample_rate", f"must be at least 1000 Hz, got {a.sample_rate}")
-    check(a.clip_seconds > 0, where, "audio.clip_seconds", "must be positive")
-    check(a.keep_channels >= 1, where, "audio.keep_channels", "must be at least 1")
-    check(a.win_ms > 0 and a.win_length >= 2, where, "audio.win_ms",
-          f"must give a window of at least 2 samples at {a.sample_rate} Hz, got {a.win_ms} ms")
-    check(a.hop_ms > 0, where, "audio.hop_ms", "must be positive")
-    check(a.n_fft == 0 or a.n_fft >= a.win_length, where, "audio.n_fft",
-          f"must be 0 (auto) or at least the window length ({a.win_length} samples)")
-    check(0 <= a.f_min < a.max_freq <= a.sample_rate / 2, where, "audio.f_max",
-          f"needs 0 <= audio.f_min < audio.f_max <= sample_rate / 2 = {a.sample_rate / 2:g} Hz "
-          f"(f_max 0 means sample_rate / 2); got f_min={a.f_min:g}, f_max={a.f_max:g}")
-    check(a.top_db >= 0, where, "audio.top_db", "must be 0 (off) or positive")
-    check(a.norm_std > 0, where, "audio.norm_std", "must be positive")
-    check(a.embed_window_seconds >= 0 and a.embed_hop_seconds >= 0, where, "audio.embed_window_seconds",
-          "embed_window_seconds and embed_hop_seconds must be 0 (automatic) or positive")
-    pf, pt = a.patch_size
-    check(pf >= 1 and pt >= 1, where, "audio.patch_size", f"must be positive, got {list(a.patch_size)}")
-    check(a.n_mels >= 1 and a.n_mels % pf == 0, where, "audio.n_mels",
-          f"must be a multiple of audio.patch_size[0]={pf}, got {a.n_mels}")
-    for key, samples in (("audio.clip_seconds", a.clip_samples), ("audio.embed_window_seconds", a.window_samples)):
-        check(a.frames(samples) >= pt, where, key,
-              f"gives {a.frames(samples)} frames at hop {a.hop_ms:g} ms, fewer than audio.patch_size[1]={pt}: "
-              f"lengthen the clip or use a smaller time patch")
-    from multijepa.tokenizers.audio import mel_filterbank  # here: tokenizers import this module
-
-    fb = mel_filterbank(a.fft_size // 2 + 1, a.sample_rate, a.n_mels, a.f_min, a.max_freq)
-    empty = int((fb.sum(0) == 0).sum())
-    check(empty == 0, where, "audio.n_mels",
-          f"leaves {empty} of {a.n_mels} mel filters without any FFT bin (n_fft={a.fft_size}, "
-          f"{a.f_min:g}-{a.max_freq:g} Hz): lower n_mels, raise f_min or use a larger n_fft / win_ms")
