@@ -116,7 +116,8 @@ class Embedder:
         """Embed files (paths) or preprocessed input tensors.
 
         A long audio file is covered by windows (``audio.embed_window_seconds`` every
-        ``audio.embed_hop_seconds``); a short one is padded to one window.
+        ``audio.embed_hop_seconds``); a shorter one is one window of its own length, padded to whole
+        time patches.
 
         Args:
             items: paths of this model's modality, or tensors shaped like one model input (or a
@@ -161,7 +162,8 @@ class Embedder:
                                      f"(windows=True, or --windows on the command line)")
             for start in range(0, len(x), batch_size):
                 chunk = x[start:start + batch_size]
-                if pending and sum(len(w) for _, w in pending) + len(chunk) > batch_size:
+                full = pending and sum(len(w) for _, w in pending) + len(chunk) > batch_size
+                if full or (pending and pending[0][1].shape[1:] != chunk.shape[1:]):  # short audio: own length
                     flush()
                 pending.append((i, chunk))
         if pending:
@@ -206,10 +208,11 @@ def write_embeddings(files: Sequence[str], vectors: Union[np.ndarray, list[np.nd
         raise MultijepaError(f"--out {out}: use a .npy or .jsonl file name")
     if out and out.endswith(".npy"):
         if windowed:
-            counts = sorted({len(v) for v in vectors})
-            if len(counts) > 1:
-                raise MultijepaError(f"--out {out}: the files give different numbers of windows ({counts[0]} to "
-                                     f"{counts[-1]}), which one .npy array cannot hold; write .jsonl instead")
+            shapes = sorted({v.shape for v in vectors})
+            if len(shapes) > 1:
+                raise MultijepaError(f"--out {out}: the files give arrays of different shapes ({shapes[0]} to "
+                                     f"{shapes[-1]}: numbers of windows, or tokens of short audio), which one .npy "
+                                     f"array cannot hold; write .jsonl instead")
             vectors = np.stack(vectors) if vectors else np.zeros((0,), dtype=np.float32)
         np.save(out, vectors)
         return

@@ -74,6 +74,7 @@ class AudioConfig:
     norm_mean: float = -30.0  # dB, with normalize=fixed
     norm_std: float = 20.0  # dB, with normalize=fixed
     patch_size: tuple[int, int] = (16, 16)  # (mel bins, frames) per token
+    speed_perturb: tuple[float, float] = (1.0, 1.0)  # training: play each clip faster/slower by a random factor
     embed_window_seconds: float = 0.0  # 0: audio.clip_seconds
     embed_hop_seconds: float = 0.0  # 0: half the embedding window
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 from audio_files import FORMATS, chirp, dominant_hz, encoded, make_audio_folder, tone, write
 from conftest import AUDIO_RECIPE, TINY_AUDIO
@@ -193,7 +194,10 @@ def test_log_mel__floor_normalisation_batching_and_bf16():
     assert torch.allclose(fixed, (db + 20.0) / 10.0, atol=1e-5)
     clip = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="clip"))(x)
     assert torch.allclose(clip.mean((1, 2, 3)), torch.zeros(2), atol=1e-4)
-    assert torch.allclose(clip.std((1, 2, 3)), torch.ones(2), atol=1e-4)
+    assert torch.allclose(clip.std((1, 2, 3), unbiased=False), torch.ones(2), atol=1e-4)
+    padded = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="clip"))(F.pad(x, (0, 12000)))
+    # 3 s of padding moves the statistics only through the 1-2 frames that straddle the end of the clip
+    assert (padded[..., :clip.shape[-1] - 2] - clip[..., :-2]).abs().max() < 0.2
     single = LogMel.from_config(cfg)(x[1:])
     assert torch.allclose(single, db[1:], atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -274,12 +278,18 @@ def test_crop_or_pad__random_in_training_fixed_otherwise():
     assert padded.shape == (1, 15) and padded.sum() == wave.sum()
 
 
-@pytest.mark.parametrize("samples,expected", [(3, 1), (10, 1), (11, 2), (15, 2), (16, 3), (100, 19)])
+@pytest.mark.parametrize("samples,expected", [(10, 1), (11, 2), (15, 2), (16, 3), (100, 19)])
 def test_audio_windows__cover_the_whole_clip(samples, expected):
     wave = torch.arange(1.0, samples + 1).view(1, samples)
-    windows = audio_windows(wave, window=10, hop=5)
+    windows = audio_windows(wave, window=10, hop=5, unit=4)
     assert windows.shape == (expected, 1, 10)
     assert set(windows.flatten().tolist()) - {0.0} == set(wave.flatten().tolist())  # every sample is seen
+
+
+def test_audio_windows__short_clip_is_one_window_padded_to_whole_units():
+    wave = torch.arange(1.0, 8.0).view(1, 7)
+    assert audio_windows(wave, window=10, hop=5, unit=4).tolist() == [[[1, 2, 3, 4, 5, 6, 7, 0]]]
+    assert audio_windows(wave[:, :4], window=10, hop=5, unit=4).shape == (1, 1, 4)
 
 
 def test_load_input__training_clip_and_embedding_windows(tmp_path):
@@ -290,7 +300,7 @@ def test_load_input__training_clip_and_embedding_windows(tmp_path):
     windows = load_input(long, recipe)
     assert windows.shape == (1 + math.ceil((10400 - 4000) / 2000), 1, 4000)
     short = write(tmp_path / "short.flac", tone(16000, 0.1), 16000)
-    assert load_input(short, recipe).shape == (1, 1, 4000)  # padded to one window, not refused
+    assert load_input(short, recipe).shape == (1, 1, 960)  # 800 samples padded to whole 320-sample time patches
 
 
 def test_file_dataset__audio_folder_labels_and_bad_files_skipped(tmp_path, audio_folder):
@@ -338,3 +348,15 @@ def test_write_shards__audio_round_trip_and_training_stream(tmp_path, audio_fold
     assert all(s["input"].shape == (1, 4000) and not s["bad"] for s in samples)
     assert {s["label"] for s in samples} == {0, 1}
     assert next(iter(build_train_loader(recipe)))["input"].shape == (8, 1, 4000)
+
+
+def test_audio_transform__speed_perturbation_changes_length_and_pitch():
+    from multijepa.datasets.transforms import audio_transform, change_speed
+
+    wave = torch.from_numpy(tone(8000, 1.0, (500.0,)).T.copy())
+    faster = change_speed(wave, 1.25, 8000)
+    assert abs(faster.shape[1] - 6400) <= 2 and abs(dominant_hz(faster[0].numpy(), 8000) - 625.0) < 8
+    cfg = AudioConfig(sample_rate=8000, clip_seconds=2.0, speed_perturb=(0.8, 1.2))
+    lengths = {int((audio_transform(wave, cfg, torch.Generator().manual_seed(s)).abs().sum(0) > 0).sum())
+               for s in range(5)}
+    assert len(lengths) == 5 and all(6600 <= n <= 10000 for n in lengths)  # 8000 samples / factor, padded to 2 s

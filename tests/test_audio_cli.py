@@ -39,7 +39,7 @@ def trained(tmp_path_factory, folder):
 
 @pytest.fixture(scope="module")
 def many_files(tmp_path_factory):
-    """Every format x sample rate x mono/stereo x short (0.2 s, under one window)/long (1.7 s, 6 windows)."""
+    """Every format x sample rate x mono/stereo x short (0.2 s, under one 0.5 s window)/long (1.7 s, 6 windows)."""
     root = tmp_path_factory.mktemp("many")
     files = []
     for ext in sorted(FORMATS):
@@ -105,13 +105,13 @@ def test_audio_embed__tokens_stdout_and_newest_run(trained, many_files):
     short = [f for f in many_files if "0.2s" in f and f.endswith(".wav")][:3]
     ckpt = str(trained / "runs/audio/last.pt")
     run_cli("embed", *short, "--checkpoint", ckpt, "--tokens", "--out", "t.npy", cwd=trained)
-    assert np.load(trained / "t.npy").shape == (3, 1, 48, 32)  # files, windows, tokens (4 x 12), dim
+    assert np.load(trained / "t.npy").shape == (3, 1, 20, 32)  # files, windows, tokens (4 x 5 for 0.2 s), dim
     out = run_cli("embed", short[0], cwd=trained)  # no --checkpoint: the newest audio run under runs/
     assert "using runs/audio/last.pt" in out.stderr and len(json.loads(out.stdout)["embedding"]) == 32
     long = [f for f in many_files if "1.7s" in f][:2]
     proc = run_cli("embed", *long, short[0], "--checkpoint", ckpt, "--windows", "--out", "w.npy", cwd=trained,
                    check=False)
-    assert proc.returncode == 2 and "different numbers of windows" in proc.stderr
+    assert proc.returncode == 2 and "different shapes" in proc.stderr
     run_cli("embed", long[0], "--checkpoint", ckpt, "--window", "1.0", "--hop", "0.5", "--windows", "--out", "w2.npy",
             cwd=trained)
     assert np.load(trained / "w2.npy").shape == (1, 3, 32)  # 1.7 s: windows at 0, 0.5 and 1.0 s

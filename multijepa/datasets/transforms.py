@@ -67,25 +67,45 @@ def crop_or_pad(wave: torch.Tensor, length: int, g: Optional[torch.Generator]) -
     return F.pad(wave, (offset, length - s - offset))
 
 
-def audio_windows(wave: torch.Tensor, window: int, hop: int) -> torch.Tensor:
-    """[C, S] -> [W, C, window]: windows every ``hop`` samples covering the whole clip.
+def audio_windows(wave: torch.Tensor, window: int, hop: int, unit: int = 1) -> torch.Tensor:
+    """[C, S] -> [W, C, L]: windows every ``hop`` samples covering the whole clip.
 
-    The end is zero-padded so the last window reaches past the last sample; a clip shorter than one
-    window gives one padded window. W = 1 + ceil(max(S - window, 0) / hop).
+    A clip of at least one window gives W = 1 + ceil((S - window) / hop) windows of L = ``window``
+    samples, the end zero-padded so the last window reaches past the last sample. A shorter clip
+    gives one window of its own length, zero-padded only up to a multiple of ``unit`` samples (a whole
+    time patch), so its embedding is not diluted by silence it never had.
     """
     s = wave.shape[1]
-    count = 1 + max(0, math.ceil((s - window) / hop))
+    if s < window:
+        return F.pad(wave, (0, -(-s // unit) * unit - s)).unsqueeze(0)
+    count = 1 + math.ceil((s - window) / hop)
     total = window + (count - 1) * hop
     padded = F.pad(wave, (0, total - s)) if total > s else wave
     return padded.unfold(1, window, hop).permute(1, 0, 2)  # a view: no copy of long files
 
 
+def change_speed(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.Tensor:
+    """[C, S] -> [C, ~S / factor]: the clip played ``factor`` times faster (pitch moves with it), by resampling."""
+    import numpy as np
+    import soxr
+
+    out = soxr.resample(wave.T.numpy(), round(sample_rate * factor), sample_rate, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(out.T, dtype=np.float32))
+
+
 def audio_transform(wave: torch.Tensor, cfg: AudioConfig, g: Optional[torch.Generator]) -> torch.Tensor:
     """float [C, S] at cfg.sample_rate -> a model input.
 
-    With a generator (training): a random crop or padding to ``clip_seconds``, [C, clip_samples].
-    Without (embedding): windows covering the whole file, [W, C, window_samples].
+    With a generator (training): speed perturbation by a factor drawn from ``speed_perturb``, then a
+    random crop or padding to ``clip_seconds``, [C, clip_samples].
+    Without (embedding): windows covering the whole file, [W, C, window_samples], or one shorter
+    window for a file shorter than a window (padded to whole time patches).
     """
     if g is not None:
+        low, high = cfg.speed_perturb
+        if high > low or low != 1.0:
+            factor = low + (high - low) * torch.rand((), generator=g).item()
+            if wave.shape[1] > 1 and abs(factor - 1.0) > 1e-3:
+                wave = change_speed(wave, factor, cfg.sample_rate)
         return crop_or_pad(wave, cfg.clip_samples, g)
-    return audio_windows(wave, cfg.window_samples, cfg.window_hop_samples)
+    return audio_windows(wave, cfg.window_samples, cfg.window_hop_samples, cfg.hop_length * cfg.patch_size[1])

@@ -57,7 +57,8 @@ class LogMel(nn.Module):
 
     Power STFT (periodic Hann window, centred frames with zero padding), mel filters, 10*log10
     with a floor of 1e-10, then each clip floored at its maximum minus ``top_db`` and normalised
-    (``fixed``: (dB - norm_mean) / norm_std; ``clip``: zero mean and unit variance per clip).
+    (``fixed``: (dB - norm_mean) / norm_std; ``clip``: zero mean and unit variance per clip, over
+    the bins above that floor).
     Runs in float32 even under bf16 autocast: the log of small energies needs the precision.
 
     >>> LogMel.from_config(AudioConfig(sample_rate=8000))(torch.zeros(3, 1, 8000)).shape
@@ -88,16 +89,29 @@ class LogMel(nn.Module):
             power = spec.real.square() + spec.imag.square()  # [B*C, n_freqs, T]
             mel = torch.matmul(power.transpose(1, 2), self.mel_fb).transpose(1, 2)  # [B*C, n_mels, T]
             db = 10.0 * torch.log10(mel.clamp_min(1e-10)).reshape(b, c, mel.shape[1], mel.shape[2])
+            floor = None
             if self.top_db > 0:
-                peak = db.amax(dim=(1, 2, 3), keepdim=True)
-                db = torch.maximum(db, peak - self.top_db)
+                floor = db.amax(dim=(1, 2, 3), keepdim=True) - self.top_db
+                db = torch.maximum(db, floor)
             if self.normalize == "fixed":
                 db = (db - self.norm_mean) / self.norm_std
             elif self.normalize == "clip":
-                mean = db.mean(dim=(1, 2, 3), keepdim=True)
-                std = db.std(dim=(1, 2, 3), keepdim=True)
-                db = (db - mean) / std.clamp_min(1e-5)
+                db = self._clip_normalize(db, floor)
         return db
+
+    @staticmethod
+    def _clip_normalize(db: torch.Tensor, floor) -> torch.Tensor:
+        """Zero mean, unit variance per clip, the statistics taken over the bins above the floor.
+
+        Bins at the floor (digital silence, zero padding) are left out of the statistics, so a word
+        padded to a long clip is normalised as it would be on its own.
+        """
+        dims = (1, 2, 3)
+        keep = (db > floor).float() if floor is not None else torch.ones_like(db)
+        count = keep.sum(dims, keepdim=True).clamp_min(1.0)
+        mean = (db * keep).sum(dims, keepdim=True) / count
+        var = ((db - mean).square() * keep).sum(dims, keepdim=True) / count
+        return (db - mean) / var.sqrt().clamp_min(1e-5)
 
 
 class SpectrogramPatchTokenizer(nn.Module):
@@ -146,6 +160,8 @@ def validate_audio(a: AudioConfig, where: str) -> None:
           f"(f_max 0 means sample_rate / 2); got f_min={a.f_min:g}, f_max={a.f_max:g}")
     check(a.top_db >= 0, where, "audio.top_db", "must be 0 (off) or positive")
     check(a.norm_std > 0, where, "audio.norm_std", "must be positive")
+    check(0.5 <= a.speed_perturb[0] <= a.speed_perturb[1] <= 2.0, where, "audio.speed_perturb",
+          f"must be [low, high] with 0.5 <= low <= high <= 2 (1 = unchanged), got {list(a.speed_perturb)}")
     check(a.embed_window_seconds >= 0 and a.embed_hop_seconds >= 0, where, "audio.embed_window_seconds",
           "embed_window_seconds and embed_hop_seconds must be 0 (automatic) or positive")
     pf, pt = a.patch_size
