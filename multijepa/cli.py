@@ -3,6 +3,7 @@
     multijepa pretrain recipes/image.yaml data.path=photos/ train.steps=500
     multijepa embed cat.jpg dog.png --out vectors.npy
     multijepa embed series.csv GunPoint_TEST.ts --out vectors.npy     # one row per series
+    multijepa embed speech.wav --windows
     multijepa probe --checkpoint runs/image/last.pt labelled_folder/
     multijepa probe --checkpoint runs/timeseries/last.pt GunPoint_TRAIN.ts --test GunPoint_TEST.ts
     multijepa shard photos/ shards/
@@ -50,14 +51,25 @@ def _embed(args: argparse.Namespace) -> None:
     from multijepa.datasets.files import SAMPLE_LISTERS
 
     model = load(checkpoint, device=args.device)
-    vectors, rows = model.embed_with_index(args.files, tokens=args.tokens, batch_size=args.batch_size)
+    if args.window is not None or args.hop is not None:
+        if not model.windowed:
+            raise MultijepaError(f"--window and --hop apply to audio models; {checkpoint} is a "
+                                 f"{model.recipe.modality} model")
+        model = model.with_overrides([f"audio.embed_{key}_seconds={value}" for key, value in
+                                      (("window", args.window), ("hop", args.hop)) if value is not None])
+    # Audio tokens are always per window: a long file has a token grid per window.
+    windows = args.windows or (args.tokens and model.windowed)
+    vectors, rows = model.embed_with_index(args.files, tokens=args.tokens, batch_size=args.batch_size,
+                                           windows=windows)
     # Files of a modality that can hold many samples (a .ts file, a wide CSV) give one row per
     # sample, in file order; each row then also says which sample of its file it is.
     many = model.recipe.modality in SAMPLE_LISTERS
     write_embeddings([str(args.files[i]) for i, _ in rows], vectors, args.out,
-                     index=[k for _, k in rows] if many else None)
+                     index=[k for _, k in rows] if many else None, window_hop_seconds=model.window_hop_seconds)
     if args.out:
-        print(f"wrote {vectors.shape} embeddings to {args.out}", file=sys.stderr)
+        what = f"{sum(len(v) for v in vectors)} window embeddings of {len(vectors)} files" if windows \
+            else f"{vectors.shape} embeddings"
+        print(f"wrote {what} to {args.out}", file=sys.stderr)
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -128,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a last.pt; default: the newest run of the files' modality under --runs")
     p.add_argument("--runs", default="runs", help="where to look for runs without --checkpoint")
     p.add_argument("--out", help="out.npy or out.jsonl; default: JSON lines on stdout")
-    p.add_argument("--tokens", action="store_true", help="per-token features instead of the pooled mean")
+    p.add_argument("--tokens", action="store_true",
+                   help="per-token features instead of the pooled mean (audio: per window, as --windows)")
+    p.add_argument("--windows", action="store_true",
+                   help="audio: one vector per window (audio.embed_window_seconds every audio.embed_hop_seconds) "
+                        "instead of their mean")
+    p.add_argument("--window", type=float, metavar="SECONDS", help="audio: window length (default: the recipe's)")
+    p.add_argument("--hop", type=float, metavar="SECONDS", help="audio: seconds between windows (default: the recipe's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_embed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,10 +22,15 @@ from multijepa.core.jepa import Backbone, build_model, pool_tokens
 from multijepa.datasets.files import EMBED_VIEWS, valid_mask
 from multijepa.datasets.readers import modality_of
 from multijepa.errors import DecodeError, MultijepaError
-from multijepa.recipe import Recipe, recipe_from_dict
+from multijepa.recipe import Recipe, apply_overrides, recipe_from_dict, recipe_to_dict
 from multijepa.train import resolve_device
 
 Item = Union[str, Path, torch.Tensor]
+
+# Modalities whose files embed as several windows of one sample, and the seconds between window starts.
+WINDOW_HOP_SECONDS: dict[str, Callable[[Recipe], float]] = {
+    "audio": lambda r: r.audio.window_hop_samples / r.audio.sample_rate,
+}
 
 
 class _Views(Dataset):
@@ -76,17 +81,35 @@ class Embedder:
         torch.manual_seed(seed)
         return cls(build_model(recipe).target, recipe, device)
 
+    def with_overrides(self, overrides: Sequence[str]) -> "Embedder":
+        """The same encoder reading inputs with some recipe keys changed, e.g. other audio windows.
+
+        Only keys that leave the weights' shapes alone make sense here (``audio.embed_window_seconds``,
+        ``audio.embed_hop_seconds``); the changed recipe is validated like a recipe file.
+
+        >>> model.with_overrides(["audio.embed_window_seconds=2"]).embed(["long.wav"])  # doctest: +SKIP
+        """
+        if not overrides:
+            return self
+        raw = apply_overrides(recipe_to_dict(self.recipe), list(overrides))
+        return Embedder(self.encoder, recipe_from_dict(raw, f"the checkpoint's recipe with {' '.join(overrides)}"),
+                        str(self.device))
+
     @property
     def dim(self) -> int:
         return self.recipe.model.dim
 
     def embed(self, items: Sequence[Item], tokens: bool = False, batch_size: int = 64,
-              num_workers: int = 0) -> np.ndarray:
+              num_workers: int = 0, windows: bool = False) -> Union[np.ndarray, list[np.ndarray]]:
         """Embed files (paths) or input tensors: one row per sample, in order.
 
         A file that holds many samples (a .ts file, a wide CSV, a 2-D .npy) gives one row per sample,
         in file order. A sample seen through several views (a series longer than the recipe's window,
         cut into windows) gets the mean of its views' vectors.
+
+        A long audio file is covered by windows (``audio.embed_window_seconds`` every
+        ``audio.embed_hop_seconds``); a shorter one is one window of its own length, padded to whole
+        time patches.
 
         Args:
             items: paths of this model's modality, or tensors: a preprocessed image [C, H, W], or a
@@ -95,15 +118,42 @@ class Embedder:
                 sample only; padding tokens are NaN).
             batch_size: views per forward pass.
             num_workers: DataLoader workers decoding files.
+            windows: one row per view (audio window) instead of the mean over a sample's views.
 
         Returns:
-            float32 array [S, D] (pooled) or [S, T, D] (tokens), S = samples.
+            float32 array [S, D] (pooled) or [S, T, D] (tokens), S = samples; with ``windows`` a list
+            of S arrays [W_i, D] (or [W_i, T, D] with ``tokens``), one row per window.
         """
-        return self.embed_with_index(items, tokens, batch_size, num_workers)[0]
+        return self.embed_with_index(items, tokens, batch_size, num_workers, windows)[0]
+
+    def with_overrides(self, overrides: Sequence[str]) -> "Embedder":
+        """The same encoder reading inputs with some recipe keys changed, e.g. other audio windows.
+
+        Only keys that leave the weights' shapes alone make sense here (``audio.embed_window_seconds``,
+        ``audio.embed_hop_seconds``); the changed recipe is validated like a recipe file.
+
+        >>> model.with_overrides(["audio.embed_window_seconds=2"]).embed(["long.wav"])  # doctest: +SKIP
+        """
+        if not overrides:
+            return self
+        raw = apply_overrides(recipe_to_dict(self.recipe), list(overrides))
+        return Embedder(self.encoder, recipe_from_dict(raw, f"the checkpoint's recipe with {' '.join(overrides)}"),
+                        str(self.device))
+
+    @property
+    def windowed(self) -> bool:
+        """Whether a file may embed as several windows of one sample (audio)."""
+        return self.recipe.modality in WINDOW_HOP_SECONDS
+
+    @property
+    def window_hop_seconds(self) -> float:
+        """Seconds between the starts of consecutive windows (0 for modalities without windows)."""
+        return WINDOW_HOP_SECONDS[self.recipe.modality](self.recipe) if self.windowed else 0.0
 
     @torch.no_grad()
     def embed_with_index(self, items: Sequence[Item], tokens: bool = False, batch_size: int = 64,
-                         num_workers: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+                         num_workers: int = 0, windows: bool = False
+                         ) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
         """Like :meth:`embed`, plus (item number, sample number within the item) for every row."""
         items = list(items)
         for item in items:
@@ -114,40 +164,45 @@ class Embedder:
                                       f"{self.recipe.modality}; pass a {kind} checkpoint")
         loader = DataLoader(_Views(items, self.recipe), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         rows: list[tuple[int, int]] = []
-        sums: list[torch.Tensor] = []
-        counts: list[int] = []
+        per_row: list[list[torch.Tensor]] = []  # each row's view vectors, in view order
         pending: list[tuple[int, torch.Tensor]] = []  # (row, view)
+
+        def forward(chunk: list[tuple[int, torch.Tensor]]) -> None:
+            x = torch.stack([v for _, v in chunk]).to(self.device)
+            valid = valid_mask(x, self.recipe)
+            feats, _ = self.encoder(x, real=valid)
+            if tokens:
+                out = feats if valid is None else feats.masked_fill(~valid.unsqueeze(-1), float("nan"))
+            else:
+                out = pool_tokens(feats, valid)
+            for (row, _), vec in zip(chunk, out.float().cpu()):
+                per_row[row].append(vec)
 
         def flush(everything: bool) -> None:
             while pending and (everything or len(pending) >= batch_size):
                 chunk = pending[:batch_size]
                 del pending[:batch_size]
-                x = torch.stack([v for _, v in chunk]).to(self.device)
-                valid = valid_mask(x, self.recipe)
-                feats, _ = self.encoder(x, real=valid)
-                if tokens:
-                    out = feats if valid is None else feats.masked_fill(~valid.unsqueeze(-1), float("nan"))
-                else:
-                    out = pool_tokens(feats, valid)
-                for (row, _), vec in zip(chunk, out.float().cpu()):
-                    sums[row] = vec if counts[row] == 0 else sums[row] + vec
-                    counts[row] += 1
+                shapes = [v.shape for _, v in chunk]  # views of other shapes (short audio) go on their own
+                for shape in dict.fromkeys(shapes):
+                    forward([c for c, s in zip(chunk, shapes) if s == shape])
 
         for i, samples in enumerate(loader):
             for k, views in enumerate(samples):
-                if tokens and len(views) != 1:
+                if tokens and not windows and len(views) != 1:
                     raise MultijepaError(f"{items[i] if not isinstance(items[i], torch.Tensor) else f'input {i}'}: "
                                          f"sample {k + 1} is seen through {len(views)} windows; per-token features "
-                                         f"need one (embed pooled vectors, or use a longer window)")
+                                         f"need one: ask for them per window (windows=True, or --windows on "
+                                         f"the command line), embed pooled vectors, or use a longer window")
                 rows.append((i, k))
-                sums.append(torch.empty(0))
-                counts.append(0)
+                per_row.append([])
                 pending.extend((len(rows) - 1, v) for v in views)
             flush(everything=False)
         flush(everything=True)
+        if windows:
+            return [torch.stack(vs).numpy() for vs in per_row], rows
         if not rows:
             return np.zeros((0, self.dim), dtype=np.float32), rows
-        return torch.stack([s / c for s, c in zip(sums, counts)]).numpy(), rows
+        return torch.stack([torch.stack(vs).mean(0) for vs in per_row]).numpy(), rows
 
 
 def load(path: Union[str, Path], device: str = "auto") -> Embedder:
@@ -169,24 +224,38 @@ def find_latest_checkpoint(modality: str, runs: Union[str, Path] = "runs") -> Op
     return best
 
 
-def write_embeddings(files: Sequence[str], vectors: np.ndarray, out: Optional[str],
-                     index: Optional[Sequence[int]] = None) -> None:
+def write_embeddings(files: Sequence[str], vectors: Union[np.ndarray, list[np.ndarray]], out: Optional[str],
+                     index: Optional[Sequence[int]] = None, window_hop_seconds: float = 0.0) -> None:
     """Save to .npy (one array) or .jsonl (one {"file", "embedding"} line per row); stdout when out is None.
 
-    ``files[i]`` names row i's file; ``index`` (rows of many-sample files) adds each row's position in its file.
+    ``files[i]`` names row i's file; ``index`` (rows of many-sample files) adds each row's position in
+    its file. ``vectors`` as a list (``embed(windows=True)``) holds one [W_i, ...] array per row: .npy
+    then stacks them to [N, W, ...] (every row must have W windows) and JSON lines get one line per
+    window with its index and start time, ``{"file", "window", "start_s", "embedding"}``.
     """
+    windowed = isinstance(vectors, list)
+    if out and not out.endswith((".npy", ".jsonl")):
+        raise MultijepaError(f"--out {out}: use a .npy or .jsonl file name")
     if out and out.endswith(".npy"):
+        if windowed:
+            shapes = sorted({v.shape for v in vectors})
+            if len(shapes) > 1:
+                raise MultijepaError(f"--out {out}: the files give arrays of different shapes ({shapes[0]} to "
+                                     f"{shapes[-1]}: numbers of windows, or tokens of short audio), which one .npy "
+                                     f"array cannot hold; write .jsonl instead")
+            vectors = np.stack(vectors) if vectors else np.zeros((0,), dtype=np.float32)
         np.save(out, vectors)
         return
 
-    def row(i: int) -> dict:
-        extra = {"index": int(index[i])} if index is not None else {}
-        return {"file": files[i], **extra, "embedding": np.round(vectors[i], 6).tolist()}
+    def rows(i: int) -> list[dict]:
+        head = {"file": files[i], **({"index": int(index[i])} if index is not None else {})}
+        if not windowed:
+            return [{**head, "embedding": np.round(vectors[i], 6).tolist()}]
+        return [{**head, "window": k, "start_s": round(k * window_hop_seconds, 6), "embedding": np.round(w, 6).tolist()}
+                for k, w in enumerate(vectors[i])]
 
-    lines = (json.dumps(row(i)) for i in range(len(vectors)))
+    lines = (json.dumps(r) for i in range(len(vectors)) for r in rows(i))
     if out:
-        if not out.endswith(".jsonl"):
-            raise MultijepaError(f"--out {out}: use a .npy or .jsonl file name")
         Path(out).write_text("".join(line + "\n" for line in lines))
     else:
         for line in lines:

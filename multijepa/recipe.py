@@ -74,6 +74,74 @@ class TimeSeriesConfig:
 
 
 @dataclass(frozen=True)
+class AudioConfig:
+    """Audio decoding, clip length, log-mel features and the (freq, time) patch tokenizer.
+
+    Files are resampled to ``sample_rate``; training crops (or zero-pads) each to ``clip_seconds`` at a
+    random offset; ``embed`` covers a whole file with windows of ``embed_window_seconds`` every
+    ``embed_hop_seconds``. Log-mel features are computed on the model's device from the waveforms.
+    """
+
+    sample_rate: int = 16000
+    clip_seconds: float = 1.0  # training clip length
+    channels: Literal["mix", "keep"] = "mix"  # mix: average to mono; keep: keep_channels channels
+    keep_channels: int = 2  # with channels=keep: mono files are repeated, other counts are an error
+    win_ms: float = 25.0  # STFT window (Hann) length
+    hop_ms: float = 10.0  # STFT hop
+    n_fft: int = 0  # 0: the next power of two >= the window length in samples
+    n_mels: int = 64
+    f_min: float = 0.0  # Hz
+    f_max: float = 0.0  # Hz; 0 means sample_rate / 2
+    top_db: float = 80.0  # floor each clip's log-mel at its maximum minus top_db; 0 disables
+    normalize: Literal["fixed", "clip", "none"] = "fixed"  # fixed: (dB - norm_mean) / norm_std; clip: per clip
+    norm_mean: float = -30.0  # dB, with normalize=fixed
+    norm_std: float = 20.0  # dB, with normalize=fixed
+    patch_size: tuple[int, int] = (16, 16)  # (mel bins, frames) per token
+    speed_perturb: tuple[float, float] = (1.0, 1.0)  # training: play each clip faster/slower by a random factor
+    embed_window_seconds: float = 0.0  # 0: audio.clip_seconds
+    embed_hop_seconds: float = 0.0  # 0: half the embedding window
+
+    @property
+    def clip_samples(self) -> int:
+        return max(1, round(self.clip_seconds * self.sample_rate))
+
+    @property
+    def win_length(self) -> int:
+        return max(1, round(self.win_ms * self.sample_rate / 1000))
+
+    @property
+    def hop_length(self) -> int:
+        return max(1, round(self.hop_ms * self.sample_rate / 1000))
+
+    @property
+    def fft_size(self) -> int:
+        return self.n_fft or 1 << (self.win_length - 1).bit_length()
+
+    @property
+    def max_freq(self) -> float:
+        return self.f_max or self.sample_rate / 2
+
+    @property
+    def model_channels(self) -> int:
+        """Channels of every waveform the model sees."""
+        return 1 if self.channels == "mix" else self.keep_channels
+
+    @property
+    def window_samples(self) -> int:
+        """Samples in one embedding window."""
+        return max(1, round((self.embed_window_seconds or self.clip_seconds) * self.sample_rate))
+
+    @property
+    def window_hop_samples(self) -> int:
+        hop = self.embed_hop_seconds * self.sample_rate if self.embed_hop_seconds else self.window_samples / 2
+        return max(1, round(hop))
+
+    def frames(self, samples: int) -> int:
+        """STFT frames for ``samples`` samples (centred frames, as torch.stft(center=True))."""
+        return 1 + samples // self.hop_length
+
+
+@dataclass(frozen=True)
 class MaskConfig:
     """Multi-block masking on the token grid (I-JEPA defaults)."""
 
@@ -154,10 +222,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    modality: Literal["image", "timeseries"] = "image"
+    modality: Literal["image", "timeseries", "audio"] = "image"
     data: DataConfig = field(default_factory=DataConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     timeseries: TimeSeriesConfig = field(default_factory=TimeSeriesConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -361,6 +430,9 @@ def token_grid(recipe: Recipe) -> tuple[int, ...]:
                               "starts); the token grid is not known yet")
         patches = (ts.length - ts.patch_size) // patch_stride(ts) + 1
         return (ts.channels, patches) if ts.channel_mode == "independent" else (patches,)
+    if recipe.modality == "audio":
+        a = recipe.audio
+        return (a.n_mels // a.patch_size[0], a.frames(a.clip_samples) // a.patch_size[1])
     raise AssertionError(recipe.modality)
 
 
@@ -414,6 +486,9 @@ def validate(recipe: Recipe, where: str) -> None:
     check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be positive")
     check(t.log_every > 0, where, "train.log_every", "must be positive")
     check(recipe.loss.regularizer_weight >= 0, where, "loss.regularizer_weight", "must be 0 or more")
+    from multijepa.tokenizers.audio import validate_audio  # lazily: the tokenizers import this module
+
+    validate_audio(recipe.audio, where)
     _validate_timeseries(recipe.timeseries, where)
     if shape_from_data(recipe):
         # The grid is known once pretraining reads the data, which validates the mask again then; its
@@ -422,3 +497,4 @@ def validate(recipe: Recipe, where: str) -> None:
         validate_mask(m, stand_in, where)
         return
     validate_mask(m, token_grid(recipe), where)
+

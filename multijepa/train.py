@@ -27,8 +27,9 @@ from multijepa.datasets.files import build_train_loader, resolve_recipe
 from multijepa.errors import DataError, TrainingError
 from multijepa.recipe import Recipe, recipe_to_dict, save_recipe
 
-# Recipe sections that fix the model's shape: a checkpoint only resumes under the same ones.
-ARCHITECTURE_SECTIONS = ("modality", "model", "image", "timeseries")
+# Recipe sections that fix the model's shape: a checkpoint only resumes under the same ones. The
+# section named by the recipe's modality (image, audio) is checked too; other modalities' are not.
+ARCHITECTURE_SECTIONS = ("modality", "model")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -76,7 +77,7 @@ class _StopRequest:
 
 def _check_resumable(saved: dict, recipe: Recipe, path: Path) -> None:
     now = recipe_to_dict(recipe)
-    for section in ARCHITECTURE_SECTIONS:
+    for section in ARCHITECTURE_SECTIONS + (recipe.modality,):
         if saved.get(section) != now[section]:
             raise TrainingError(
                 f"{path}: this checkpoint was trained with a different '{section}' section "

@@ -8,7 +8,7 @@ from multijepa.core.masking import sample_block_masks
 from multijepa.core.transformer import Transformer, sincos_embed
 from multijepa.recipe import load_recipe, token_grid
 from multijepa.tokenizers.image import image_tokenizer
-from conftest import RECIPES, TINY_IMAGE
+from conftest import IMAGE_RECIPE, TINY_IMAGE
 
 
 def test_image_tokenizer__shapes_and_row_major_coords():
@@ -40,7 +40,7 @@ def test_transformer__attention_mask_blocks_keys():
 @pytest.mark.parametrize("regularizer", ["none", "sigreg", "vicreg"])
 @pytest.mark.parametrize("loss", ["l1", "l2", "smooth_l1"])
 def test_jepa__forward_backward_finite(loss, regularizer):
-    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"loss.type={loss}", f"loss.regularizer={regularizer}"])
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + [f"loss.type={loss}", f"loss.regularizer={regularizer}"])
     model = build_model(recipe)
     x = torch.randn(4, 3, 16, 16)
     ctx, tgt = sample_block_masks(token_grid(recipe), recipe.mask, 4, torch.Generator().manual_seed(0))
@@ -53,7 +53,7 @@ def test_jepa__forward_backward_finite(loss, regularizer):
 
 
 def test_update_target__is_exact_ema():
-    model = build_model(load_recipe(RECIPES[0], TINY_IMAGE))
+    model = build_model(load_recipe(IMAGE_RECIPE, TINY_IMAGE))
     with torch.no_grad():
         for p in model.context.parameters():
             p.add_(torch.randn_like(p))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import RECIPES, TINY_IMAGE
+from conftest import IMAGE_RECIPE, TINY_IMAGE
 from multijepa.datasets.files import (FileDataset, MaskCollate, ShardDataset, StepBatchSampler, build_train_loader,
                                       list_folder, read_filelist, shard_urls, write_shards)
 from multijepa.datasets.readers import EXTENSIONS, modality_of, read_image
@@ -109,7 +109,7 @@ def test_step_batch_sampler__deterministic_resumable_and_rank_disjoint():
 
 
 def test_file_dataset__training_skips_bad_files_and_reports_them(tmp_path, shapes):
-    recipe = load_recipe(RECIPES[0], TINY_IMAGE)
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     index = list_folder(shapes, EXTENSIONS["image"])
@@ -122,14 +122,14 @@ def test_file_dataset__training_skips_bad_files_and_reports_them(tmp_path, shape
 
 
 def test_file_dataset__augmentation_seeded_by_step_and_index(shapes):
-    recipe = load_recipe(RECIPES[0], TINY_IMAGE)
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE)
     ds = FileDataset(list_folder(shapes, EXTENSIONS["image"]), recipe, train=True)
     assert torch.equal(ds[(3, 5)]["input"], ds[(3, 5)]["input"])
     assert not torch.equal(ds[(3, 5)]["input"], ds[(4, 5)]["input"])
 
 
 def test_train_loader__batches_carry_masks(shapes):
-    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={shapes}"])
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + [f"data.path={shapes}"])
     batch = next(iter(build_train_loader(recipe)))
     assert batch["input"].shape == (8, 3, 16, 16) and batch["label"].shape == (8,)
     assert batch["context_idx"].shape[0] == 8 and batch["target_idx"].shape[:2] == (8, 4)
@@ -143,7 +143,7 @@ def test_train_loader__too_many_bad_files_stops_with_report(tmp_path):
     for i in range(30):
         (folder / f"{i}.png").write_bytes(b"broken" if i % 3 == 0 else b"")
     save(Image.new("RGB", (16, 16)), folder / "ok.png")
-    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={folder}", f"run.dir={tmp_path / 'run'}",
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + [f"data.path={folder}", f"run.dir={tmp_path / 'run'}",
                                                    "train.steps=50"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -157,7 +157,7 @@ def test_write_shards__round_trip_and_training_stream(tmp_path, shapes):
     with tarfile.open(urls[0]) as tar:
         names = tar.getnames()
     assert "000000000.png" in names and "000000000.cls" in names and not list((tmp_path / "shards").glob("*.tmp"))
-    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={tmp_path / 'shards'}"])
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + [f"data.path={tmp_path / 'shards'}"])
     stream = iter(ShardDataset(urls, recipe, buffer=8))
     samples = [next(stream) for _ in range(40)]  # more than one pass: the stream is endless
     assert all(s["input"].shape == (3, 16, 16) for s in samples)
@@ -176,7 +176,7 @@ def test_shard_urls__nothing_found(tmp_path):
 def test_shard_dataset__corrupt_shard_is_named(tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar file" * 100)
-    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={bad}"])
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + [f"data.path={bad}"])
     with pytest.raises(DataError, match="bad.tar"):
         next(iter(ShardDataset([str(bad)], recipe, buffer=2)))
 

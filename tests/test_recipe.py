@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import RECIPES, TINY
+from conftest import IMAGE_RECIPE, RECIPES, TINY
 from multijepa.core.jepa import build_model
 from multijepa.errors import RecipeError
 from multijepa.recipe import load_recipe, recipe_to_dict, save_recipe
@@ -91,7 +91,7 @@ def test_overrides__same_schema_as_the_file(tmp_path):
 
 
 def test_save_recipe__round_trips(tmp_path):
-    r = load_recipe(RECIPES[0], ["train.steps=11"])
+    r = load_recipe(IMAGE_RECIPE, ["train.steps=11"])
     save_recipe(r, tmp_path / "saved.yaml")
     assert load_recipe(tmp_path / "saved.yaml") == r
     assert yaml.safe_load((tmp_path / "saved.yaml").read_text()) == recipe_to_dict(r)

@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from multijepa.core.masking import sample_block_masks
-from multijepa.datasets.readers import EXTENSIONS, Source, read_image
+from multijepa.datasets.readers import EXTENSIONS, Source, read_audio, read_image
 from multijepa.datasets.series import series_labels
 from multijepa.datasets.timeseries import resolve_shape, series_sample, series_views
-from multijepa.datasets.transforms import image_transform
+from multijepa.datasets.transforms import audio_transform, audio_windows, image_transform
 from multijepa.errors import DataError, DecodeError
 from multijepa.recipe import Recipe, patch_stride, shape_from_data, token_grid
 from multijepa.tokenizers.timeseries import valid_tokens
@@ -36,6 +36,8 @@ from multijepa.tokenizers.timeseries import valid_tokens
 LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[int], Optional[torch.Generator]], torch.Tensor]] = {
     "image": lambda src, r, name, part, g: image_transform(read_image(src, r.image.channels, name), r.image, g),
     "timeseries": series_sample,
+    "audio": lambda src, r, name, part, g: audio_transform(
+        read_audio(src, r.audio.sample_rate, r.audio.model_channels, name), r.audio, g),
 }
 
 # How a recipe turns one file (or a tensor) into embedding inputs: per sample in file order, its
@@ -44,7 +46,17 @@ EMBED_VIEWS: dict[str, Callable[[Union[Source, torch.Tensor], Recipe, str], list
     "image": lambda item, r, name: [[item if isinstance(item, torch.Tensor) else
                                      image_transform(read_image(item, r.image.channels, name), r.image, None)]],
     "timeseries": series_views,
+    "audio": lambda item, r, name: [list(_audio_windows(item, r) if isinstance(item, torch.Tensor) else
+                                         audio_transform(read_audio(item, r.audio.sample_rate, r.audio.model_channels,
+                                                                    name), r.audio, None))],
 }
+
+def _audio_windows(x: torch.Tensor, r: Recipe) -> torch.Tensor:
+    """An audio tensor as embedding windows: a waveform [C, S] is cut like a file; [W, C, L] is taken as is."""
+    if x.ndim == 3:
+        return x
+    return audio_windows(x, r.audio.window_samples, r.audio.window_hop_samples, r.audio.hop_length * r.audio.patch_size[1])
+
 
 # Modalities whose files can hold many samples (a .ts file, a wide CSV, a 2-D .npy): path ->
 # each sample's in-file label (None where the file has none), in file order.

@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from multijepa.recipe import ImageConfig
+import torch.nn.functional as F
+
+from multijepa.recipe import AudioConfig, ImageConfig
 
 
 def _random_resized_crop_box(h: int, w: int, scale: tuple[float, float], g: torch.Generator,
@@ -78,3 +80,62 @@ def series_windows(series: torch.Tensor, length: int, hop: int) -> list[torch.Te
     if starts[-1] != n - length:
         starts.append(n - length)
     return [series[:, s:s + length] for s in starts]
+
+
+def crop_or_pad_audio(wave: torch.Tensor, length: int, g: Optional[torch.Generator]) -> torch.Tensor:
+    """[C, S] -> [C, length]: a crop of a longer clip or a zero-padded shorter one.
+
+    With a generator the crop, or the clip's place inside the padding, is uniformly random
+    (training); without one the crop starts at 0 and padding goes at the end.
+    """
+    s = wave.shape[1]
+    if s == length:
+        return wave
+    offset = int(torch.randint(0, abs(s - length) + 1, (1,), generator=g)) if g is not None else 0
+    if s > length:
+        return wave[:, offset:offset + length]
+    return F.pad(wave, (offset, length - s - offset))
+
+
+def audio_windows(wave: torch.Tensor, window: int, hop: int, unit: int = 1) -> torch.Tensor:
+    """[C, S] -> [W, C, L]: windows every ``hop`` samples covering the whole clip.
+
+    A clip of at least one window gives W = 1 + ceil((S - window) / hop) windows of L = ``window``
+    samples, the end zero-padded so the last window reaches past the last sample. A shorter clip
+    gives one window of its own length, zero-padded only up to a multiple of ``unit`` samples (a whole
+    time patch), so its embedding is not diluted by silence it never had.
+    """
+    s = wave.shape[1]
+    if s < window:
+        return F.pad(wave, (0, -(-s // unit) * unit - s)).unsqueeze(0)
+    count = 1 + math.ceil((s - window) / hop)
+    total = window + (count - 1) * hop
+    padded = F.pad(wave, (0, total - s)) if total > s else wave
+    return padded.unfold(1, window, hop).permute(1, 0, 2)  # a view: no copy of long files
+
+
+def change_speed(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.Tensor:
+    """[C, S] -> [C, ~S / factor]: the clip played ``factor`` times faster (pitch moves with it), by resampling."""
+    import numpy as np
+    import soxr
+
+    out = soxr.resample(wave.T.numpy(), round(sample_rate * factor), sample_rate, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(out.T, dtype=np.float32))
+
+
+def audio_transform(wave: torch.Tensor, cfg: AudioConfig, g: Optional[torch.Generator]) -> torch.Tensor:
+    """float [C, S] at cfg.sample_rate -> a model input.
+
+    With a generator (training): speed perturbation by a factor drawn from ``speed_perturb``, then a
+    random crop or padding to ``clip_seconds``, [C, clip_samples].
+    Without (embedding): windows covering the whole file, [W, C, window_samples], or one shorter
+    window for a file shorter than a window (padded to whole time patches).
+    """
+    if g is not None:
+        low, high = cfg.speed_perturb
+        if high > low or low != 1.0:
+            factor = low + (high - low) * torch.rand((), generator=g).item()
+            if wave.shape[1] > 1 and abs(factor - 1.0) > 1e-3:
+                wave = change_speed(wave, factor, cfg.sample_rate)
+        return crop_or_pad_audio(wave, cfg.clip_samples, g)
+    return audio_windows(wave, cfg.window_samples, cfg.window_hop_samples, cfg.hop_length * cfg.patch_size[1])

@@ -7,6 +7,7 @@ from typing import Callable
 from torch import nn
 
 from multijepa.recipe import Recipe, patch_stride
+from multijepa.tokenizers.audio import audio_tokenizer
 from multijepa.tokenizers.image import image_tokenizer
 from multijepa.tokenizers.timeseries import timeseries_tokenizer
 
@@ -17,6 +18,7 @@ TOKENIZERS: dict[str, Callable[[Recipe], nn.Module]] = {
         channels=r.timeseries.channels, patch_size=r.timeseries.patch_size, stride=patch_stride(r.timeseries),
         dim=r.model.dim, widths=r.timeseries.conv_widths, kernel_size=r.timeseries.kernel_size,
         channel_mode=r.timeseries.channel_mode, normalize=r.timeseries.instance_norm),
+    "audio": lambda r: audio_tokenizer(r.audio, dim=r.model.dim),
 }
 
 

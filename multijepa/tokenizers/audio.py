@@ -1,0 +1,179 @@
+"""Audio: waveforms [B, C, S] -> log-mel [B, C, F, T] -> (freq, time) patch tokens + coords.
+
+The log-mel runs inside the model, batched, on the model's device (a GPU when there is one): the
+data loader only decodes, resamples and crops waveforms. ``LogMel`` is usable on its own (the
+audio bench's mean-log-mel baseline and its speed measurement use it).
+
+>>> from multijepa.core.masking import check
+from multijepa.recipe import AudioConfig
+>>> tokens, coords = audio_tokenizer(AudioConfig(), dim=32)(torch.zeros(2, 1, 16000))
+>>> tokens.shape, coords.shape
+(torch.Size([2, 24, 32]), torch.Size([2, 24, 2]))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from multijepa.core.masking import check
+from multijepa.recipe import AudioConfig
+
+
+def hz_to_mel(f):
+    """HTK mel scale: 2595 * log10(1 + f / 700). Works on floats and tensors."""
+    if isinstance(f, torch.Tensor):
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+    return 2595.0 * math.log10(1.0 + f / 700.0)
+
+
+def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float, f_max: float,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Triangular filters, peak 1, equally spaced on the HTK mel scale (no area normalisation).
+
+    Args:
+        n_freqs: rfft bins, ``n_fft // 2 + 1``; bin k sits at ``k * sample_rate / n_fft`` Hz.
+
+    Returns:
+        [n_freqs, n_mels]: ``power [.., n_freqs] @ fb`` gives mel energies.
+    """
+    freqs = torch.linspace(0.0, sample_rate / 2, n_freqs, dtype=torch.float64)
+    edges = mel_to_hz(torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2, dtype=torch.float64))
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]  # [n_mels] each
+    f = freqs.unsqueeze(1)  # [n_freqs, 1]
+    rising = (f - lower) / (centre - lower)
+    falling = (upper - f) / (upper - centre)
+    return torch.clamp(torch.minimum(rising, falling), min=0.0).to(dtype)
+
+
+class LogMel(nn.Module):
+    """Waveforms [B, C, S] -> normalised log-mel [B, C, n_mels, 1 + S // hop], in float32.
+
+    Power STFT (periodic Hann window, centred frames with zero padding), mel filters, 10*log10
+    with a floor of 1e-10, then each clip floored at its maximum minus ``top_db`` and normalised
+    (``fixed``: (dB - norm_mean) / norm_std; ``clip``: zero mean and unit variance per clip, over
+    the bins above that floor).
+    Runs in float32 even under bf16 autocast: the log of small energies needs the precision.
+
+    >>> LogMel.from_config(AudioConfig(sample_rate=8000))(torch.zeros(3, 1, 8000)).shape
+    torch.Size([3, 1, 64, 101])
+    """
+
+    def __init__(self, sample_rate: int, win_length: int, hop_length: int, n_fft: int, n_mels: int,
+                 f_min: float, f_max: float, top_db: float = 80.0, normalize: str = "fixed",
+                 norm_mean: float = 0.0, norm_std: float = 1.0):
+        super().__init__()
+        self.win_length, self.hop_length, self.n_fft = win_length, hop_length, n_fft
+        self.top_db, self.normalize, self.norm_mean, self.norm_std = top_db, normalize, norm_mean, norm_std
+        # Buffers, not parameters: they move with the model to its device and are saved with it.
+        self.register_buffer("window", torch.hann_window(win_length, periodic=True), persistent=False)
+        self.register_buffer("mel_fb", mel_filterbank(n_fft // 2 + 1, sample_rate, n_mels, f_min, f_max),
+                             persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: AudioConfig) -> "LogMel":
+        return cls(cfg.sample_rate, cfg.win_length, cfg.hop_length, cfg.fft_size, cfg.n_mels, cfg.f_min,
+                   cfg.max_freq, cfg.top_db, cfg.normalize, cfg.norm_mean, cfg.norm_std)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        b, c, s = wave.shape
+        with torch.autocast(wave.device.type, enabled=False):
+            spec = torch.stft(wave.reshape(b * c, s).float(), self.n_fft, self.hop_length, self.win_length,
+                              self.window, center=True, pad_mode="constant", return_complex=True)
+            power = spec.real.square() + spec.imag.square()  # [B*C, n_freqs, T]
+            mel = torch.matmul(power.transpose(1, 2), self.mel_fb).transpose(1, 2)  # [B*C, n_mels, T]
+            db = 10.0 * torch.log10(mel.clamp_min(1e-10)).reshape(b, c, mel.shape[1], mel.shape[2])
+            floor = None
+            if self.top_db > 0:
+                floor = db.amax(dim=(1, 2, 3), keepdim=True) - self.top_db
+                db = torch.maximum(db, floor)
+            if self.normalize == "fixed":
+                db = (db - self.norm_mean) / self.norm_std
+            elif self.normalize == "clip":
+                db = self._clip_normalize(db, floor)
+        return db
+
+    @staticmethod
+    def _clip_normalize(db: torch.Tensor, floor) -> torch.Tensor:
+        """Zero mean, unit variance per clip, the statistics taken over the bins above the floor.
+
+        Bins at the floor (digital silence, zero padding) are left out of the statistics, so a word
+        padded to a long clip is normalised as it would be on its own.
+        """
+        dims = (1, 2, 3)
+        keep = (db > floor).float() if floor is not None else torch.ones_like(db)
+        count = keep.sum(dims, keepdim=True).clamp_min(1.0)
+        mean = (db * keep).sum(dims, keepdim=True) / count
+        var = ((db - mean).square() * keep).sum(dims, keepdim=True) / count
+        return (db - mean) / var.sqrt().clamp_min(1e-5)
+
+
+class SpectrogramPatchTokenizer(nn.Module):
+    """Log-mel, then non-overlapping (freq, time) patches embedded by one strided convolution.
+
+    Tokens are in freq-major order (all time patches of the lowest band first), so the token grid
+    is ``(n_mels // patch_f, frames // patch_t)`` and coords are (freq, time) patch indices.
+    Frames beyond the last whole time patch are dropped.
+    """
+
+    def __init__(self, features: LogMel, channels: int, patch_size: tuple[int, int], dim: int):
+        super().__init__()
+        self.features = features
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
+        nn.init.trunc_normal_(self.proj.weight.view(dim, -1), std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wave [B, C, S] -> tokens [B, N, D], coords [B, N, 2] (freq, time)."""
+        spec = self.features(wave)  # [B, C, F, T], float32
+        x = self.proj(spec.to(self.proj.weight.dtype))  # [B, D, f, t]
+        b, _, f, t = x.shape
+        freq, time = torch.meshgrid(torch.arange(f, device=x.device), torch.arange(t, device=x.device),
+                                    indexing="ij")
+        coords = torch.stack([freq, time], dim=-1).reshape(1, f * t, 2).expand(b, -1, -1).float()
+        return x.flatten(2).transpose(1, 2), coords
+
+
+def audio_tokenizer(cfg: AudioConfig, dim: int) -> SpectrogramPatchTokenizer:
+    """The recipe's audio tokenizer: ``LogMel.from_config(cfg)`` under ``cfg.patch_size`` patches of width ``dim``."""
+    return SpectrogramPatchTokenizer(LogMel.from_config(cfg), cfg.model_channels, cfg.patch_size, dim)
+
+
+def validate_audio(a: AudioConfig, where: str) -> None:
+    """Reject audio settings that cannot give a log-mel patch grid (recipe.validate runs it for every recipe)."""
+    check(a.sample_rate >= 1000, where, "audio.sample_rate", f"must be at least 1000 Hz, got {a.sample_rate}")
+    check(a.clip_seconds > 0, where, "audio.clip_seconds", "must be positive")
+    check(a.keep_channels >= 1, where, "audio.keep_channels", "must be at least 1")
+    check(a.win_ms > 0 and a.win_length >= 2, where, "audio.win_ms",
+          f"must give a window of at least 2 samples at {a.sample_rate} Hz, got {a.win_ms} ms")
+    check(a.hop_ms > 0, where, "audio.hop_ms", "must be positive")
+    check(a.n_fft == 0 or a.n_fft >= a.win_length, where, "audio.n_fft",
+          f"must be 0 (auto) or at least the window length ({a.win_length} samples)")
+    check(0 <= a.f_min < a.max_freq <= a.sample_rate / 2, where, "audio.f_max",
+          f"needs 0 <= audio.f_min < audio.f_max <= sample_rate / 2 = {a.sample_rate / 2:g} Hz "
+          f"(f_max 0 means sample_rate / 2); got f_min={a.f_min:g}, f_max={a.f_max:g}")
+    check(a.top_db >= 0, where, "audio.top_db", "must be 0 (off) or positive")
+    check(a.norm_std > 0, where, "audio.norm_std", "must be positive")
+    check(0.5 <= a.speed_perturb[0] <= a.speed_perturb[1] <= 2.0, where, "audio.speed_perturb",
+          f"must be [low, high] with 0.5 <= low <= high <= 2 (1 = unchanged), got {list(a.speed_perturb)}")
+    check(a.embed_window_seconds >= 0 and a.embed_hop_seconds >= 0, where, "audio.embed_window_seconds",
+          "embed_window_seconds and embed_hop_seconds must be 0 (automatic) or positive")
+    pf, pt = a.patch_size
+    check(pf >= 1 and pt >= 1, where, "audio.patch_size", f"must be positive, got {list(a.patch_size)}")
+    check(a.n_mels >= 1 and a.n_mels % pf == 0, where, "audio.n_mels",
+          f"must be a multiple of audio.patch_size[0]={pf}, got {a.n_mels}")
+    for key, samples in (("audio.clip_seconds", a.clip_samples), ("audio.embed_window_seconds", a.window_samples)):
+        check(a.frames(samples) >= pt, where, key,
+              f"gives {a.frames(samples)} frames at hop {a.hop_ms:g} ms, fewer than audio.patch_size[1]={pt}: "
+              f"lengthen the clip or use a smaller time patch")
+    fb = mel_filterbank(a.fft_size // 2 + 1, a.sample_rate, a.n_mels, a.f_min, a.max_freq)
+    empty = int((fb.sum(0) == 0).sum())
+    check(empty == 0, where, "audio.n_mels",
+          f"leaves {empty} of {a.n_mels} mel filters without any FFT bin (n_fft={a.fft_size}, "
+          f"{a.f_min:g}-{a.max_freq:g} Hz): lower n_mels, raise f_min or use a larger n_fft / win_ms")
