@@ -184,7 +184,7 @@ def test_shard_dataset__corrupt_shard_is_named(tmp_path):
 def test_shard_dataset__ranks_get_disjoint_samples_even_with_one_shard(tmp_path, shapes):
     urls = write_shards(shapes, tmp_path / "one", per_shard=100)
     assert len(urls) == 1
-    recipe = load_recipe(RECIPES[0], TINY_IMAGE + [f"data.path={urls[0]}"])
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + [f"data.path={urls[0]}"])
     shares = []
     for rank in (0, 1):
         stream = iter(ShardDataset(urls, recipe, rank=rank, world=2, buffer=1))

@@ -4,8 +4,7 @@ The log-mel runs inside the model, batched, on the model's device (a GPU when th
 data loader only decodes, resamples and crops waveforms. ``LogMel`` is usable on its own (the
 audio bench's mean-log-mel baseline and its speed measurement use it).
 
->>> from multijepa.core.masking import check
-from multijepa.recipe import AudioConfig
+>>> from multijepa.recipe import AudioConfig
 >>> tokens, coords = audio_tokenizer(AudioConfig(), dim=32)(torch.zeros(2, 1, 16000))
 >>> tokens.shape, coords.shape
 (torch.Size([2, 24, 32]), torch.Size([2, 24, 2]))
