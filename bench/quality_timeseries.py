@@ -112,14 +112,17 @@ def main() -> None:
     meta = {"date": str(date.today()), "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
             "command": " ".join(["python", *sys.argv])}
     (out / "results.json").write_text(json.dumps({"meta": meta, "sets": results}, indent=2))
-    print("\n| set | train/test | JEPA linear | random-init linear | 1-NN ED | JEPA kNN | JEPA / random train 5-fold CV | pretrain |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| set | train / test | JEPA linear | random-init linear | 1-NN ED | JEPA > random? | JEPA > 1-NN ED? "
+          "| JEPA kNN | train 5-fold CV, JEPA / random | pretrain (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ed = f"{r['one_nn_ed']:.3f}" + (f" (published {r['one_nn_ed_published']:.3f})" if r["one_nn_ed_published"] else "")
         if "one_nn_ed_padded" in r:
             ed += f" (`_eq` files; zero-padded raw {r['one_nn_ed_padded']:.3f})"
-        print(f"| {name} | {r['n_train']}/{r['n_test']} | **{r['jepa']['linear']:.3f}** | {r['random_init']['linear']:.3f} "
-              f"| {ed} | {r['jepa']['knn']:.3f} | {r['jepa']['train_cv_linear']:.3f} / "
+        j, rnd = r["jepa"]["linear"], r["random_init"]["linear"]
+        verdict = lambda a, b: "yes" if a > b else "tie" if a == b else "no"
+        print(f"| {name} | {r['n_train']} / {r['n_test']} | {j:.3f} | {rnd:.3f} | {ed} | {verdict(j, rnd)} "
+              f"| {verdict(j, r['one_nn_ed'])} | {r['jepa']['knn']:.3f} | {r['jepa']['train_cv_linear']:.3f} / "
               f"{r['random_init']['train_cv_linear']:.3f} | {r['pretrain_minutes']:.1f} min |")
 
 
