@@ -126,20 +126,6 @@ class Embedder:
         """
         return self.embed_with_index(items, tokens, batch_size, num_workers, windows)[0]
 
-    def with_overrides(self, overrides: Sequence[str]) -> "Embedder":
-        """The same encoder reading inputs with some recipe keys changed, e.g. other audio windows.
-
-        Only keys that leave the weights' shapes alone make sense here (``audio.embed_window_seconds``,
-        ``audio.embed_hop_seconds``); the changed recipe is validated like a recipe file.
-
-        >>> model.with_overrides(["audio.embed_window_seconds=2"]).embed(["long.wav"])  # doctest: +SKIP
-        """
-        if not overrides:
-            return self
-        raw = apply_overrides(recipe_to_dict(self.recipe), list(overrides))
-        return Embedder(self.encoder, recipe_from_dict(raw, f"the checkpoint's recipe with {' '.join(overrides)}"),
-                        str(self.device))
-
     @property
     def windowed(self) -> bool:
         """Whether a file may embed as several windows of one sample (audio)."""
