@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from multijepa.checkpoint import load_checkpoint
 from multijepa.core.jepa import Backbone, build_model
 from multijepa.datasets.files import load_input
-from multijepa.datasets.readers import modality_of
+from multijepa.datasets.readers import EXTENSIONS, modality_of
 from multijepa.errors import DecodeError, MultijepaError
 from multijepa.recipe import Recipe, recipe_from_dict
 from multijepa.train import resolve_device
@@ -90,11 +90,11 @@ class Embedder:
         """
         items = list(items)
         for item in items:
-            if not isinstance(item, torch.Tensor):
-                kind = modality_of(item)
-                if kind != self.recipe.modality:
-                    raise DecodeError(f"{item}: a {kind} file, but this model was trained on "
-                                      f"{self.recipe.modality}; pass a {kind} checkpoint")
+            # By extension membership, not modality_of: some extensions (.npy) belong to several modalities.
+            if not isinstance(item, torch.Tensor) and Path(item).suffix.lower() not in EXTENSIONS[self.recipe.modality]:
+                kind = modality_of(item)  # raises for a type no modality reads
+                raise DecodeError(f"{item}: a {kind} file, but this model was trained on "
+                                  f"{self.recipe.modality}; pass a {kind} checkpoint")
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         loader = DataLoader(_Files(items, self.recipe), batch_size=batch_size, num_workers=num_workers)

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from multijepa.core.masking import check, check_range, validate_mask
+from multijepa.core.masking import check, check_range, validate_mask, validate_neighbourhood_mask
 from multijepa.errors import RecipeError
 
 
@@ -51,8 +51,30 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
+class PointCloudConfig:
+    """Point-cloud reading, augmentation and the farthest-point-sampling + kNN group tokenizer."""
+
+    num_points: int = 1024  # points per cloud given to the tokenizer (and sampled from each mesh)
+    mesh_sampling: Literal["uniform", "poisson"] = "uniform"  # how points are drawn from mesh surfaces
+    features: tuple[Literal["normals", "colors"], ...] = ()  # per-point channels kept besides xyz
+    num_groups: int = 64  # tokens per cloud: group centres picked by farthest point sampling
+    group_size: int = 32  # points per group: each centre's k nearest neighbours (the centre included)
+    pointnet_width: int = 128  # hidden width of the mini-PointNet that embeds each group
+    pos_encoding: Literal["mlp", "fourier"] = "mlp"  # centre xyz -> position code: learned MLP or fixed
+    up_axis: Literal["x", "y", "z"] = "z"  # the axis training rotations turn about
+    rotate: bool = False  # training: random rotation about up_axis
+    scale: tuple[float, float] = (0.8, 1.25)  # training: per-axis scale factor range; [1, 1] disables
+    jitter: float = 0.01  # training: Gaussian noise std per coordinate (clipped at 3 std); 0 disables
+    dropout: float = 0.0  # training: drop up to this share of points (refilled by repeats); 0 disables
+
+
+@dataclass(frozen=True)
 class MaskConfig:
-    """Multi-block masking on the token grid (I-JEPA defaults)."""
+    """Multi-block masking on the token grid (I-JEPA defaults).
+
+    Point clouds have no grid: there a block is the ``scale`` share of group centres nearest a random
+    seed centre, and the aspect and full-span settings do not apply.
+    """
 
     num_targets: int = 4
     target_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid covered by each target block
@@ -131,9 +153,10 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    modality: Literal["image"] = "image"
+    modality: Literal["image", "pointcloud"] = "image"
     data: DataConfig = field(default_factory=DataConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    pointcloud: PointCloudConfig = field(default_factory=PointCloudConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -312,11 +335,28 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
 
 def token_grid(recipe: Recipe) -> tuple[int, ...]:
-    """The token grid shape the recipe's tokenizer produces, e.g. ``(8, 8)`` for 32 px / patch 4."""
+    """The token grid shape the recipe's tokenizer produces, e.g. ``(8, 8)`` for 32 px / patch 4.
+
+    Point clouds have no grid (their tokens are groups around sampled centres): asking is a bug.
+    """
     if recipe.modality == "image":
         side = recipe.image.size // recipe.image.patch_size
         return (side, side)
-    raise AssertionError(recipe.modality)
+    raise AssertionError(f"modality {recipe.modality!r} has no token grid")
+
+
+def validate_pointcloud(p: PointCloudConfig, where: str) -> None:
+    check(p.num_points >= 2, where, "pointcloud.num_points", "must be at least 2")
+    check(2 <= p.num_groups <= p.num_points, where, "pointcloud.num_groups",
+          f"must be between 2 and pointcloud.num_points={p.num_points}, got {p.num_groups}")
+    check(1 <= p.group_size <= p.num_points, where, "pointcloud.group_size",
+          f"must be between 1 and pointcloud.num_points={p.num_points}, got {p.group_size}")
+    check(p.pointnet_width >= 1, where, "pointcloud.pointnet_width", "must be positive")
+    check(len(set(p.features)) == len(p.features), where, "pointcloud.features", "lists a feature twice")
+    check(0 < p.scale[0] <= p.scale[1], where, "pointcloud.scale",
+          f"must be [low, high] with 0 < low <= high, got {list(p.scale)}")
+    check(p.jitter >= 0, where, "pointcloud.jitter", "must be 0 (off) or positive")
+    check(0 <= p.dropout < 1, where, "pointcloud.dropout", "must be in [0, 1)")
 
 
 def validate(recipe: Recipe, where: str) -> None:
@@ -345,4 +385,8 @@ def validate(recipe: Recipe, where: str) -> None:
     check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be positive")
     check(t.log_every > 0, where, "train.log_every", "must be positive")
     check(recipe.loss.regularizer_weight >= 0, where, "loss.regularizer_weight", "must be 0 or more")
-    validate_mask(m, token_grid(recipe), where)
+    if recipe.modality == "pointcloud":
+        validate_pointcloud(recipe.pointcloud, where)
+        validate_neighbourhood_mask(m, recipe.pointcloud.num_groups, where)
+    else:
+        validate_mask(m, token_grid(recipe), where)

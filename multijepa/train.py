@@ -28,7 +28,7 @@ from multijepa.errors import DataError, TrainingError
 from multijepa.recipe import Recipe, recipe_to_dict, save_recipe
 
 # Recipe sections that fix the model's shape: a checkpoint only resumes under the same ones.
-ARCHITECTURE_SECTIONS = ("modality", "model", "image")
+ARCHITECTURE_SECTIONS = ("modality", "model", "image", "pointcloud")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -8,6 +8,7 @@ uninterrupted run would have, for any worker count. Shards stream instead (see S
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -21,15 +22,18 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from multijepa.core.masking import sample_block_masks
-from multijepa.datasets.readers import EXTENSIONS, Source, read_image
-from multijepa.datasets.transforms import image_transform
+from multijepa.core.masking import sample_block_masks, sample_neighbourhood_masks
+from multijepa.datasets.readers import EXTENSIONS, Source, read_image, read_points
+from multijepa.datasets.transforms import image_transform, pointcloud_transform
 from multijepa.errors import DataError, DecodeError
-from multijepa.recipe import Recipe, token_grid
+from multijepa.recipe import MaskConfig, PointCloudConfig, Recipe, token_grid
+from multijepa.tokenizers.pointcloud import group_points
 
 # How a recipe turns one file (path or bytes) into a model input; g=None means deterministic (embed).
 LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[torch.Generator]], torch.Tensor]] = {
     "image": lambda src, r, name, g: image_transform(read_image(src, r.image.channels, name), r.image, g),
+    "pointcloud": lambda src, r, name, g: pointcloud_transform(
+        read_points(src, name, r.pointcloud.num_points, r.pointcloud.mesh_sampling), r.pointcloud, g, name),
 }
 
 
@@ -279,7 +283,7 @@ def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: in
     """Pack every readable-type file under ``src`` into webdataset tar shards.
 
     Each sample is ``{key}.{ext}`` (the file's bytes), ``{key}.cls`` (class index, from the first
-    sub-folder) and ``{key}.txt`` (the original relative path). ``classes.json`` lists class names.
+    sub-folder) and ``{key}.path`` (the original relative path). ``classes.json`` lists class names.
     Shards are written under a temporary name and renamed, so a killed run leaves no half shard.
 
     Returns:
@@ -297,8 +301,9 @@ def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: in
             for k in range(start, min(start + per_shard, len(index.files))):
                 path = Path(index.files[k])
                 key = f"{k:09d}"
+                # The relative path goes under "path", not "txt": .txt is a data type (xyz point arrays).
                 members = {path.suffix.lower().lstrip("."): path.read_bytes(),
-                           "txt": str(path.relative_to(src)).encode()}
+                           "path": str(path.relative_to(src)).encode()}
                 if index.labels[k] >= 0:
                     members["cls"] = str(index.labels[k]).encode()
                 for ext, data in members.items():
@@ -314,11 +319,34 @@ def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: in
 # --------------------------------------------------------------------------- loader
 
 
+def grid_batch(grid: tuple[int, ...], mask: MaskConfig, inputs: torch.Tensor, g: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs on a token grid: unchanged, with multi-block masks on the grid."""
+    return (inputs, *sample_block_masks(grid, mask, len(inputs), g))
+
+
+def point_group_batch(cfg: PointCloudConfig, mask: MaskConfig, inputs: torch.Tensor, g: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clouds [B, P, C] -> groups [B, G, K, C] (centres exist only after FPS), with neighbourhood masks
+    on the centres. The tokenizer takes the groups as they are, so FPS runs once per sample."""
+    groups = group_points(inputs, cfg.num_groups, cfg.group_size)
+    return (groups, *sample_neighbourhood_masks(groups[:, :, 0, :3], mask, g))
+
+
+# How a stacked batch becomes model inputs plus context/target indices, in DataLoader workers.
+# Modalities not listed tokenize onto the grid that ``token_grid`` gives them.
+BATCH_MASKERS: dict[str, Callable[[Recipe], Callable[[torch.Tensor, torch.Generator], tuple]]] = {
+    "pointcloud": lambda r: functools.partial(point_group_batch, r.pointcloud, r.mask),
+}
+
+
 class MaskCollate:
     """Stacks samples and samples the batch's masks (runs in DataLoader workers)."""
 
     def __init__(self, recipe: Recipe, rank: int = 0):
-        self.grid, self.mask, self.seed, self.rank = token_grid(recipe), recipe.mask, recipe.train.seed, rank
+        self.seed, self.rank = recipe.train.seed, rank
+        self.masker = (BATCH_MASKERS[recipe.modality](recipe) if recipe.modality in BATCH_MASKERS
+                       else functools.partial(grid_batch, token_grid(recipe), recipe.mask))
 
     def __call__(self, samples: list[dict]) -> dict:
         bad = [b for s in samples for b in s["bad"]]
@@ -326,8 +354,8 @@ class MaskCollate:
         if not good:
             return {"input": None, "bad": bad, "count": len(bad)}
         g = torch.Generator().manual_seed(_mix(self.seed, samples[0]["step"], self.rank, 7))
-        context_idx, target_idx = sample_block_masks(self.grid, self.mask, len(good), g)
-        return {"input": torch.stack([s["input"] for s in good]),
+        inputs, context_idx, target_idx = self.masker(torch.stack([s["input"] for s in good]), g)
+        return {"input": inputs,
                 "label": torch.tensor([s["label"] for s in good]),
                 "context_idx": context_idx, "target_idx": target_idx,
                 "bad": bad, "count": len(good) + len(bad)}  # files tried, decoded or not
