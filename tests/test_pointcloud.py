@@ -190,6 +190,13 @@ def test_group_points__centres_first_and_members_are_nearest():
     assert torch.equal(groups, group_points(x, 12, 9))  # deterministic
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_group_points__cuda_matches_cpu():
+    x = torch.rand(4, 2048, 3, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(group_points(x.cuda(), 32, 16).cpu(), group_points(x, 32, 16))
+
+
 def test_morton_order__permutation_and_spatially_coherent():
     x = torch.rand(4, 64, 3, generator=torch.Generator().manual_seed(3))
     order = morton_order(x)

@@ -6,7 +6,8 @@ widely installed ``datasets`` package.
 
 from multijepa.datasets.files import (FileDataset, FileIndex, ShardDataset, StepBatchSampler, build_train_loader,
                                       index_files, list_folder, load_input, read_filelist, write_shards)
-from multijepa.datasets.readers import EXTENSIONS, modality_of, read_image
+from multijepa.datasets.readers import EXTENSIONS, PointSet, modality_of, read_image, read_points
 
-__all__ = ["EXTENSIONS", "FileDataset", "FileIndex", "ShardDataset", "StepBatchSampler", "build_train_loader",
-           "index_files", "list_folder", "load_input", "modality_of", "read_filelist", "read_image", "write_shards"]
+__all__ = ["EXTENSIONS", "FileDataset", "FileIndex", "PointSet", "ShardDataset", "StepBatchSampler",
+           "build_train_loader", "index_files", "list_folder", "load_input", "modality_of", "read_filelist",
+           "read_image", "read_points", "write_shards"]

@@ -48,11 +48,13 @@ def farthest_point_sample(xyz: torch.Tensor, num: int) -> torch.Tensor:
     return picked
 
 
-def knn(query: torch.Tensor, xyz: torch.Tensor, k: int) -> torch.Tensor:
+def knn(query: torch.Tensor, xyz: torch.Tensor, k: int, query_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the k points of ``xyz`` nearest each query point, nearest first.
 
     Args:
         query: [B, M, 3]; xyz: [B, P, 3]; k <= P.
+        query_idx: [B, M] when the queries are points of ``xyz``: each query then comes first in its
+            own list, whatever the rounding and however many duplicates it has.
 
     Returns:
         [B, M, k] long indices into P.
@@ -60,6 +62,8 @@ def knn(query: torch.Tensor, xyz: torch.Tensor, k: int) -> torch.Tensor:
     # |q|^2 + |x|^2 - 2 q.x: one matmul, no [B, M, P, 3] temporary (memory-bound on large clouds).
     q, x = query.float(), xyz.float()
     dist = q.pow(2).sum(-1, keepdim=True) + x.pow(2).sum(-1).unsqueeze(1) - 2 * q @ x.transpose(1, 2)
+    if query_idx is not None:
+        dist.scatter_(2, query_idx.unsqueeze(-1), -1.0)
     return dist.topk(k, dim=-1, largest=False, sorted=True).indices
 
 
@@ -102,10 +106,7 @@ def group_points(points: torch.Tensor, num_groups: int, group_size: int) -> torc
     centre_idx = farthest_point_sample(xyz, num_groups)
     rows = torch.arange(b, device=points.device).unsqueeze(1)
     centre_idx = centre_idx.gather(1, morton_order(xyz[rows, centre_idx]))
-    q, x = xyz[rows, centre_idx].float(), xyz.float()
-    dist = q.pow(2).sum(-1, keepdim=True) + x.pow(2).sum(-1).unsqueeze(1) - 2 * q @ x.transpose(1, 2)
-    dist.scatter_(2, centre_idx.unsqueeze(-1), -1.0)  # the centre first, whatever the rounding
-    members = dist.topk(group_size, dim=-1, largest=False, sorted=True).indices  # [B, G, K]
+    members = knn(xyz[rows, centre_idx], xyz, group_size, query_idx=centre_idx)  # [B, G, K]
     return points[rows.unsqueeze(-1), members]
 
 
