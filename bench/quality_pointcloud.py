@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
 import sys
 import time
 from datetime import date
@@ -46,6 +48,20 @@ def wait_until_quiet(max_load: float = 1.3, give_up_minutes: float = 40.0) -> fl
             return load
         print(f"load average {load:.2f} >= {max_load}: waiting", flush=True)
         time.sleep(60)
+
+
+def pretrain_for_at_most(recipe, seconds: float) -> bool:
+    """Pretrain; at the deadline ask the trainer to stop (it checkpoints the step it is on, as on
+    SIGTERM). Returns True when the deadline cut the run short."""
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    signal.alarm(max(1, int(seconds)))
+    try:
+        pretrain(recipe)
+        return False
+    except KeyboardInterrupt:
+        return True
+    finally:
+        signal.alarm(0)
 
 
 def time_grouping(device: str, points: int, batch: int = 32, groups: int = 64, size: int = 32,
@@ -94,13 +110,16 @@ def main() -> None:
         pretrain(calib)
         rows = [json.loads(line) for line in (out / "calib/metrics.jsonl").read_text().splitlines()]
         per_s = np.mean([r["samples_per_s"] for r in rows[1:]])
-        steps = int(args.minutes * 60 * per_s / calib.data.batch_size)
-        print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {args.minutes} min", flush=True)
+        # Aim a minute short of the budget: the deadline below stops a run that the machine slows.
+        steps = int((args.minutes - 1) * 60 * per_s / calib.data.batch_size)
+        print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {args.minutes - 1} min", flush=True)
     recipe = load_recipe(args.recipe, base + [f"run.dir={out / 'run'}", f"train.steps={steps}",
                                               f"train.checkpoint_every={max(steps // 10, 1)}"])
     t0 = time.perf_counter()
-    run = pretrain(recipe)
+    cut_short = pretrain_for_at_most(recipe, args.minutes * 60)
     train_minutes = (time.perf_counter() - t0) / 60
+    run = Path(recipe.run.dir)
+    steps_done = int(torch.load(run / "last.pt", weights_only=True)["step"])
 
     results: dict = {}
     jepa = load(run / "last.pt")
@@ -121,13 +140,14 @@ def main() -> None:
         if torch.cuda.is_available():
             timings[f"cuda_32x{points}_ms"] = round(time_grouping("cuda", points), 2)
     results["fps_knn_64x32"] = timings
-    results.update(steps=steps, train_minutes=round(train_minutes, 1), date=str(date.today()),
+    results.update(steps=steps_done, steps_planned=steps, cut_at_deadline=cut_short,
+                   train_minutes=round(train_minutes, 1), date=str(date.today()),
                    load_average_at_start=start_load, n_train=len(train_idx), n_test=len(test_idx),
                    machine=f"{platform.machine()} {threads} threads, torch {torch.__version__}",
                    command=" ".join(["python", *sys.argv]))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print(f"| ModelNet10 dev ({len(train_idx)}/{len(test_idx)}) | {steps} steps, {train_minutes:.1f} min | "
+    print(f"| ModelNet10 dev ({len(train_idx)}/{len(test_idx)}) | {steps_done} steps, {train_minutes:.1f} min | "
           f"{results['jepa']['linear']:.3f} | {results['random_init']['linear']:.3f} | "
           f"{results['jepa']['knn']:.3f} | {results['random_init']['knn']:.3f} |")
 
