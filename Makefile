@@ -3,14 +3,18 @@
 # some machines offer through pip's find-links cannot import the index's torchvision), then the
 # package in editable mode.
 PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
+# open3d (the point-cloud readers) cannot be imported without the system library libusb-1.0:
+# install it with apt (Debian/Ubuntu) when ldconfig does not know it.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "multijepa needs Python >= 3.10"; exit 1; }
+	(ldconfig -p 2>/dev/null || /sbin/ldconfig -p) | grep -q libusb-1.0 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y libusb-1.0-0; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	PIP_FIND_LINKS= $(PY) -m pip install --quiet --upgrade pip
 	PIP_FIND_LINKS= $(PY) -m pip install --quiet torch torchvision

@@ -30,16 +30,23 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from multijepa.datasets.readers import modality_of
+    from multijepa.datasets.readers import modality_of, readers_of
     from multijepa.embed import find_latest_checkpoint, load, write_embeddings
 
     checkpoint = args.checkpoint
     if checkpoint is None:
-        modalities = {modality_of(f) for f in args.files}
-        if len(modalities) > 1:
-            raise MultijepaError(f"the files mix {', '.join(sorted(modalities))}; embed one modality at a time "
+        readers = [readers_of(f) or [modality_of(f)] for f in args.files]  # modality_of raises for unknown types
+        modalities = [m for m in readers[0] if all(m in r for r in readers)]  # those that read every file
+        if not modalities:
+            kinds = sorted({r[0] if len(r) == 1 else " or ".join(r) for r in readers})
+            raise MultijepaError(f"the files mix {', '.join(kinds)}; embed one modality at a time "
                                  f"or pass --checkpoint")
-        (modality,) = modalities
+        if len(modalities) > 1:  # every file is of a shared type (.npy): a trained model decides
+            trained = [m for m in modalities if find_latest_checkpoint(m, args.runs) is not None]
+            if len(trained) != 1:
+                modality_of(args.files[0])  # raises: the type is ambiguous, pass --checkpoint
+            modalities = trained
+        modality = modalities[0]
         found = find_latest_checkpoint(modality, args.runs)
         if found is None:
             raise MultijepaError(

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from multijepa.checkpoint import load_checkpoint
 from multijepa.core.jepa import Backbone, build_model, pool_tokens
 from multijepa.datasets.files import EMBED_VIEWS, valid_mask
-from multijepa.datasets.readers import modality_of
+from multijepa.datasets.readers import modality_of, readers_of
 from multijepa.errors import DecodeError, MultijepaError
 from multijepa.recipe import Recipe, apply_overrides, recipe_from_dict, recipe_to_dict
 from multijepa.train import resolve_device
@@ -143,11 +143,13 @@ class Embedder:
         """Like :meth:`embed`, plus (item number, sample number within the item) for every row."""
         items = list(items)
         for item in items:
-            if not isinstance(item, torch.Tensor):
-                kind = modality_of(item)
-                if kind != self.recipe.modality:
-                    raise DecodeError(f"{item}: a {kind} file, but this model was trained on "
-                                      f"{self.recipe.modality}; pass a {kind} checkpoint")
+            # By the modalities reading the extension, not modality_of: .npy belongs to several.
+            kinds = [self.recipe.modality] if isinstance(item, torch.Tensor) else readers_of(item)
+            if self.recipe.modality not in kinds:
+                if not kinds:
+                    modality_of(item)  # raises: a type no modality reads
+                raise DecodeError(f"{item}: a {' or '.join(kinds)} file, but this model was trained on "
+                                  f"{self.recipe.modality}; pass a {kinds[0]} checkpoint")
         loader = DataLoader(_Views(items, self.recipe), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         rows: list[tuple[int, int]] = []
         per_row: list[list[torch.Tensor]] = []  # each row's view vectors, in view order

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from multijepa.core.masking import check, check_range, validate_mask
+from multijepa.core.masking import check, check_range, validate_mask, validate_neighbourhood_mask
 from multijepa.errors import RecipeError
 
 
@@ -142,8 +142,30 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
+class PointCloudConfig:
+    """Point-cloud reading, augmentation and the farthest-point-sampling + kNN group tokenizer."""
+
+    num_points: int = 1024  # points per cloud given to the tokenizer (and sampled from each mesh)
+    mesh_sampling: Literal["uniform", "poisson"] = "uniform"  # how points are drawn from mesh surfaces
+    features: tuple[Literal["normals", "colors"], ...] = ()  # per-point channels kept besides xyz
+    num_groups: int = 64  # tokens per cloud: group centres picked by farthest point sampling
+    group_size: int = 32  # points per group: each centre's k nearest neighbours (the centre included)
+    pointnet_width: int = 128  # hidden width of the mini-PointNet that embeds each group
+    pos_encoding: Literal["mlp", "fourier"] = "mlp"  # centre xyz -> position code: learned MLP or fixed
+    up_axis: Literal["x", "y", "z"] = "z"  # the axis training rotations turn about
+    rotate: bool = False  # training: random rotation about up_axis
+    scale: tuple[float, float] = (0.8, 1.25)  # training: per-axis scale factor range; [1, 1] disables
+    jitter: float = 0.01  # training: Gaussian noise std per coordinate (clipped at 3 std); 0 disables
+    dropout: float = 0.0  # training: drop up to this share of points (refilled by repeats); 0 disables
+
+
+@dataclass(frozen=True)
 class MaskConfig:
-    """Multi-block masking on the token grid (I-JEPA defaults)."""
+    """Multi-block masking on the token grid (I-JEPA defaults).
+
+    Point clouds have no grid: there a block is the ``scale`` share of group centres nearest a random
+    seed centre, and the aspect and full-span settings do not apply.
+    """
 
     num_targets: int = 4
     target_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid covered by each target block
@@ -222,11 +244,12 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    modality: Literal["image", "timeseries", "audio"] = "image"
+    modality: Literal["image", "timeseries", "audio", "pointcloud"] = "image"
     data: DataConfig = field(default_factory=DataConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     timeseries: TimeSeriesConfig = field(default_factory=TimeSeriesConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    pointcloud: PointCloudConfig = field(default_factory=PointCloudConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -418,7 +441,8 @@ def token_grid(recipe: Recipe) -> tuple[int, ...]:
     """The token grid shape the recipe's tokenizer produces.
 
     Image: ``(rows, cols)``, e.g. ``(8, 8)`` for 32 px / patch 4. Time series: ``(patches,)`` with
-    mixed channels, ``(channels, patches)`` with channel-independent tokens.
+    mixed channels, ``(channels, patches)`` with channel-independent tokens. Audio: ``(freq, time)``.
+    Point clouds have no grid (their tokens are groups around sampled centres): asking is a bug.
     """
     if recipe.modality == "image":
         side = recipe.image.size // recipe.image.patch_size
@@ -433,7 +457,21 @@ def token_grid(recipe: Recipe) -> tuple[int, ...]:
     if recipe.modality == "audio":
         a = recipe.audio
         return (a.n_mels // a.patch_size[0], a.frames(a.clip_samples) // a.patch_size[1])
-    raise AssertionError(recipe.modality)
+    raise AssertionError(f"modality {recipe.modality!r} has no token grid")
+
+
+def validate_pointcloud(p: PointCloudConfig, where: str) -> None:
+    check(p.num_points >= 2, where, "pointcloud.num_points", "must be at least 2")
+    check(2 <= p.num_groups <= p.num_points, where, "pointcloud.num_groups",
+          f"must be between 2 and pointcloud.num_points={p.num_points}, got {p.num_groups}")
+    check(1 <= p.group_size <= p.num_points, where, "pointcloud.group_size",
+          f"must be between 1 and pointcloud.num_points={p.num_points}, got {p.group_size}")
+    check(p.pointnet_width >= 1, where, "pointcloud.pointnet_width", "must be positive")
+    check(len(set(p.features)) == len(p.features), where, "pointcloud.features", "lists a feature twice")
+    check(0 < p.scale[0] <= p.scale[1], where, "pointcloud.scale",
+          f"must be [low, high] with 0 < low <= high, got {list(p.scale)}")
+    check(p.jitter >= 0, where, "pointcloud.jitter", "must be 0 (off) or positive")
+    check(0 <= p.dropout < 1, where, "pointcloud.dropout", "must be in [0, 1)")
 
 
 def _validate_timeseries(ts: TimeSeriesConfig, where: str) -> None:
@@ -490,11 +528,14 @@ def validate(recipe: Recipe, where: str) -> None:
 
     validate_audio(recipe.audio, where)
     _validate_timeseries(recipe.timeseries, where)
+    validate_pointcloud(recipe.pointcloud, where)
     if shape_from_data(recipe):
         # The grid is known once pretraining reads the data, which validates the mask again then; its
         # number of axes is known now, so axis settings are checked on a stand-in grid of that rank.
         stand_in = (max(recipe.timeseries.channels, 1), 64) if recipe.timeseries.channel_mode == "independent" else (64,)
         validate_mask(m, stand_in, where)
         return
-    validate_mask(m, token_grid(recipe), where)
-
+    if recipe.modality == "pointcloud":
+        validate_neighbourhood_mask(m, recipe.pointcloud.num_groups, where)
+    else:
+        validate_mask(m, token_grid(recipe), where)

@@ -44,6 +44,10 @@ class Backbone(nn.Module):
     ``forward(inputs, keep_idx)`` encodes only the kept tokens (the context); without ``keep_idx``
     it encodes all of them (the target view and embedding). ``real`` marks, per encoded token, the
     real ones: padded tokens are hidden from attention, so they never change a real token's output.
+    A tokenizer whose tokens each depend on their own part of the input alone may say so with
+    ``selects_tokens = True`` and accept ``tokenizer(inputs, keep_idx)``: it then embeds only the
+    kept tokens, which is the same result for less work (point-group tokenizers spend most of a
+    step embedding groups).
     """
 
     def __init__(self, tokenizer: nn.Module, cfg: ModelConfig,
@@ -60,7 +64,11 @@ class Backbone(nn.Module):
 
         Returns features [B, K, D] (K = N without keep_idx) and their coords [B, K, C].
         """
-        tokens, coords = self.tokenizer(inputs)
+        if keep_idx is not None and getattr(self.tokenizer, "selects_tokens", False):
+            tokens, coords = self.tokenizer(inputs, keep_idx)
+            keep_idx = None
+        else:
+            tokens, coords = self.tokenizer(inputs)
         x = tokens + self.pos_embed(coords, self.dim).to(tokens.dtype)
         if keep_idx is not None:
             x, coords = gather_tokens(x, keep_idx), gather_tokens(coords, keep_idx)
@@ -241,6 +249,8 @@ def build_model(recipe: Recipe) -> JEPA:
     >>> type(build_model(Recipe())).__name__
     'JEPA'
     """
-    from multijepa.tokenizers import build_tokenizer
+    from multijepa.tokenizers import build_pos_embed, build_tokenizer
 
-    return JEPA(Backbone(build_tokenizer(recipe), recipe.model), Predictor(recipe.model), recipe.loss)
+    m = recipe.model
+    return JEPA(Backbone(build_tokenizer(recipe), m, build_pos_embed(recipe, m.dim)),
+                Predictor(m, build_pos_embed(recipe, m.predictor_dim)), recipe.loss)

@@ -4,6 +4,9 @@ One idea covers every modality: a block is a box in the token grid (image rows x
 freq x time, video t x rows x cols, time-series t). Axes listed in ``full_span_axes`` are covered
 whole by every block (video tubes span all frames; audio time spans cover all frequencies).
 
+Where tokens sit at continuous coordinates rather than on a grid (point-cloud groups), a block is
+a neighbourhood instead: the tokens nearest a random seed token (``sample_neighbourhood_masks``).
+
 Block sizes are drawn once per batch, positions per sample, so every sample in a batch has the
 same number of target tokens; context sets are cut to the batch's smallest so tensors stay dense.
 """
@@ -135,11 +138,68 @@ def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, 
         targets.append([blk.nonzero().squeeze(1) for blk in blocks])
     if valid is not None:
         return _pad_stack(contexts), _pad_stack([t for ts in targets for t in ts]).reshape(batch_size, cfg.num_targets, -1)
-    keep = min(len(c) for c in contexts)
-    # Cut every context to the smallest, dropping random tokens (not the tail) to avoid a spatial bias.
-    context_idx = torch.stack([c[torch.randperm(len(c), generator=g)[:keep]].sort().values for c in contexts])
-    assert keep >= min(cfg.min_context, n)
+    context_idx = _cut_to_smallest(contexts, g)
+    assert context_idx.shape[1] >= min(cfg.min_context, n)
     return context_idx, torch.stack([torch.stack(ts) for ts in targets])
+
+
+def _cut_to_smallest(contexts: list[torch.Tensor], g: torch.Generator) -> torch.Tensor:
+    """Stack per-sample context indices into [B, Nc], Nc the smallest count, sorted per row."""
+    keep = min(len(c) for c in contexts)
+    # Drop random tokens (not the tail) to avoid a spatial bias.
+    return torch.stack([c[torch.randperm(len(c), generator=g)[:keep]].sort().values for c in contexts])
+
+
+def sample_neighbourhood_masks(coords: torch.Tensor, cfg: MaskConfig, g: torch.Generator,
+                               max_tries: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context and target indices where a block is a neighbourhood in coordinate space.
+
+    Each target block is the ``round(s * N)`` tokens nearest a random seed token (s drawn from
+    ``cfg.target_scale`` once per batch); the context is the block of ``cfg.context_scale`` around
+    another seed, less every target token. Used for point clouds (coords = group centres).
+
+    Args:
+        coords: [B, N, C] token positions (any C).
+        cfg: the recipe's mask section (checked by :func:`validate_neighbourhood_mask`).
+        g: the random generator.
+        max_tries: context draws per sample before falling back to "everything but the targets".
+
+    Returns:
+        context_idx: [B, Nc] long, sorted, disjoint from that sample's targets.
+        target_idx: [B, M, Nt] long, each block sorted, M = cfg.num_targets.
+
+    >>> from multijepa.recipe import MaskConfig
+    >>> c, t = sample_neighbourhood_masks(torch.rand(2, 64, 3), MaskConfig(), torch.Generator().manual_seed(0))
+    >>> t.shape[:2], bool(c.shape[1] >= 4)
+    (torch.Size([2, 4]), True)
+    """
+    b, n, _ = coords.shape
+    nt = max(1, round(_uniform(cfg.target_scale, g) * n))
+    nc = max(1, round(_uniform(cfg.context_scale, g) * n))
+    x = coords.detach().float().cpu()
+    dist = (x.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1)  # [B, N, N], exact (no matmul rounding)
+    nearest = dist.argsort(dim=-1, stable=True)  # row j: tokens by distance from token j, j itself first
+    contexts, targets = [], []
+    for i in range(b):
+        for _ in range(max_tries):
+            blocks = nearest[i, torch.randint(0, n, (cfg.num_targets,), generator=g), :nt]  # [M, Nt]
+            covered = torch.zeros(n, dtype=torch.bool)
+            covered[blocks.flatten()] = True
+            context = torch.zeros(n, dtype=torch.bool)
+            context[nearest[i, int(torch.randint(0, n, (1,), generator=g)), :nc]] = True
+            context &= ~covered
+            if int(context.sum()) >= cfg.min_context:
+                break
+        else:
+            context = ~covered
+            if int(context.sum()) < cfg.min_context:
+                # Validation guarantees one block leaves min_context tokens, so stacking ends it.
+                blocks = blocks[:1].expand(cfg.num_targets, -1)
+                context = torch.ones(n, dtype=torch.bool)
+                context[blocks[0]] = False
+        contexts.append(context.nonzero().squeeze(1))
+        targets.append(blocks.sort(dim=-1).values)
+    return _cut_to_smallest(contexts, g), torch.stack(targets)
 
 
 def check(cond: bool, where: str, key: str, msg: str) -> None:
@@ -177,3 +237,19 @@ def validate_mask(m: MaskConfig, grid: tuple[int, ...], where: str) -> None:
           f"allows target blocks of {largest_target} tokens, leaving fewer than mask.min_context="
           f"{m.min_context} of the {list(grid)} grid's {n} tokens for context; lower target_scale "
           f"or min_context, or use a finer grid")
+
+
+def validate_neighbourhood_mask(m: MaskConfig, num_tokens: int, where: str) -> None:
+    """Check that neighbourhood masks can be sampled from ``num_tokens`` tokens without looping for ever."""
+    check(m.num_targets >= 1, where, "mask.num_targets", "must be at least 1")
+    check_range(m.target_scale, where, "mask.target_scale", 1e-6, 1.0)
+    check_range(m.context_scale, where, "mask.context_scale", 1e-6, 1.0)
+    check(not m.full_span_axes, where, "mask.full_span_axes",
+          "applies to token grids only; point-cloud tokens have no axes to span: set it to []")
+    check(m.min_context >= 1, where, "mask.min_context", "must be at least 1")
+    check(round(m.target_scale[0] * num_tokens) >= 1, where, "mask.target_scale",
+          f"gives target blocks of under one of the {num_tokens} tokens; raise it")
+    largest = max(1, round(m.target_scale[1] * num_tokens))
+    check(largest + m.min_context <= num_tokens, where, "mask.target_scale",
+          f"allows target blocks of {largest} of the {num_tokens} tokens, leaving fewer than "
+          f"mask.min_context={m.min_context} for context; lower target_scale or min_context, or use more groups")

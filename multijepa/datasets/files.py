@@ -8,6 +8,7 @@ uninterrupted run would have, for any worker count. Shards stream instead (see S
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -21,14 +22,21 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from multijepa.core.masking import sample_block_masks
-from multijepa.datasets.readers import EXTENSIONS, Source, read_audio, read_image
+from multijepa.core.masking import sample_block_masks, sample_neighbourhood_masks
+from multijepa.datasets.readers import EXTENSIONS, Source, read_audio, read_image, read_points
 from multijepa.datasets.series import series_labels
 from multijepa.datasets.timeseries import resolve_shape, series_sample, series_views
-from multijepa.datasets.transforms import audio_transform, audio_windows, image_transform
+from multijepa.datasets.transforms import audio_transform, audio_windows, image_transform, pointcloud_transform
 from multijepa.errors import DataError, DecodeError
-from multijepa.recipe import Recipe, patch_stride, shape_from_data, token_grid
+from multijepa.recipe import MaskConfig, PointCloudConfig, Recipe, patch_stride, shape_from_data, token_grid
+from multijepa.tokenizers.pointcloud import group_points
 from multijepa.tokenizers.timeseries import valid_tokens
+
+
+def _points(src: Source, r: Recipe, name: str, g: Optional[torch.Generator]) -> torch.Tensor:
+    p = r.pointcloud
+    return pointcloud_transform(read_points(src, name, p.num_points, p.mesh_sampling), p, g, name)
+
 
 # How a recipe turns one sample into a model input: (file path or bytes, recipe, name for errors,
 # part = which sample of a many-sample file or None for a one-sample file, generator or None for
@@ -38,10 +46,12 @@ LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[int], Optional[torch.
     "timeseries": series_sample,
     "audio": lambda src, r, name, part, g: audio_transform(
         read_audio(src, r.audio.sample_rate, r.audio.model_channels, name), r.audio, g),
+    "pointcloud": lambda src, r, name, part, g: _points(src, r, name, g),
 }
 
 # How a recipe turns one file (or a tensor) into embedding inputs: per sample in file order, its
-# views (crops, windows), whose features are pooled into the sample's one vector.
+# views (crops, windows), whose features are pooled into the sample's one vector. Tensors are taken
+# as model inputs (an image [C, H, W], a cloud [P, 3 + F]), except raw series and waveforms.
 EMBED_VIEWS: dict[str, Callable[[Union[Source, torch.Tensor], Recipe, str], list[list[torch.Tensor]]]] = {
     "image": lambda item, r, name: [[item if isinstance(item, torch.Tensor) else
                                      image_transform(read_image(item, r.image.channels, name), r.image, None)]],
@@ -49,7 +59,9 @@ EMBED_VIEWS: dict[str, Callable[[Union[Source, torch.Tensor], Recipe, str], list
     "audio": lambda item, r, name: [list(_audio_windows(item, r) if isinstance(item, torch.Tensor) else
                                          audio_transform(read_audio(item, r.audio.sample_rate, r.audio.model_channels,
                                                                     name), r.audio, None))],
+    "pointcloud": lambda item, r, name: [[item if isinstance(item, torch.Tensor) else _points(item, r, name, None)]],
 }
+
 
 def _audio_windows(x: torch.Tensor, r: Recipe) -> torch.Tensor:
     """An audio tensor as embedding windows: a waveform [C, S] is cut like a file; [W, C, L] is taken as is."""
@@ -380,7 +392,7 @@ def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: in
     """Pack every readable-type file under ``src`` into webdataset tar shards.
 
     Each sample is ``{key}.{ext}`` (the file's bytes), ``{key}.cls`` (class index, from the first
-    sub-folder) and ``{key}.txt`` (the original relative path). ``classes.json`` lists class names.
+    sub-folder) and ``{key}.path`` (the original relative path). ``classes.json`` lists class names.
     Shards are written under a temporary name and renamed, so a killed run leaves no half shard.
 
     Returns:
@@ -398,8 +410,9 @@ def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: in
             for k in range(start, min(start + per_shard, len(index.files))):
                 path = Path(index.files[k])
                 key = f"{k:09d}"
+                # The relative path goes under "path", not "txt": .txt is a data type (xyz point arrays).
                 members = {path.suffix.lower().lstrip("."): path.read_bytes(),
-                           "txt": str(path.relative_to(src)).encode()}
+                           "path": str(path.relative_to(src)).encode()}
                 if index.labels[k] >= 0:
                     members["cls"] = str(index.labels[k]).encode()
                 for ext, data in members.items():
@@ -415,12 +428,36 @@ def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: in
 # --------------------------------------------------------------------------- loader
 
 
+def grid_batch(grid: tuple[int, ...], mask: MaskConfig, inputs: torch.Tensor, g: torch.Generator,
+               valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs on a token grid: unchanged, with multi-block masks on the grid (padding-aware with ``valid``)."""
+    return (inputs, *sample_block_masks(grid, mask, len(inputs), g, valid=valid))
+
+
+def point_group_batch(cfg: PointCloudConfig, mask: MaskConfig, inputs: torch.Tensor, g: torch.Generator,
+                      valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clouds [B, P, C] -> groups [B, G, K, C] (centres exist only after FPS), with neighbourhood masks
+    on the centres. The tokenizer takes the groups as they are, so FPS runs once per sample."""
+    assert valid is None, "point clouds have no padded tokens"
+    groups = group_points(inputs, cfg.num_groups, cfg.group_size)
+    return (groups, *sample_neighbourhood_masks(groups[:, :, 0, :3], mask, g))
+
+
+# How a stacked batch (and its valid tokens) becomes model inputs plus context/target indices, in
+# DataLoader workers.
+# Modalities not listed tokenize onto the grid that ``token_grid`` gives them.
+BATCH_MASKERS: dict[str, Callable[[Recipe], Callable[[torch.Tensor, torch.Generator], tuple]]] = {
+    "pointcloud": lambda r: functools.partial(point_group_batch, r.pointcloud, r.mask),
+}
+
+
 class MaskCollate:
     """Stacks samples and samples the batch's masks (runs in DataLoader workers)."""
 
     def __init__(self, recipe: Recipe, rank: int = 0):
-        self.recipe, self.rank = recipe, rank
-        self.grid, self.mask, self.seed = token_grid(recipe), recipe.mask, recipe.train.seed
+        self.recipe, self.rank, self.seed = recipe, rank, recipe.train.seed
+        self.masker = (BATCH_MASKERS[recipe.modality](recipe) if recipe.modality in BATCH_MASKERS
+                       else functools.partial(grid_batch, token_grid(recipe), recipe.mask))
 
     def __call__(self, samples: list[dict]) -> dict:
         """Returns input, label, context_idx, target_idx, valid (bool [B, N], or None where the
@@ -432,7 +469,7 @@ class MaskCollate:
         g = torch.Generator().manual_seed(_mix(self.seed, samples[0]["step"], self.rank, 7))
         inputs = torch.stack([s["input"] for s in good])
         valid = valid_mask(inputs, self.recipe)
-        context_idx, target_idx = sample_block_masks(self.grid, self.mask, len(good), g, valid=valid)
+        inputs, context_idx, target_idx = self.masker(inputs, g, valid)
         return {"input": inputs, "label": torch.tensor([s["label"] for s in good]),
                 "context_idx": context_idx, "target_idx": target_idx, "valid": valid,
                 "bad": bad, "count": len(good) + len(bad)}  # files tried, decoded or not

@@ -5,8 +5,15 @@ Each modality lists its file extensions here; ``modality_of`` picks the modality
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
@@ -17,6 +24,8 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
     "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
     "timeseries": (".ts", ".csv", ".npy", ".npz"),  # read by multijepa.datasets.series
     "audio": (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif"),
+    # Point files, meshes sampled to points (.ply holds either), and plain xyz arrays.
+    "pointcloud": (".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts", ".off", ".obj", ".stl", ".npy", ".txt"),
 }
 
 Source = Union[str, Path, bytes]
@@ -25,18 +34,34 @@ Source = Union[str, Path, bytes]
 def modality_of(path: Union[str, Path]) -> str:
     """The modality a file belongs to, from its extension.
 
-    >>> modality_of("cat.JPG")
-    'image'
+    Raises DecodeError for an unknown extension, and for one that several modalities read (a
+    ``.npy`` array can be a point cloud or another modality's data): then a checkpoint decides.
+
+    >>> modality_of("cat.JPG"), modality_of("chair.off")
+    ('image', 'pointcloud')
     """
     suffix = Path(path).suffix.lower()
-    for modality, exts in EXTENSIONS.items():
-        if suffix in exts:
-            return modality
-    known = ", ".join(e for exts in EXTENSIONS.values() for e in exts)
+    found = readers_of(path)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise DecodeError(f"{path}: a {suffix} file can be {' or '.join(found)} data; pass --checkpoint "
+                          f"to say which model reads it")
+    known = ", ".join(dict.fromkeys(e for exts in EXTENSIONS.values() for e in exts))
     raise DecodeError(f"{path}: unknown file type {suffix or '(no extension)'!r}; multijepa reads {known}")
 
 
-def _read_bytes(src: Source, name: str) -> bytes:
+def readers_of(path: Union[str, Path]) -> list[str]:
+    """Every modality that reads a file of this extension (none, one, or several for ``.npy``).
+
+    >>> readers_of("a.npy"), readers_of("a.wav"), readers_of("a.doc")
+    (['timeseries', 'pointcloud'], ['audio'], [])
+    """
+    suffix = Path(path).suffix.lower()
+    return [modality for modality, exts in EXTENSIONS.items() if suffix in exts]
+
+
+def read_bytes(src: Source, name: str) -> bytes:
     if isinstance(src, bytes):
         data = src
     else:
@@ -54,8 +79,6 @@ def _read_bytes(src: Source, name: str) -> bytes:
 
 
 def _decode_with_pil(data: bytes, channels: int) -> torch.Tensor:
-    import io
-
     import numpy as np
     from PIL import Image
 
@@ -80,7 +103,7 @@ def read_image(src: Source, channels: int = 3, name: str = "") -> torch.Tensor:
     torch.Size([3, 480, 640])
     """
     name = name or str(src)
-    data = _read_bytes(src, name)
+    data = read_bytes(src, name)
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
@@ -187,7 +210,7 @@ def read_audio(src: Source, sample_rate: int, channels: int = 1, name: str = "")
     import soxr
 
     name = name or str(src)
-    samples, rate = _decode_audio(_read_bytes(src, name), name)
+    samples, rate = _decode_audio(read_bytes(src, name), name)
     have = samples.shape[1]
     if channels == 1 and have > 1:
         samples = samples.mean(axis=1, keepdims=True)  # mix before resampling: fewer channels to resample
@@ -201,3 +224,161 @@ def read_audio(src: Source, sample_rate: int, channels: int = 1, name: str = "")
         if len(samples) == 0:
             raise DecodeError(f"{name}: too short to resample from {rate} Hz to {sample_rate} Hz")
     return torch.from_numpy(np.ascontiguousarray(samples.T, dtype=np.float32))
+# --------------------------------------------------------------------------- point clouds and meshes
+
+MESH_ONLY = (".off", ".obj", ".stl")  # always meshes; a .ply is a mesh when it holds triangles
+
+
+@dataclass
+class PointSet:
+    """Points read from a file: xyz [P, 3] float32, and per-point normals / colours (in [0, 1]) when present."""
+
+    xyz: torch.Tensor
+    normals: Optional[torch.Tensor] = None
+    colors: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def _native_output() -> Iterator[list[str]]:
+    """Collect what open3d prints while the block runs, instead of letting it reach the terminal.
+
+    open3d reports a failed read only by printing a warning and returning an empty geometry, so the
+    printed text is the one place the reason appears. Its logger prints through Python's
+    ``sys.stdout``; the PLY library it uses writes to the C-level stderr, so both are redirected.
+    Yields a list that holds the text afterwards.
+    """
+    text: list[str] = []
+    python_side = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(python_side), contextlib.redirect_stderr(python_side):
+                yield text
+        finally:
+            _flush_c_stdio()  # C stdio is buffered when stdout is not a terminal
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            printed = python_side.getvalue() + sink.read().decode(errors="replace")
+            text.append(re.sub(r"\x1b\[[0-9;]*m", "", printed))
+
+
+def _flush_c_stdio() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to flush (not Linux/macOS): nothing buffered there
+        pass
+
+
+def _failure(printed: str) -> Optional[str]:
+    """open3d's own reason for a failed read, if it printed one (benign warnings are ignored)."""
+    lines = [line.strip() for line in printed.splitlines()
+             if "failed" in line.lower() or "error" in line.lower()]
+    return "; ".join(line.replace("[Open3D WARNING] ", "") for line in lines) or None
+
+
+def _tensor(values) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).copy())
+
+
+def _read_with_open3d(path: str, suffix: str, name: str, mesh_points: int, mesh_sampling: str) -> PointSet:
+    import open3d as o3d
+
+    mesh = None
+    with _native_output() as printed:
+        if suffix in MESH_ONLY or suffix == ".ply":
+            mesh = o3d.io.read_triangle_mesh(path, enable_post_processing=False, print_progress=False)
+        if mesh is None or len(mesh.triangles) == 0:
+            if suffix in MESH_ONLY:  # vertices without faces: use them as the points
+                cloud = o3d.geometry.PointCloud(mesh.vertices)
+                if mesh.has_vertex_normals():
+                    cloud.normals = mesh.vertex_normals
+                if mesh.has_vertex_colors():
+                    cloud.colors = mesh.vertex_colors
+            else:
+                cloud = o3d.io.read_point_cloud(path, remove_nan_points=True, remove_infinite_points=True)
+        else:
+            o3d.utility.random.seed(0)  # the same file always gives the same points (resumable runs)
+            mesh.compute_triangle_normals()
+            try:
+                cloud = (mesh.sample_points_poisson_disk(mesh_points, use_triangle_normal=True)
+                         if mesh_sampling == "poisson" else
+                         mesh.sample_points_uniformly(mesh_points, use_triangle_normal=True))
+            except RuntimeError as e:  # e.g. a mesh whose triangles have no area
+                raise DecodeError(f"{name}: cannot sample points from the mesh ({e})") from None
+    reason = _failure(printed[0])
+    if reason:
+        raise DecodeError(f"{name}: cannot read as a point cloud or mesh ({reason}); the file is corrupt, "
+                          f"truncated or not a {suffix} file: remove it or re-export it")
+    if len(cloud.points) == 0:
+        raise DecodeError(f"{name}: no points could be read (open3d returned an empty cloud); the file is "
+                          f"empty, corrupt or not a {suffix} file: remove it or re-export it")
+    return PointSet(_tensor(cloud.points), _tensor(cloud.normals) if cloud.has_normals() else None,
+                    _tensor(cloud.colors) if cloud.has_colors() else None)
+
+
+def _read_array(data: bytes, suffix: str, name: str) -> PointSet:
+    """``.npy`` / ``.txt`` arrays [P, 3+]: xyz, then normals (columns 3-5), then colours (6-8) when present."""
+    import numpy as np
+
+    try:
+        if suffix == ".npy":
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        else:  # whitespace- or comma-separated text, one point per line
+            arr = np.loadtxt(io.StringIO(data.decode().replace(",", " ")), ndmin=2, dtype=np.float64)
+    except (ValueError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise DecodeError(f"{name}: cannot read as a {suffix} array of points ({e})") from None
+    if arr.ndim != 2 or arr.shape[1] < 3 or arr.shape[0] == 0 or not np.issubdtype(arr.dtype, np.number):
+        raise DecodeError(f"{name}: expected a numeric array of shape [points, 3 or more] (x y z ...), "
+                          f"got {arr.dtype} {list(arr.shape)}")
+    arr = arr[np.isfinite(arr).all(1)]
+    if len(arr) == 0:
+        raise DecodeError(f"{name}: every point has a NaN or infinite value")
+    return PointSet(_tensor(arr[:, :3]), _tensor(arr[:, 3:6]) if arr.shape[1] >= 6 else None,
+                    _tensor(arr[:, 6:9]) if arr.shape[1] >= 9 else None)
+
+
+def read_points(src: Source, name: str = "", mesh_points: int = 1024,
+                mesh_sampling: str = "uniform") -> PointSet:
+    """Read a point file, or sample points from a mesh, through open3d.
+
+    Args:
+        src: a path, or the file's bytes (then ``name`` gives the type by its extension and names errors).
+        name: the file name used in errors (and for its extension when ``src`` is bytes).
+        mesh_points: how many points to sample from a mesh's surface.
+        mesh_sampling: "uniform" (area-weighted) or "poisson" (Poisson-disk: evenly spaced, slower).
+
+    Returns:
+        A :class:`PointSet`: xyz [P, 3], normals [P, 3] and colours [P, 3] when the file has them
+        (meshes give face normals).
+
+    Raises:
+        DecodeError: the file is missing, empty, corrupt or truncated, naming the file.
+
+    >>> read_points("chair.off", mesh_points=2048).xyz.shape  # doctest: +SKIP
+    torch.Size([2048, 3])
+    """
+    name = name or str(src)
+    suffix = Path(name).suffix.lower()
+    if suffix not in EXTENSIONS["pointcloud"]:
+        raise DecodeError(f"{name}: not a point-cloud or mesh file type ({', '.join(EXTENSIONS['pointcloud'])})")
+    data = read_bytes(src, name)
+    if suffix in (".npy", ".txt"):
+        return _read_array(data, suffix, name)
+    # open3d reads only from a path: shards (bytes) go through a temporary file of the same type.
+    if isinstance(src, bytes):
+        with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+            f.write(data)
+            f.flush()
+            return _read_with_open3d(f.name, suffix, name, mesh_points, mesh_sampling)
+    return _read_with_open3d(str(src), suffix, name, mesh_points, mesh_sampling)

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from multijepa.datasets.readers import Source, _read_bytes
+from multijepa.datasets.readers import Source, read_bytes
 from multijepa.errors import DecodeError
 from multijepa.recipe import TimeSeriesConfig
 
@@ -327,7 +327,7 @@ def _parse(data: bytes, name: str, cfg: TimeSeriesConfig) -> SeriesFile:
 @functools.lru_cache(maxsize=16)
 def _parse_path(path: str, stamp: tuple[int, int], missing: str, layout: str, label_column: str) -> SeriesFile:
     cfg = TimeSeriesConfig(missing=missing, csv_layout=layout, csv_label_column=label_column)
-    return _parse(_read_bytes(path, path), path, cfg)
+    return _parse(read_bytes(path, path), path, cfg)
 
 
 def read_series(src: Source, cfg: TimeSeriesConfig, name: str = "") -> SeriesFile:
@@ -347,12 +347,12 @@ def read_series(src: Source, cfg: TimeSeriesConfig, name: str = "") -> SeriesFil
     (1, 150)
     """
     if isinstance(src, bytes):
-        return _parse(_read_bytes(src, name), name, cfg)
+        return _parse(read_bytes(src, name), name, cfg)
     path = str(src)
     try:
         st = os.stat(path)
     except OSError:
-        _read_bytes(path, name or path)  # raises the usual "no such file" / "is a folder" error
+        read_bytes(path, name or path)  # raises the usual "no such file" / "is a folder" error
         raise
     return _parse_path(path, (st.st_size, st.st_mtime_ns), cfg.missing, cfg.csv_layout, cfg.csv_label_column)
 

@@ -7,14 +7,18 @@ run sees exactly the crops an uninterrupted run would have seen, whatever the wo
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torchvision.transforms.v2.functional as TF
 
 import torch.nn.functional as F
 
-from multijepa.recipe import AudioConfig, ImageConfig
+from multijepa.errors import DecodeError
+from multijepa.recipe import AudioConfig, ImageConfig, PointCloudConfig
+
+if TYPE_CHECKING:
+    from multijepa.datasets.readers import PointSet
 
 
 def _random_resized_crop_box(h: int, w: int, scale: tuple[float, float], g: torch.Generator,
@@ -139,3 +143,81 @@ def audio_transform(wave: torch.Tensor, cfg: AudioConfig, g: Optional[torch.Gene
                 wave = change_speed(wave, factor, cfg.sample_rate)
         return crop_or_pad_audio(wave, cfg.clip_samples, g)
     return audio_windows(wave, cfg.window_samples, cfg.window_hop_samples, cfg.hop_length * cfg.patch_size[1])
+# --------------------------------------------------------------------------- point clouds
+
+
+def _uniform(low: float, high: float, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=g)
+
+
+def normalize_points(xyz: torch.Tensor) -> torch.Tensor:
+    """Centre on the centroid and scale into the unit sphere: [P, 3] -> [P, 3] with max norm 1.
+
+    >>> normalize_points(torch.tensor([[0.0, 0, 0], [4.0, 0, 0]])).tolist()
+    [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    """
+    xyz = xyz - xyz.mean(0)
+    return xyz / xyz.norm(dim=1).max().clamp_min(1e-12)
+
+
+def resample_points(n_in: int, n_out: int, g: torch.Generator) -> torch.Tensor:
+    """Indices [n_out] into n_in points: a random subset, or every point plus random repeats when too few."""
+    if n_in >= n_out:
+        return torch.randperm(n_in, generator=g)[:n_out]
+    extra = torch.randint(0, n_in, (n_out - n_in,), generator=g)
+    return torch.cat([torch.randperm(n_in, generator=g), extra])
+
+
+def up_axis_rotation(angle: float, up: int) -> torch.Tensor:
+    """The [3, 3] matrix rotating by ``angle`` radians about axis ``up`` (0, 1 or 2)."""
+    c, s = math.cos(angle), math.sin(angle)
+    a, b = [i for i in range(3) if i != up]
+    rot = torch.eye(3)
+    rot[a, a], rot[a, b], rot[b, a], rot[b, b] = c, -s, s, c
+    return rot
+
+
+def pointcloud_transform(points: PointSet, cfg: PointCloudConfig, g: Optional[torch.Generator],
+                         name: str = "") -> torch.Tensor:
+    """Points read from a file -> the model input [num_points, 3 + F]: xyz, then the kept features.
+
+    Always: centre and scale to the unit sphere, then take ``num_points`` points (a random subset,
+    or repeats when the file has fewer). With a generator (training) also: point dropout (drop up
+    to ``dropout`` of the points, refilled with repeats of kept ones), a random rotation about the
+    up axis, per-axis scaling and clipped Gaussian jitter. Without one (embedding) the subset is
+    fixed, so a file always embeds the same way. Normals follow rotation and scaling; colours stay.
+    """
+    xyz = normalize_points(points.xyz)
+    channels = [xyz]
+    for feature in cfg.features:
+        values = points.normals if feature == "normals" else points.colors
+        if values is None:
+            raise DecodeError(f"{name}: the file has no {feature}, but pointcloud.features asks for them; "
+                              f"remove '{feature}' from pointcloud.features or supply files with {feature}")
+        channels.append(values)
+    x = torch.cat(channels, dim=1)
+    rng = g if g is not None else torch.Generator().manual_seed(0)
+    x = x[resample_points(len(x), cfg.num_points, rng)]
+    if g is None:
+        return x.contiguous()
+    if cfg.dropout > 0:
+        keep = max(1, round(cfg.num_points * (1.0 - cfg.dropout * torch.rand((), generator=g).item())))
+        x = x[:keep][resample_points(keep, cfg.num_points, g)]
+    xyz = x[:, :3]
+    n0 = 3 + 3 * cfg.features.index("normals") if "normals" in cfg.features else None
+    normals = x[:, n0:n0 + 3] if n0 is not None else None
+    if cfg.rotate:
+        rot = up_axis_rotation(2 * math.pi * torch.rand((), generator=g).item(), "xyz".index(cfg.up_axis))
+        xyz = xyz @ rot.T
+        normals = normals @ rot.T if normals is not None else None
+    scale = _uniform(cfg.scale[0], cfg.scale[1], (3,), g)
+    xyz = xyz * scale
+    if normals is not None:  # a surface scaled by S has normals along S^-1 n
+        normals = torch.nn.functional.normalize(normals / scale, dim=1)
+    if cfg.jitter > 0:
+        xyz = xyz + (torch.randn(xyz.shape, generator=g) * cfg.jitter).clamp(-3 * cfg.jitter, 3 * cfg.jitter)
+    x = x.clone()
+    x[:, :3] = xyz
+    if normals is not None:
+        x[:, n0:n0 + 3] = normals
+    return x

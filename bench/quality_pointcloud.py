@@ -1,0 +1,156 @@
+"""Representation quality on ModelNet10 (dev copy): JEPA vs the same encoder at random init; FPS + kNN timing.
+
+    .venv/bin/python bench/quality_pointcloud.py --data ../shared/data/pointclouds/modelnet10-dev \
+        --minutes 30 --wait-quiet train.threads=1
+
+Holds out a stratified 20% of the shapes as the probe's test split; pretrains on the other 80%
+(labels unused) for a fixed number of steps chosen to fit --minutes of CPU time (measured on a
+short calibration run), then fits a linear probe and a kNN classifier on frozen features (the mean
+of the target encoder's group tokens). Also times farthest point sampling + kNN grouping for a
+batch of 32 clouds of 1024 and of 8192 points (on the CPU, and on CUDA when there is one).
+Prints the results as JSON and a Markdown table row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multijepa.datasets.files import list_folder
+from multijepa.datasets.readers import EXTENSIONS
+from multijepa.embed import Embedder, load
+from multijepa.evaluate import knn_accuracy, linear_probe_accuracy, stratified_split
+from multijepa.recipe import load_recipe
+from multijepa.tokenizers.pointcloud import group_points
+from multijepa.train import pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until_quiet(max_load: float = 1.3, give_up_minutes: float = 40.0) -> float:
+    """Sleep until the 1-minute load average is below ``max_load`` (the machine is shared); returns it."""
+    deadline = time.time() + give_up_minutes * 60
+    while True:
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+        if load < max_load or time.time() > deadline:
+            print(f"load average {load:.2f}: {'starting' if load < max_load else 'gave up waiting, starting'}",
+                  flush=True)
+            return load
+        print(f"load average {load:.2f} >= {max_load}: waiting", flush=True)
+        time.sleep(60)
+
+
+def pretrain_for_at_most(recipe, seconds: float) -> bool:
+    """Pretrain; at the deadline ask the trainer to stop (it checkpoints the step it is on, as on
+    SIGTERM). Returns True when the deadline cut the run short."""
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    signal.alarm(max(1, int(seconds)))
+    try:
+        pretrain(recipe)
+        return False
+    except KeyboardInterrupt:
+        return True
+    finally:
+        signal.alarm(0)
+
+
+def time_grouping(device: str, points: int, batch: int = 32, groups: int = 64, size: int = 32,
+                  repeats: int = 5) -> float:
+    """Median milliseconds of FPS + kNN grouping for ``batch`` clouds of ``points`` points."""
+    x = torch.rand(batch, points, 3, device=device)
+    times = []
+    for i in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        group_points(x, groups, size)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:  # the first call warms up kernels and allocators
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/pointclouds/modelnet10-dev"))
+    ap.add_argument("--out", default=str(ROOT / "bench/out/pointcloud"))
+    ap.add_argument("--minutes", type=float, default=30.0, help="pretraining budget (wall clock, this machine)")
+    ap.add_argument("--steps", type=int, default=0, help="fixed step count instead of --minutes")
+    ap.add_argument("--recipe", default=str(ROOT / "recipes/pointcloud.yaml"))
+    ap.add_argument("--wait-quiet", action="store_true", help="wait for a 1-min load average below 1.3 first")
+    ap.add_argument("--jepa-only", action="store_true", help="skip the baseline and timings (quick experiments)")
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = list_folder(args.data, EXTENSIONS["pointcloud"])
+    labels = np.array(index.labels)
+    train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
+    filelist = out / "train.txt"
+    filelist.write_text("".join(f"{Path(index.files[i]).resolve()}\n" for i in train_idx))
+
+    start_load = wait_until_quiet() if args.wait_quiet else float(Path("/proc/loadavg").read_text().split()[0])
+    base = [f"data.path={filelist}", "train.progress=false"] + args.overrides
+    steps = args.steps
+    if not steps:  # calibrate: time 30 steps (after 10 warm-up steps) of this exact recipe
+        calib = load_recipe(args.recipe, base + [f"run.dir={out / 'calib'}", "train.steps=40",
+                                                 "train.log_every=10", "run.resume=false"])
+        pretrain(calib)
+        rows = [json.loads(line) for line in (out / "calib/metrics.jsonl").read_text().splitlines()]
+        per_s = np.mean([r["samples_per_s"] for r in rows[1:]])
+        # Aim a minute short of the budget: the deadline below stops a run that the machine slows.
+        steps = int((args.minutes - 1) * 60 * per_s / calib.data.batch_size)
+        print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {args.minutes - 1} min", flush=True)
+    recipe = load_recipe(args.recipe, base + [f"run.dir={out / 'run'}", f"train.steps={steps}",
+                                              f"train.checkpoint_every={max(steps // 10, 1)}"])
+    t0 = time.perf_counter()
+    cut_short = pretrain_for_at_most(recipe, args.minutes * 60)
+    train_minutes = (time.perf_counter() - t0) / 60
+    run = Path(recipe.run.dir)
+    steps_done = int(torch.load(run / "last.pt", weights_only=True)["step"])
+
+    results: dict = {}
+    jepa = load(run / "last.pt")
+    models = [("jepa", jepa)] + ([] if args.jepa_only else [("random_init", Embedder.random_init(jepa.recipe))])
+    for name, model in models:
+        f = model.embed(index.files, batch_size=128, num_workers=2)
+        results[name] = {"linear": linear_probe_accuracy(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx]),
+                         "knn": knn_accuracy(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx])}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    results["final_target_erank"] = round(metrics[-1]["target_erank"], 2)
+    if args.jepa_only:
+        print(json.dumps(results))
+        return
+    threads = torch.get_num_threads()
+    timings = {"cpu_threads": threads}
+    for points in (1024, 8192):
+        timings[f"cpu_32x{points}_ms"] = round(time_grouping("cpu", points), 1)
+        if torch.cuda.is_available():
+            timings[f"cuda_32x{points}_ms"] = round(time_grouping("cuda", points), 2)
+    results["fps_knn_64x32"] = timings
+    results.update(steps=steps_done, steps_planned=steps, cut_at_deadline=cut_short,
+                   train_minutes=round(train_minutes, 1), date=str(date.today()),
+                   load_average_at_start=start_load, n_train=len(train_idx), n_test=len(test_idx),
+                   machine=f"{platform.machine()} {threads} threads, torch {torch.__version__}",
+                   command=" ".join(["python", *sys.argv]))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(f"| ModelNet10 dev ({len(train_idx)}/{len(test_idx)}) | {steps_done} steps, {train_minutes:.1f} min | "
+          f"{results['jepa']['linear']:.3f} | {results['random_init']['linear']:.3f} | "
+          f"{results['jepa']['knn']:.3f} | {results['random_init']['knn']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
