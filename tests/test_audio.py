@@ -342,7 +342,7 @@ def test_write_shards__audio_round_trip_and_training_stream(tmp_path, audio_fold
     urls = write_shards(audio_folder, tmp_path / "shards", per_shard=5)
     assert len(urls) == 3
     with tarfile.open(urls[0]) as tar:
-        assert {n.rsplit(".", 1)[1] for n in tar.getnames()} >= {"wav", "flac", "mp3", "cls", "txt"}
+        assert {n.rsplit(".", 1)[1] for n in tar.getnames()} >= {"wav", "flac", "mp3", "cls", "path"}
     recipe = load_recipe(AUDIO_RECIPE, TINY_AUDIO + [f"data.path={tmp_path / 'shards'}"])
     stream = iter(ShardDataset(urls, recipe, buffer=4))
     samples = [next(stream) for _ in range(16)]

@@ -403,6 +403,10 @@ def test_cli__pretrain_resume_and_embed_every_file_type(tmp_path, shapes3d, file
     assert "using runs/pc/last.pt" in out.stderr
     vectors = np.load(tmp_path / "v.npy")
     assert vectors.shape == (7, 32) and np.isfinite(vectors).all()
+    # .npy alone could be a time series or a cloud: the one modality with a trained model decides.
+    only = run_cli("embed", str(files["npy"]), "--out", "n.npy", cwd=tmp_path)
+    assert "using runs/pc/last.pt" in only.stderr
+    assert np.allclose(np.load(tmp_path / "n.npy"), vectors[-1:], atol=1e-5)
     bad = tmp_path / "broken.pcd"
     bad.write_bytes(b"not a pcd")
     with pytest.raises(DecodeError, match="broken.pcd"):
