@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from multijepa.errors import DecodeError
 
@@ -78,19 +77,11 @@ def read_bytes(src: Source, name: str) -> bytes:
     return data
 
 
-def _decode_with_pil(data: bytes, channels: int) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
-    t = torch.from_numpy(arr.copy())
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-
-
 def read_image(src: Source, channels: int = 3, name: str = "") -> torch.Tensor:
     """Decode an image to uint8 [C, H, W] with C = ``channels``; grayscale, palette and RGBA are converted.
+
+    Decoding goes through Pillow (JPEG, PNG, WebP, GIF: the first frame, BMP, TIFF), which refuses
+    truncated files. (torchvision's decoders are deprecated since 0.29.)
 
     Args:
         src: a path, or the encoded bytes (then ``name`` is used in errors).
@@ -102,25 +93,21 @@ def read_image(src: Source, channels: int = 3, name: str = "") -> torch.Tensor:
     >>> read_image("photo.png").shape  # doctest: +SKIP
     torch.Size([3, 480, 640])
     """
+    import numpy as np
+    from PIL import Image
+
     name = name or str(src)
     data = read_bytes(src, name)
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-    except (RuntimeError, ValueError) as first:
-        # torchvision covers JPEG/PNG/WebP/GIF; PIL covers the rest (BMP, TIFF) and is stricter on truncation.
-        try:
-            image = _decode_with_pil(data, channels)
-        except Exception:
-            raise DecodeError(f"{name}: cannot decode as an image ({first}); the file is corrupt, "
-                              f"truncated or not an image: remove it or re-export it") from None
-    if image.ndim == 4:  # animated GIF: keep the first frame
-        image = image[0]
-    if image.shape[0] != channels:  # torchvision cannot convert some (WebP to grayscale): PIL can
-        image = _decode_with_pil(data, channels)
-    if image.shape[0] != channels or image.shape[1] == 0 or image.shape[2] == 0:
-        raise DecodeError(f"{name}: decoded to an unusable image of shape {tuple(image.shape)}")
-    return image
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError ... depending on the format
+        raise DecodeError(f"{name}: cannot decode as an image ({type(e).__name__}: {e}); the file is corrupt, "
+                          f"truncated or not an image: remove it or re-export it") from None
+    if arr.ndim != 2 + (channels != 1) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DecodeError(f"{name}: decoded to an unusable image of shape {arr.shape}")
+    image = torch.from_numpy(arr.copy())
+    return image.unsqueeze(0) if channels == 1 else image.permute(2, 0, 1).contiguous()
 
 
 # A RIFF data chunk declaring one of these sizes was written by a streaming encoder that did not

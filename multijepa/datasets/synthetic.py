@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import torch
-from torchvision.io import write_png
+from PIL import Image
 
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -46,6 +45,5 @@ def make_shapes(out: Union[str, Path], per_class: int = 60, size: int = 32, seed
             cx, cy = rng.uniform(r, size - r, 2)
             color = (background + rng.uniform(0.35, 0.65, 3)) % 1.0  # always far from the background
             image[_shape_mask(kind, size, cx, cy, r)] = color
-            pixels = torch.from_numpy((np.clip(image, 0, 1) * 255).astype(np.uint8)).permute(2, 0, 1)
-            write_png(pixels.contiguous(), str(out / kind / f"{kind}_{i:04d}.png"))
+            Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(out / kind / f"{kind}_{i:04d}.png")
     return out
