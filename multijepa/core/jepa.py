@@ -26,8 +26,11 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def key_mask(keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """bool [B, K] (True = a real token) -> an attention mask [B, 1, 1, K] that hides padded keys."""
-    return None if keep is None else keep[:, None, None, :]
+    """bool [B, K] (True = a real token) -> an attention mask [B, 1, 1, K] that hides padded keys.
+
+    None when every token is real: SDPA then keeps its fused kernels (flash attention takes no mask).
+    """
+    return None if keep is None or bool(keep.all()) else keep[:, None, None, :]
 
 
 def pool_tokens(feats: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
