@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
-import torch
+from common import ROOT, calibrated_steps, probe_scores, provenance
 
 from multijepa.datasets.files import list_folder
 from multijepa.datasets.readers import EXTENSIONS, read_image
 from multijepa.embed import Embedder, load
-from multijepa.evaluate import knn_accuracy, linear_probe_accuracy, stratified_split
+from multijepa.evaluate import stratified_split
 from multijepa.recipe import load_recipe
 from multijepa.train import pretrain
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -50,15 +45,7 @@ def main() -> None:
     filelist.write_text("".join(f"{Path(index.files[i]).resolve()}\n" for i in train_idx))
 
     base = [f"data.path={filelist}", "train.progress=false"] + args.overrides
-    steps = args.steps
-    if not steps:  # calibrate: time 30 steps (after 10 warm-up steps) of this exact recipe
-        calib = load_recipe(args.recipe, base + [f"run.dir={out / 'calib'}", "train.steps=40",
-                                                 "train.log_every=10", "run.resume=false"])
-        pretrain(calib)
-        rows = [json.loads(line) for line in (out / "calib/metrics.jsonl").read_text().splitlines()]
-        per_s = np.mean([r["samples_per_s"] for r in rows[1:]])
-        steps = int(args.minutes * 60 * per_s / calib.data.batch_size)
-        print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {args.minutes} min", flush=True)
+    steps = args.steps or calibrated_steps(args.recipe, base, out, args.minutes)
     recipe = load_recipe(args.recipe, base + [f"run.dir={out / 'run'}", f"train.steps={steps}",
                                               f"train.checkpoint_every={max(steps // 10, 1)}"])
     t0 = time.perf_counter()
@@ -72,19 +59,13 @@ def main() -> None:
     jepa = load(run / "last.pt")
     models = [("jepa", jepa)] + ([] if args.jepa_only else [("random_init", Embedder.random_init(jepa.recipe))])
     for name, model in models:
-        f = features(model)
-        results[name] = {"linear": linear_probe_accuracy(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx]),
-                         "knn": knn_accuracy(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx])}
+        results[name] = probe_scores(features(model), labels, train_idx, test_idx)
     if args.jepa_only:
         print(json.dumps(results))
         return
     pixels = np.stack([read_image(f).float().div(255).flatten().numpy() for f in index.files])
-    results["raw_pixels"] = {
-        "linear": linear_probe_accuracy(pixels[train_idx], labels[train_idx], pixels[test_idx], labels[test_idx]),
-        "knn": knn_accuracy(pixels[train_idx], labels[train_idx], pixels[test_idx], labels[test_idx])}
-    results.update(steps=steps, train_minutes=round(train_minutes, 1), date=str(date.today()),
-                   machine=f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-                   command=" ".join(["python", *sys.argv]))
+    results["raw_pixels"] = probe_scores(pixels, labels, train_idx, test_idx)
+    results.update(steps=steps, train_minutes=round(train_minutes, 1), **provenance())
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"| CIFAR-10 dev (8000/2000) | {steps} steps, {train_minutes:.1f} min | "

@@ -15,53 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import signal
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import (ROOT, calibrated_steps, final_step, load_average, pretrain_for_at_most, probe_scores,
+                    provenance, wait_until_quiet)
 
 from multijepa.datasets.files import list_folder
 from multijepa.datasets.readers import EXTENSIONS
 from multijepa.embed import Embedder, load
-from multijepa.evaluate import knn_accuracy, linear_probe_accuracy, stratified_split
+from multijepa.evaluate import stratified_split
 from multijepa.recipe import load_recipe
 from multijepa.tokenizers.pointcloud import group_points
-from multijepa.train import pretrain
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until_quiet(max_load: float = 1.3, give_up_minutes: float = 40.0) -> float:
-    """Sleep until the 1-minute load average is below ``max_load`` (the machine is shared); returns it."""
-    deadline = time.time() + give_up_minutes * 60
-    while True:
-        load = float(Path("/proc/loadavg").read_text().split()[0])
-        if load < max_load or time.time() > deadline:
-            print(f"load average {load:.2f}: {'starting' if load < max_load else 'gave up waiting, starting'}",
-                  flush=True)
-            return load
-        print(f"load average {load:.2f} >= {max_load}: waiting", flush=True)
-        time.sleep(60)
-
-
-def pretrain_for_at_most(recipe, seconds: float) -> bool:
-    """Pretrain; at the deadline ask the trainer to stop (it checkpoints the step it is on, as on
-    SIGTERM). Returns True when the deadline cut the run short."""
-    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-    signal.alarm(max(1, int(seconds)))
-    try:
-        pretrain(recipe)
-        return False
-    except KeyboardInterrupt:
-        return True
-    finally:
-        signal.alarm(0)
 
 
 def time_grouping(device: str, points: int, batch: int = 32, groups: int = 64, size: int = 32,
@@ -101,33 +68,23 @@ def main() -> None:
     filelist = out / "train.txt"
     filelist.write_text("".join(f"{Path(index.files[i]).resolve()}\n" for i in train_idx))
 
-    start_load = wait_until_quiet() if args.wait_quiet else float(Path("/proc/loadavg").read_text().split()[0])
+    start_load = wait_until_quiet() if args.wait_quiet else load_average()
     base = [f"data.path={filelist}", "train.progress=false"] + args.overrides
-    steps = args.steps
-    if not steps:  # calibrate: time 30 steps (after 10 warm-up steps) of this exact recipe
-        calib = load_recipe(args.recipe, base + [f"run.dir={out / 'calib'}", "train.steps=40",
-                                                 "train.log_every=10", "run.resume=false"])
-        pretrain(calib)
-        rows = [json.loads(line) for line in (out / "calib/metrics.jsonl").read_text().splitlines()]
-        per_s = np.mean([r["samples_per_s"] for r in rows[1:]])
-        # Aim a minute short of the budget: the deadline below stops a run that the machine slows.
-        steps = int((args.minutes - 1) * 60 * per_s / calib.data.batch_size)
-        print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {args.minutes - 1} min", flush=True)
+    # Aim a minute short of the budget: the deadline below stops a run that the machine slows.
+    steps = args.steps or calibrated_steps(args.recipe, base, out, args.minutes - 1)
     recipe = load_recipe(args.recipe, base + [f"run.dir={out / 'run'}", f"train.steps={steps}",
                                               f"train.checkpoint_every={max(steps // 10, 1)}"])
     t0 = time.perf_counter()
     cut_short = pretrain_for_at_most(recipe, args.minutes * 60)
     train_minutes = (time.perf_counter() - t0) / 60
     run = Path(recipe.run.dir)
-    steps_done = int(torch.load(run / "last.pt", weights_only=True)["step"])
+    steps_done = final_step(run)
 
     results: dict = {}
     jepa = load(run / "last.pt")
     models = [("jepa", jepa)] + ([] if args.jepa_only else [("random_init", Embedder.random_init(jepa.recipe))])
     for name, model in models:
-        f = model.embed(index.files, batch_size=128, num_workers=2)
-        results[name] = {"linear": linear_probe_accuracy(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx]),
-                         "knn": knn_accuracy(f[train_idx], labels[train_idx], f[test_idx], labels[test_idx])}
+        results[name] = probe_scores(model.embed(index.files, batch_size=128, num_workers=2), labels, train_idx, test_idx)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     results["final_target_erank"] = round(metrics[-1]["target_erank"], 2)
     if args.jepa_only:
@@ -141,10 +98,8 @@ def main() -> None:
             timings[f"cuda_32x{points}_ms"] = round(time_grouping("cuda", points), 2)
     results["fps_knn_64x32"] = timings
     results.update(steps=steps_done, steps_planned=steps, cut_at_deadline=cut_short,
-                   train_minutes=round(train_minutes, 1), date=str(date.today()),
-                   load_average_at_start=start_load, n_train=len(train_idx), n_test=len(test_idx),
-                   machine=f"{platform.machine()} {threads} threads, torch {torch.__version__}",
-                   command=" ".join(["python", *sys.argv]))
+                   train_minutes=round(train_minutes, 1), load_average_at_start=start_load,
+                   n_train=len(train_idx), n_test=len(test_idx), **provenance(threads))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"| ModelNet10 dev ({len(train_idx)}/{len(test_idx)}) | {steps_done} steps, {train_minutes:.1f} min | "

@@ -15,7 +15,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
