@@ -112,6 +112,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1, help="pretraining runs (and random inits) per set, averaged")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. train.steps=300")
     args = ap.parse_args()
+    unknown = [name for name in args.sets if not (Path(args.data) / name).is_dir()]
+    if unknown:  # e.g. overrides written after --sets, which takes every word that follows it
+        ap.error(f"--sets: no data set folder {', '.join(unknown)} under {args.data}; put recipe overrides "
+                 f"before --sets")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
