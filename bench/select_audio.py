@@ -1,70 +1,120 @@
-"""Configuration selection for bench/quality_audio.py without the test speaker (theo).
+"""Choose the configuration of bench/quality_audio.py without looking at its test speaker.
 
-Pretrains each configuration (recipe overrides, one quoted argument each) on the 1,500 non-theo
-files of FSDD-dev, then fits linear and kNN probes on two of george / jackson / nicolas and scores
-them on the third, rotating; theo is never read. ``RANDOM`` (plus overrides) scores the encoder at
-random init. One torch thread; the pretraining runs in a subprocess, checkpoints are probed after.
+Each configuration (one quoted argument of recipe overrides; "" is the recipe as it is) is pretrained
+on every FSDD-dev file except the test speaker's, then its checkpoints along the run are probed on
+the training speakers alone: a linear and a kNN probe fitted on two of them and scored on the third,
+in every rotation. ``RANDOM`` (plus overrides) scores the encoder at random init. The test speaker's
+files are never read. One torch thread; each pretraining runs in a subprocess so that its
+checkpoints can be copied as they are written. Lines go to stdout and to OUT/val.log.
 
-    ls ../shared/data/audio/fsdd-dev/*.wav | grep -v _theo_ > /tmp/abench2/pretrain.txt
-    PYTHONPATH=. .venv/bin/python bench/select_audio.py 600 300 RANDOM "" "loss.regularizer_weight=4.0"
-
-(WORK, RECIPE below: scratch folder and recipe; this is the script that produced the validation
-table in docs/results.md, with those two paths made constants.)
+    PYTHONPATH=. .venv/bin/python bench/select_audio.py --steps 600 --every 300 \
+        RANDOM "" "loss.regularizer_weight=2.0 model.predictor_depth=1"
 """
-WORK = '/tmp/abench2'
-RECIPE = str(__import__('pathlib').Path(__file__).resolve().parent.parent / 'recipes/audio.yaml')
-import sys, json, shutil, subprocess, time, numpy as np, torch
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
-torch.set_num_threads(1)
-from multijepa.embed import load, Embedder
+
+import numpy as np
+import torch
+from common import ROOT
+
+from multijepa.embed import Embedder, load
+from multijepa.evaluate import knn_accuracy, linear_probe_accuracy
 from multijepa.recipe import load_recipe
-from multijepa.evaluate import linear_probe_accuracy, knn_accuracy
-files = [l.strip() for l in open(f'{WORK}/pretrain.txt')]
-digits = np.array([int(Path(f).name.split('_')[0]) for f in files]); spk = np.array([Path(f).name.split('_')[1] for f in files])
-SPK = ['george', 'jackson', 'nicolas']
-LOG = f'{WORK}/val.log'
-def score(feats):
-    lin, knn = [], []
-    for s in SPK:
-        te = np.flatnonzero(spk == s); tr = np.flatnonzero(spk != s)
-        lin.append(round(linear_probe_accuracy(feats[tr], digits[tr], feats[te], digits[te]), 3))
-        knn.append(round(knn_accuracy(feats[tr], digits[tr], feats[te], digits[te]), 3))
-    return lin, knn
-def log(line):
-    print(line, flush=True)
-    with open(LOG, 'a') as fh: fh.write(line + '\n')
-steps, every = int(sys.argv[1]), int(sys.argv[2])
-for ov in sys.argv[3:]:
-    name = (ov.replace(' ', '_').replace('/', '') or 'default')[:100]
-    out = Path(WORK) / 'runs' / name
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    base = ['audio.sample_rate=8000', f'data.path={WORK}/pretrain.txt', 'train.progress=false', 'train.threads=1',
-            'data.num_workers=0', f'train.steps={steps}', f'train.checkpoint_every={every}', 'train.log_every=50',
-            f'run.dir={out}', 'run.resume=false'] + ov.split()
-    if ov.startswith('RANDOM'):
-        rec = load_recipe(RECIPE, base[:1] + ov.split()[1:])
-        lin, knn = score(Embedder.random_init(rec, device='cpu').embed(files, batch_size=128))
-        log(f'{ov} | random init | lin {lin} mean {np.mean(lin):.3f} | knn {knn} mean {np.mean(knn):.3f}')
-        continue
-    code = ("import torch; torch.set_num_threads(1)\nfrom multijepa.recipe import load_recipe\nfrom multijepa.train import pretrain\n"
-            f"pretrain(load_recipe({RECIPE!r}, {base!r}))")
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, '-c', code], stdout=open(f'{out}.out', 'w'), stderr=subprocess.STDOUT)
-    seen, copies = None, []
-    while True:
-        done = proc.poll() is not None
-        ck = out / 'last.pt'
-        if ck.exists() and ck.stat().st_mtime != seen:
-            time.sleep(1); seen = ck.stat().st_mtime
-            step = torch.load(ck, weights_only=True, map_location='cpu')['step']
-            if step not in [s for s, _ in copies]:
-                dst = Path(f'{out}__{step}.pt'); shutil.copy(ck, dst); copies.append((step, dst))
-        if done: break
-        time.sleep(3)
-    tmin = (time.time() - t0) / 60
-    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
-    for step, ck in copies:
-        lin, knn = score(load(ck, device='cpu').embed(files, batch_size=128))
-        er = [r['target_erank'] for r in rows if r['step'] == step]
-        log(f'{ov or "default"} | step {step}/{steps} ({tmin:.1f} min) | lin {lin} mean {np.mean(lin):.3f} | knn {knn} mean {np.mean(knn):.3f} | erank {er[0] if er else None:.1f}')
+
+RECIPE = str(ROOT / "recipes/audio.yaml")
+
+
+def rotations(features: np.ndarray, digits: np.ndarray, speakers: np.ndarray) -> tuple[list[float], list[float]]:
+    """Linear and kNN accuracy with each training speaker held out in turn."""
+    linear, knn = [], []
+    for held_out in sorted(set(speakers)):
+        te, tr = np.flatnonzero(speakers == held_out), np.flatnonzero(speakers != held_out)
+        linear.append(round(linear_probe_accuracy(features[tr], digits[tr], features[te], digits[te]), 3))
+        knn.append(round(knn_accuracy(features[tr], digits[tr], features[te], digits[te]), 3))
+    return linear, knn
+
+
+def pretrain_with_snapshots(overrides: list[str], out: Path) -> list[tuple[int, Path]]:
+    """Pretrain in a subprocess, copying last.pt each time the trainer rewrites it; returns (step, copy)."""
+    code = ("import torch; torch.set_num_threads(1)\nfrom multijepa.recipe import load_recipe\n"
+            f"from multijepa.train import pretrain\npretrain(load_recipe({RECIPE!r}, {overrides!r}))")
+    with open(f"{out}.out", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+        seen, copies = None, []
+        while True:
+            finished = proc.poll() is not None
+            ckpt = out / "last.pt"
+            if ckpt.exists() and ckpt.stat().st_mtime != seen:
+                seen = ckpt.stat().st_mtime
+                step = int(torch.load(ckpt, weights_only=True, map_location="cpu")["step"])
+                if step not in [s for s, _ in copies]:
+                    copies.append((step, Path(shutil.copy(ckpt, f"{out}__{step}.pt"))))
+            if finished:
+                break
+            time.sleep(3)
+    if proc.returncode:
+        raise SystemExit(f"pretraining failed with {overrides}: see {out}.out")
+    return copies
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/audio/fsdd-dev"))
+    ap.add_argument("--test-speaker", default="theo", help="left out entirely (the bench's test split)")
+    ap.add_argument("--out", default=str(ROOT / "bench/out/select_audio"))
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--every", type=int, default=300, help="probe the checkpoint every this many steps")
+    ap.add_argument("configs", nargs="+", help='quoted recipe overrides per configuration; "" = as is; RANDOM ...')
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(str(p.resolve()) for p in Path(args.data).glob("*.wav")
+                   if p.name.split("_")[1] != args.test_speaker)
+    digits = np.array([int(Path(f).name.split("_")[0]) for f in files])
+    speakers = np.array([Path(f).name.split("_")[1] for f in files])
+    (out / "pretrain.txt").write_text("".join(f + "\n" for f in files))
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with open(out / "val.log", "a") as fh:
+            fh.write(line + "\n")
+
+    def report(name: str, features: np.ndarray, extra: str = "") -> None:
+        linear, knn = rotations(features, digits, speakers)
+        log(f"{name} | {extra}lin {linear} mean {np.mean(linear):.3f} | knn {knn} mean {np.mean(knn):.3f}")
+
+    for config in args.configs:
+        words = config.split()
+        if words[:1] == ["RANDOM"]:
+            recipe = load_recipe(RECIPE, ["audio.sample_rate=8000"] + words[1:])
+            report(config, Embedder.random_init(recipe, device="cpu").embed(files, batch_size=128), "random init | ")
+            continue
+        run = out / "runs" / ((config.replace(" ", "_").replace("/", "") or "default")[:100])
+        shutil.rmtree(run, ignore_errors=True)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        overrides = ["audio.sample_rate=8000", f"data.path={out / 'pretrain.txt'}", "train.progress=false",
+                     "train.threads=1", "data.num_workers=0", f"train.steps={args.steps}",
+                     f"train.checkpoint_every={args.every}", "train.log_every=50", f"run.dir={run}",
+                     "run.resume=false"] + words
+        t0 = time.time()
+        snapshots = pretrain_with_snapshots(overrides, run)
+        minutes = (time.time() - t0) / 60
+        rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+        for step, ckpt in snapshots:
+            erank = rows[step]["target_erank"] if step in rows else float("nan")
+            report(config or "default", load(ckpt, device="cpu").embed(files, batch_size=128),
+                   f"step {step}/{args.steps} ({minutes:.1f} min) | erank {erank:.1f} | ")
+
+
+if __name__ == "__main__":
+    main()
