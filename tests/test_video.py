@@ -18,7 +18,8 @@ from conftest import ROOT, TINY, run_cli
 from multijepa.core.jepa import build_model
 from multijepa.core.masking import sample_block_masks
 from multijepa.datasets import video as video_module
-from multijepa.datasets.files import EMBED_VIEWS, FileDataset, build_train_loader, list_folder, load_input
+from multijepa.datasets.files import (EMBED_VIEWS, FileDataset, ShardDataset, build_train_loader, list_folder,
+                                      load_input, write_shards)
 from multijepa.datasets.readers import EXTENSIONS, modality_of
 from multijepa.datasets.video import (clip_indices, clip_starts, open_video, output_size, read_clips,
                                       resolve_backend)
@@ -305,6 +306,15 @@ def test_file_dataset__video_folder_labels_and_bad_files_skipped(tmp_path, folde
     assert [v.shape for v in EMBED_VIEWS["video"](index.files[1], recipe, "x")[0]] == [(3, 4, 32, 32)] * 3
 
 
+def test_write_shards__video_round_trip_and_training_stream(tmp_path, folder):
+    urls = write_shards(folder, tmp_path / "shards", per_shard=4)
+    recipe = load_recipe(VIDEO_RECIPE, TINY_VIDEO + [f"data.path={tmp_path / 'shards'}", "data.batch_size=4"])
+    stream = iter(ShardDataset(urls, recipe, buffer=2))
+    samples = [next(stream) for _ in range(6)]
+    assert all(s["input"].shape == (3, 4, 32, 32) and not s["bad"] for s in samples)
+    assert next(iter(build_train_loader(recipe)))["input"].shape == (4, 3, 4, 32, 32)
+
+
 def test_pretrain__bad_videos_are_skipped_and_counted(tmp_path, folder):
     from multijepa.train import pretrain
 
@@ -330,7 +340,7 @@ def test_pretrain__bad_videos_are_skipped_and_counted(tmp_path, folder):
 def trained(tmp_path_factory, folder):
     root = tmp_path_factory.mktemp("cli")
     args = [str(VIDEO_RECIPE), *TINY_VIDEO, f"data.path={folder}", "run.dir=runs/video", "data.batch_size=4",
-            "train.checkpoint_every=2"]
+            "train.checkpoint_every=2", "data.num_workers=1"]  # decoding in a DataLoader worker
     run_cli("pretrain", *args, "train.steps=2", cwd=root)
     resumed = run_cli("pretrain", *args, "train.steps=4", cwd=root)
     assert "resuming" in resumed.stderr
@@ -356,7 +366,19 @@ def test_video_embed__one_vector_per_clip_and_clip_count(trained, clips):
     run_cli("embed", *files, "--windows", "--clips", "2", "--out", "w.jsonl", cwd=trained)
     rows = [json.loads(line) for line in (trained / "w.jsonl").read_text().splitlines()]
     assert [(r["file"], r["window"]) for r in rows] == [(f, k) for f in files for k in range(2)]
-    pooled = json.loads(run_cli("embed", files[1], "--clips", "2", cwd=trained).stdout)["embedding"]
+    model = Embedder.from_checkpoint(trained / "runs/video/last.pt", device="cpu").with_overrides(["video.embed_clips=2"])
+    pooled = model.embed([files[1]])[0]
     np.testing.assert_allclose(pooled, np.mean([r["embedding"] for r in rows[2:]], axis=0), atol=1e-4)
+    per_clip_tokens = model.embed([files[1]], tokens=True, windows=True)
+    assert [t.shape for t in per_clip_tokens] == [(2, 2 * 4 * 4, 32)]  # clips x tokens x dim
+    with pytest.raises(MultijepaError, match="2 windows"):
+        model.embed([files[1]], tokens=True)
     bad = run_cli("embed", files[0], "--window", "1", cwd=trained, check=False)
     assert bad.returncode != 0 and "--window and --hop apply to audio" in bad.stderr
+
+
+def test_video_probe__labelled_folder_through_the_cli(trained, folder):
+    out = run_cli("probe", str(folder), "--checkpoint", str(trained / "runs/video/last.pt"), "--workers", "0",
+                  "--test-fraction", "0.5", "--json", cwd=trained).stdout
+    result = json.loads(out.splitlines()[-1])
+    assert result["n_train"] + result["n_test"] == 8 and 0 <= result["linear"] <= 1
