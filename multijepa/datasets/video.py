@@ -302,7 +302,7 @@ def clip_indices(timestamps: np.ndarray, cfg: VideoConfig, start: float) -> list
     >>> clip_indices(np.arange(10) / 25, VideoConfig(frames=4, frame_stride=3), 2)
     [2, 5, 8, 9]
     >>> clip_indices(np.array([0, .04, .12, .16, .24]), VideoConfig(frames=4, fps=10), 0.0)
-    [0, 2, 4, 4]
+    [0, 1, 3, 4]
     """
     n = len(timestamps)
     if cfg.fps > 0:
