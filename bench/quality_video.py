@@ -13,8 +13,8 @@ The moving-digits set (``make_moving_digits``), deterministic given ``--seed``:
   that moves in a straight line at constant speed: direction one of 8 (0 = right, then every 45
   degrees counter-clockwise: 1 = up-right, 2 = up, ... 7 = down-right), speed uniform in
   [1, 2] px per frame (at most 30 px over 16 frames; the digit has 36 px of room). The start is
-  drawn uniformly among positions that keep the whole digit on the canvas for every frame (no bouncing, so the direction never changes). Positions are
-  rounded to whole pixels.
+  drawn uniformly among positions that keep the whole digit on the canvas for every frame (no
+  bouncing, so the direction never changes). Positions are rounded to whole pixels.
 * Written as H.264 mp4 (crf 12, 25 fps) to ``--out``/digits/{train,test}/; labels (digit and
   direction) in ``labels.json``.
 
@@ -164,7 +164,8 @@ def kth_speed(root: Path, recipe_path: str, repeats: int = 3) -> dict:
     with open_video(kth[0], backend="pyav") as v:
         example = f"{v.header.width}x{v.header.height}, {v.num_frames} frames"
     return {"recipe": f"{Path(recipe_path).name} defaults: {default.video.frames} frames every "
-                      f"{default.video.frame_stride}, {default.video.size} px, {default.video.embed_clips} clips per file",
+                      f"{default.video.frame_stride}, {default.video.size} px, "
+                      f"{default.video.embed_clips} clips per file",
             "files": len(kth), "example": example,
             "runs": [clip_speed(kth, default, b, repeats) for _ in range(2) for b in ("decord", "pyav")]}
 
@@ -243,7 +244,8 @@ def main() -> None:
         results["kth_speed"] = kth_speed(Path(args.kth), args.recipe)
     results.update(steps=steps, train_minutes=round(train_minutes, 1), n_pretrain=len(files),
                    n_fit=len(fit_files), n_score=len(score_files), date=str(date.today()),
-                   load_at_start=load_at_start, machine=f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}",
+                   load_at_start=load_at_start,
+                   machine=f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}",
                    
                    command=" ".join(["python", *sys.argv]))
     (out / f"results_{args.eval}.json").write_text(json.dumps(results, indent=2))

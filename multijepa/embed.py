@@ -245,8 +245,9 @@ def write_embeddings(files: Sequence[str], vectors: Union[np.ndarray, list[np.nd
         head = {"file": files[i], **({"index": int(index[i])} if index is not None else {})}
         if not windowed:
             return [{**head, "embedding": np.round(vectors[i], 6).tolist()}]
-        start = (lambda k: {}) if window_hop_seconds is None else (lambda k: {"start_s": round(k * window_hop_seconds, 6)})
-        return [{**head, "window": k, **start(k), "embedding": np.round(w, 6).tolist()} for k, w in enumerate(vectors[i])]
+        hop = window_hop_seconds
+        return [{**head, "window": k, **({} if hop is None else {"start_s": round(k * hop, 6)}),
+                 "embedding": np.round(w, 6).tolist()} for k, w in enumerate(vectors[i])]
 
     lines = (json.dumps(r) for i in range(len(vectors)) for r in rows(i))
     if out:

@@ -153,7 +153,8 @@ def _bad(kind: str, clips, tmp_path) -> Path:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,match", [
-    ("empty", "empty"), ("text", "cannot open as a video"), ("png", "cannot open as a video|no video stream|no frame size"),
+    ("empty", "empty"), ("text", "cannot open as a video"),
+    ("png", "cannot open as a video|no video stream|no frame size"),
     ("mp4@0.5", "cannot open"), ("avi@0.5", "cannot open"), ("avi@0.9", "truncated"),
     ("mkv@0.5", "truncated"), ("webm@0.6", "truncated|cannot"),
 ])
@@ -346,6 +347,9 @@ def trained(tmp_path_factory, folder):
     assert "resuming" in resumed.stderr
     rows = [json.loads(line) for line in (root / "runs/video/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    run_cli("pretrain", *args, "train.steps=4", "run.dir=straight", cwd=root)
+    straight = [json.loads(line) for line in (root / "straight/metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight], rel=1e-4)  # same curve
     return root
 
 
@@ -366,7 +370,8 @@ def test_video_embed__one_vector_per_clip_and_clip_count(trained, clips):
     run_cli("embed", *files, "--windows", "--clips", "2", "--out", "w.jsonl", cwd=trained)
     rows = [json.loads(line) for line in (trained / "w.jsonl").read_text().splitlines()]
     assert [(r["file"], r["window"]) for r in rows] == [(f, k) for f in files for k in range(2)]
-    model = Embedder.from_checkpoint(trained / "runs/video/last.pt", device="cpu").with_overrides(["video.embed_clips=2"])
+    model = Embedder.from_checkpoint(trained / "runs/video/last.pt", device="cpu")
+    model = model.with_overrides(["video.embed_clips=2"])
     pooled = model.embed([files[1]])[0]
     np.testing.assert_allclose(pooled, np.mean([r["embedding"] for r in rows[2:]], axis=0), atol=1e-4)
     per_clip_tokens = model.embed([files[1]], tokens=True, windows=True)

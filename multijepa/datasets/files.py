@@ -62,7 +62,8 @@ EMBED_VIEWS: dict[str, Callable[[Union[Source, torch.Tensor], Recipe, str], list
                                          audio_transform(read_audio(item, r.audio.sample_rate, r.audio.model_channels,
                                                                     name), r.audio, None))],
     "pointcloud": lambda item, r, name: [[item if isinstance(item, torch.Tensor) else _points(item, r, name, None)]],
-    # A video: clips spread evenly over it (video.embed_clips); a tensor is one clip [C, T, H, W] or clips [K, C, T, H, W].
+    # A video: clips spread evenly over it (video.embed_clips); a tensor is one clip [C, T, H, W] or
+    # several [K, C, T, H, W].
     "video": lambda item, r, name: [list(item if item.ndim == 5 else item[None]) if isinstance(item, torch.Tensor)
                                     else read_clips(item, r.video, name, None, r.video.embed_clips)],
 }

@@ -29,7 +29,8 @@ from multijepa.errors import DecodeError, MultijepaError
 from multijepa.recipe import VideoConfig
 
 Source = Union[str, Path, bytes]
-_FIX = "the file is corrupt, truncated or not a video: remove it or re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)"
+_FIX = ("the file is corrupt, truncated or not a video: remove it or re-encode it "
+        "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
 
 
 def decord_available() -> bool:

@@ -16,7 +16,8 @@ class TubeletTokenizer(nn.Module):
     """Non-overlapping ``tubelet x patch x patch`` tubes embedded by one strided 3D convolution, in
     (t, row, col) order, so the token grid is ``(T // tubelet, H // patch, W // patch)``.
 
-    >>> tokens, coords = video_tokenizer(channels=3, tubelet_size=2, patch_size=16, dim=32)(torch.zeros(2, 3, 8, 64, 64))
+    >>> tokenizer = video_tokenizer(channels=3, tubelet_size=2, patch_size=16, dim=32)
+    >>> tokens, coords = tokenizer(torch.zeros(2, 3, 8, 64, 64))
     >>> tokens.shape, coords.shape
     (torch.Size([2, 64, 32]), torch.Size([2, 64, 3]))
     """
