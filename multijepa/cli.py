@@ -4,6 +4,7 @@
     multijepa embed cat.jpg dog.png --out vectors.npy
     multijepa embed series.csv GunPoint_TEST.ts --out vectors.npy     # one row per series
     multijepa embed speech.wav --windows
+    multijepa embed clip.mp4 --clips 8                                # mean over 8 clips; --windows for each
     multijepa probe --checkpoint runs/image/last.pt labelled_folder/
     multijepa probe --checkpoint runs/timeseries/last.pt GunPoint_TRAIN.ts --test GunPoint_TEST.ts
     multijepa shard photos/ shards/
@@ -59,12 +60,16 @@ def _embed(args: argparse.Namespace) -> None:
 
     model = load(checkpoint, device=args.device)
     if args.window is not None or args.hop is not None:
-        if not model.windowed:
+        if model.recipe.modality != "audio":
             raise MultijepaError(f"--window and --hop apply to audio models; {checkpoint} is a "
                                  f"{model.recipe.modality} model")
         model = model.with_overrides([f"audio.embed_{key}_seconds={value}" for key, value in
                                       (("window", args.window), ("hop", args.hop)) if value is not None])
-    # Audio tokens are always per window: a long file has a token grid per window.
+    if args.clips is not None:
+        if model.recipe.modality != "video":
+            raise MultijepaError(f"--clips applies to video models; {checkpoint} is a {model.recipe.modality} model")
+        model = model.with_overrides([f"video.embed_clips={args.clips}"])
+    # Audio and video tokens are always per window (clip): a long file has a token grid per window.
     windows = args.windows or (args.tokens and model.windowed)
     vectors, rows = model.embed_with_index(args.files, tokens=args.tokens, batch_size=args.batch_size,
                                            windows=windows)
@@ -151,9 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-token features instead of the pooled mean (audio: per window, as --windows)")
     p.add_argument("--windows", action="store_true",
                    help="audio: one vector per window (audio.embed_window_seconds every audio.embed_hop_seconds) "
-                        "instead of their mean")
+                        "instead of their mean; video: one vector per clip")
     p.add_argument("--window", type=float, metavar="SECONDS", help="audio: window length (default: the recipe's)")
     p.add_argument("--hop", type=float, metavar="SECONDS", help="audio: seconds between windows (default: the recipe's)")
+    p.add_argument("--clips", type=int, metavar="N",
+                   help="video: clips spread evenly over each video and pooled (default: video.embed_clips)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_embed)

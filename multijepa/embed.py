@@ -27,9 +27,11 @@ from multijepa.train import resolve_device
 
 Item = Union[str, Path, torch.Tensor]
 
-# Modalities whose files embed as several windows of one sample, and the seconds between window starts.
-WINDOW_HOP_SECONDS: dict[str, Callable[[Recipe], float]] = {
+# Modalities whose files embed as several windows of one sample, and the seconds between window starts
+# (None where it differs from file to file: video clips are spread evenly over each video).
+WINDOW_HOP_SECONDS: dict[str, Callable[[Recipe], Optional[float]]] = {
     "audio": lambda r: r.audio.window_hop_samples / r.audio.sample_rate,
+    "video": lambda r: None,
 }
 
 
@@ -109,16 +111,18 @@ class Embedder:
 
         A long audio file is covered by windows (``audio.embed_window_seconds`` every
         ``audio.embed_hop_seconds``); a shorter one is one window of its own length, padded to whole
-        time patches.
+        time patches. A video is seen through ``video.embed_clips`` clips spread evenly over it
+        (fewer when it is too short to hold that many distinct clips), decoded one at a time.
 
         Args:
-            items: paths of this model's modality, or tensors: a preprocessed image [C, H, W], or a
-                raw series [C, L] or [L] (any length; NaN = missing).
+            items: paths of this model's modality, or tensors: a preprocessed image [C, H, W], a
+                raw series [C, L] or [L] (any length; NaN = missing), or preprocessed video clips
+                [C, T, H, W] or [K, C, T, H, W].
             tokens: per-token features [S, T, D] instead of the pooled mean [S, D] (one view per
                 sample only; padding tokens are NaN).
             batch_size: views per forward pass.
             num_workers: DataLoader workers decoding files.
-            windows: one row per view (audio window) instead of the mean over a sample's views.
+            windows: one row per view (audio window, video clip) instead of the mean over a sample's views.
 
         Returns:
             float32 array [S, D] (pooled) or [S, T, D] (tokens), S = samples; with ``windows`` a list
@@ -128,12 +132,13 @@ class Embedder:
 
     @property
     def windowed(self) -> bool:
-        """Whether a file may embed as several windows of one sample (audio)."""
+        """Whether a file may embed as several windows of one sample (audio windows, video clips)."""
         return self.recipe.modality in WINDOW_HOP_SECONDS
 
     @property
-    def window_hop_seconds(self) -> float:
-        """Seconds between the starts of consecutive windows (0 for modalities without windows)."""
+    def window_hop_seconds(self) -> Optional[float]:
+        """Seconds between the starts of consecutive windows (0 for modalities without windows, None
+        where it differs per file)."""
         return WINDOW_HOP_SECONDS[self.recipe.modality](self.recipe) if self.windowed else 0.0
 
     @torch.no_grad()
@@ -213,13 +218,14 @@ def find_latest_checkpoint(modality: str, runs: Union[str, Path] = "runs") -> Op
 
 
 def write_embeddings(files: Sequence[str], vectors: Union[np.ndarray, list[np.ndarray]], out: Optional[str],
-                     index: Optional[Sequence[int]] = None, window_hop_seconds: float = 0.0) -> None:
+                     index: Optional[Sequence[int]] = None, window_hop_seconds: Optional[float] = 0.0) -> None:
     """Save to .npy (one array) or .jsonl (one {"file", "embedding"} line per row); stdout when out is None.
 
     ``files[i]`` names row i's file; ``index`` (rows of many-sample files) adds each row's position in
     its file. ``vectors`` as a list (``embed(windows=True)``) holds one [W_i, ...] array per row: .npy
     then stacks them to [N, W, ...] (every row must have W windows) and JSON lines get one line per
-    window with its index and start time, ``{"file", "window", "start_s", "embedding"}``.
+    window with its index and start time, ``{"file", "window", "start_s", "embedding"}`` (no ``start_s``
+    when ``window_hop_seconds`` is None: video clips, spread evenly over each video).
     """
     windowed = isinstance(vectors, list)
     if out and not out.endswith((".npy", ".jsonl")):
@@ -239,8 +245,9 @@ def write_embeddings(files: Sequence[str], vectors: Union[np.ndarray, list[np.nd
         head = {"file": files[i], **({"index": int(index[i])} if index is not None else {})}
         if not windowed:
             return [{**head, "embedding": np.round(vectors[i], 6).tolist()}]
-        return [{**head, "window": k, "start_s": round(k * window_hop_seconds, 6), "embedding": np.round(w, 6).tolist()}
-                for k, w in enumerate(vectors[i])]
+        hop = window_hop_seconds
+        return [{**head, "window": k, **({} if hop is None else {"start_s": round(k * hop, 6)}),
+                 "embedding": np.round(w, 6).tolist()} for k, w in enumerate(vectors[i])]
 
     lines = (json.dumps(r) for i in range(len(vectors)) for r in rows(i))
     if out:

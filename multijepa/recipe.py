@@ -160,6 +160,30 @@ class PointCloudConfig:
 
 
 @dataclass(frozen=True)
+class VideoConfig:
+    """Video decoding, clip sampling, augmentation and the 3D tubelet tokenizer.
+
+    A clip is ``frames`` frames, every ``frame_stride``-th frame of the file, or, with ``fps`` > 0,
+    the frames shown at ``fps`` sampling times (by timestamp, so variable frame rates work). Training
+    takes one clip at a random start; ``embed`` pools ``embed_clips`` clips spread evenly over the file.
+    """
+
+    frames: int = 8  # frames per clip
+    frame_stride: int = 2  # take every k-th frame (when fps is 0)
+    fps: float = 0.0  # > 0: sample frames at this rate by their timestamps instead of frame_stride
+    size: int = 64  # square side in pixels after cropping
+    channels: Literal[1, 3] = 3
+    tubelet_size: int = 2  # frames per token
+    patch_size: int = 16  # pixels per token side: tokens are tubelet_size x patch_size x patch_size
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # training: one random resized crop per clip (area range)
+    hflip: bool = True  # training: flip a clip's frames left-right with probability 0.5
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    backend: Literal["auto", "decord", "pyav"] = "auto"  # auto: decord where installed, else PyAV
+    embed_clips: int = 4  # embed: clips spread evenly over a video, pooled (fewer for a short video)
+
+
+@dataclass(frozen=True)
 class MaskConfig:
     """Multi-block masking on the token grid (I-JEPA defaults).
 
@@ -244,12 +268,13 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    modality: Literal["image", "timeseries", "audio", "pointcloud"] = "image"
+    modality: Literal["image", "timeseries", "audio", "pointcloud", "video"] = "image"
     data: DataConfig = field(default_factory=DataConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     timeseries: TimeSeriesConfig = field(default_factory=TimeSeriesConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     pointcloud: PointCloudConfig = field(default_factory=PointCloudConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -440,7 +465,8 @@ def shape_from_data(recipe: Recipe) -> bool:
 def token_grid(recipe: Recipe) -> tuple[int, ...]:
     """The token grid shape the recipe's tokenizer produces.
 
-    Image: ``(rows, cols)``, e.g. ``(8, 8)`` for 32 px / patch 4. Time series: ``(patches,)`` with
+    Image: ``(rows, cols)``, e.g. ``(8, 8)`` for 32 px / patch 4. Video: ``(t, rows, cols)``, e.g.
+    ``(4, 4, 4)`` for 8 frames of 64 px in 2 x 16 x 16 tubelets. Time series: ``(patches,)`` with
     mixed channels, ``(channels, patches)`` with channel-independent tokens. Audio: ``(freq, time)``.
     Point clouds have no grid (their tokens are groups around sampled centres): asking is a bug.
     """
@@ -457,6 +483,10 @@ def token_grid(recipe: Recipe) -> tuple[int, ...]:
     if recipe.modality == "audio":
         a = recipe.audio
         return (a.n_mels // a.patch_size[0], a.frames(a.clip_samples) // a.patch_size[1])
+    if recipe.modality == "video":
+        v = recipe.video
+        side = v.size // v.patch_size
+        return (v.frames // v.tubelet_size, side, side)
     raise AssertionError(f"modality {recipe.modality!r} has no token grid")
 
 
@@ -472,6 +502,20 @@ def validate_pointcloud(p: PointCloudConfig, where: str) -> None:
           f"must be [low, high] with 0 < low <= high, got {list(p.scale)}")
     check(p.jitter >= 0, where, "pointcloud.jitter", "must be 0 (off) or positive")
     check(0 <= p.dropout < 1, where, "pointcloud.dropout", "must be in [0, 1)")
+
+
+def validate_video(v: VideoConfig, where: str) -> None:
+    check(v.frames >= 1, where, "video.frames", "must be at least 1")
+    check(v.tubelet_size >= 1 and v.frames % v.tubelet_size == 0, where, "video.tubelet_size",
+          f"must divide video.frames={v.frames} (tokens are tubelet_size frames deep), got {v.tubelet_size}")
+    check(v.patch_size >= 1 and v.size % v.patch_size == 0, where, "video.patch_size",
+          f"must divide video.size={v.size}, got {v.patch_size}")
+    check(v.frame_stride >= 1, where, "video.frame_stride", "must be at least 1 (1 = every frame)")
+    check(v.fps >= 0, where, "video.fps", "must be 0 (use video.frame_stride) or a positive rate")
+    check(v.embed_clips >= 1, where, "video.embed_clips", "must be at least 1")
+    check(len(v.mean) == v.channels and len(v.std) == v.channels, where, "video.mean",
+          f"video.mean and video.std need {v.channels} values (one per channel)")
+    check_range(v.crop_scale, where, "video.crop_scale", 0.01, 1.0)
 
 
 def _validate_timeseries(ts: TimeSeriesConfig, where: str) -> None:
@@ -529,6 +573,7 @@ def validate(recipe: Recipe, where: str) -> None:
     validate_audio(recipe.audio, where)
     _validate_timeseries(recipe.timeseries, where)
     validate_pointcloud(recipe.pointcloud, where)
+    validate_video(recipe.video, where)
     if shape_from_data(recipe):
         # The grid is known once pretraining reads the data, which validates the mask again then; its
         # number of axes is known now, so axis settings are checked on a stand-in grid of that rank.

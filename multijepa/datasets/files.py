@@ -27,6 +27,7 @@ from multijepa.datasets.readers import EXTENSIONS, Source, read_audio, read_imag
 from multijepa.datasets.series import series_labels
 from multijepa.datasets.timeseries import resolve_shape, series_sample, series_views
 from multijepa.datasets.transforms import audio_transform, audio_windows, image_transform, pointcloud_transform
+from multijepa.datasets.video import read_clips
 from multijepa.errors import DataError, DecodeError
 from multijepa.recipe import MaskConfig, PointCloudConfig, Recipe, patch_stride, shape_from_data, token_grid
 from multijepa.tokenizers.pointcloud import group_points
@@ -47,6 +48,7 @@ LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[int], Optional[torch.
     "audio": lambda src, r, name, part, g: audio_transform(
         read_audio(src, r.audio.sample_rate, r.audio.model_channels, name), r.audio, g),
     "pointcloud": lambda src, r, name, part, g: _points(src, r, name, g),
+    "video": lambda src, r, name, part, g: read_clips(src, r.video, name, g)[0],
 }
 
 # How a recipe turns one file (or a tensor) into embedding inputs: per sample in file order, its
@@ -60,6 +62,10 @@ EMBED_VIEWS: dict[str, Callable[[Union[Source, torch.Tensor], Recipe, str], list
                                          audio_transform(read_audio(item, r.audio.sample_rate, r.audio.model_channels,
                                                                     name), r.audio, None))],
     "pointcloud": lambda item, r, name: [[item if isinstance(item, torch.Tensor) else _points(item, r, name, None)]],
+    # A video: clips spread evenly over it (video.embed_clips); a tensor is one clip [C, T, H, W] or
+    # several [K, C, T, H, W].
+    "video": lambda item, r, name: [list(item if item.ndim == 5 else item[None]) if isinstance(item, torch.Tensor)
+                                    else read_clips(item, r.video, name, None, r.video.embed_clips)],
 }
 
 

@@ -24,6 +24,8 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
     "timeseries": (".ts", ".csv", ".npy", ".npz"),  # read by multijepa.datasets.series
     "audio": (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif"),
     # Point files, meshes sampled to points (.ply holds either), and plain xyz arrays.
+    # Read through decord or PyAV by multijepa.datasets.video.
+    "video": (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".wmv", ".flv", ".3gp"),
     "pointcloud": (".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts", ".off", ".obj", ".stl", ".npy", ".txt"),
 }
 

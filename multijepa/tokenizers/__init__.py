@@ -13,6 +13,7 @@ from multijepa.tokenizers.audio import audio_tokenizer
 from multijepa.tokenizers.image import image_tokenizer
 from multijepa.tokenizers.pointcloud import point_pos_embed, pointcloud_tokenizer
 from multijepa.tokenizers.timeseries import timeseries_tokenizer
+from multijepa.tokenizers.video import video_tokenizer
 
 PosEmbed = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -27,6 +28,8 @@ TOKENIZERS: dict[str, Callable[[Recipe], nn.Module]] = {
     "pointcloud": lambda r: pointcloud_tokenizer(in_channels=3 + 3 * len(r.pointcloud.features), dim=r.model.dim,
                                                  num_groups=r.pointcloud.num_groups,
                                                  group_size=r.pointcloud.group_size, width=r.pointcloud.pointnet_width),
+    "video": lambda r: video_tokenizer(channels=r.video.channels, tubelet_size=r.video.tubelet_size,
+                                       patch_size=r.video.patch_size, dim=r.model.dim),
 }
 
 # Position codes from coords, for a given width. Grid modalities (not listed) use fixed sin-cos per

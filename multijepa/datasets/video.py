@@ -1,0 +1,382 @@
+"""Video: containers -> frames through decord or PyAV, clip sampling, and the clip transform.
+
+Two readers decode the same files: decord (random frame access, the default where it is installed)
+and PyAV (a streaming decoder; decord has no wheels for macOS or ARM, so ``video.backend: auto``
+falls back to it there). Both index frames in presentation order and agree on count and content
+(tested). Only the frames a clip needs are kept, resized as they are decoded: decord's
+``get_batch`` on the sampled indices with a decoder-side resize, PyAV by seeking to the key frame
+before the clip and keeping only the sampled frames. A 1080p file is never held whole in memory.
+
+Every failure (a missing, empty, corrupt or truncated file, no video stream) is a
+:class:`DecodeError` that names the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from multijepa.errors import DecodeError, MultijepaError
+from multijepa.recipe import VideoConfig
+
+Source = Union[str, Path, bytes]
+_FIX = ("the file is corrupt, truncated or not a video: remove it or re-encode it "
+        "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+
+
+def decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str) -> str:
+    """The reader to use: ``auto`` is decord where it is installed, else PyAV.
+
+    >>> resolve_backend("pyav")
+    'pyav'
+    """
+    if name == "auto":
+        return "decord" if decord_available() else "pyav"
+    if name == "decord" and not decord_available():
+        raise MultijepaError("video.backend=decord, but decord is not installed (it has no wheels for macOS or "
+                             "ARM); set video.backend=auto or pyav to read video with PyAV")
+    return name
+
+
+@dataclass
+class Header:
+    """What the container declares, read without decoding (used to spot truncated files)."""
+
+    width: int
+    height: int
+    declared_frames: int  # 0 when the container does not say (webm, mkv)
+    declared_seconds: float  # the video's declared duration; 0 when unknown
+
+
+def _header(path: str, name: str) -> Header:
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise DecodeError(f"{name}: the file holds no video stream; {_FIX}")
+            s = container.streams.video[0]
+            seconds = float(s.duration * s.time_base) if s.duration and s.time_base else 0.0
+            if not seconds and container.duration and len(container.streams) == 1:
+                seconds = container.duration / 1e6  # microseconds; only when no other stream could be longer
+            w, h = s.codec_context.width, s.codec_context.height
+            frames = s.frames
+    except av.error.FFmpegError as e:
+        raise DecodeError(f"{name}: cannot open as a video ({type(e).__name__}: {e.strerror or e}); {_FIX}") from None
+    if w <= 0 or h <= 0:
+        raise DecodeError(f"{name}: the video stream has no frame size ({w} x {h}); {_FIX}")
+    return Header(w, h, frames, seconds)
+
+
+def _check_complete(name: str, header: Header, timestamps: np.ndarray) -> None:
+    """Raise when fewer frames were found than the container declares (a cut copy or download)."""
+    n = len(timestamps)
+    if n == 0:
+        raise DecodeError(f"{name}: the video holds no frames; {_FIX}")
+    if header.declared_frames > 0 and n < header.declared_frames:
+        raise DecodeError(f"{name}: truncated video: found {n} of the {header.declared_frames} frames its header "
+                          f"declares; re-copy or re-encode it")
+    if header.declared_seconds > 0 and n >= 2:
+        period = float(np.median(np.diff(timestamps))) if n > 1 else 0.0
+        covered = timestamps[-1] + period
+        if covered < 0.9 * header.declared_seconds - 2 * period:
+            raise DecodeError(f"{name}: truncated video: its frames cover {covered:.2f} s of the "
+                              f"{header.declared_seconds:.2f} s its header declares; re-copy or re-encode it")
+
+
+def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled down to ``short_side`` (never up; 0 keeps the size).
+
+    >>> output_size(1920, 1080, 64)
+    (114, 64)
+    """
+    if short_side <= 0 or short_side >= min(width, height):
+        return width, height
+    scale = short_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+class VideoFile:
+    """An opened video: frame ``timestamps`` (seconds from the first frame, presentation order) and
+    ``read(indices)`` -> uint8 [T, H, W, 3] with the short side at ``short_side`` (0: native).
+
+    ``frames_decoded`` and ``peak_frames_held`` count work and memory (the memory-bound test reads them).
+    """
+
+    def __init__(self, path: str, name: str, short_side: int):
+        self.path, self.name = path, name
+        self.header = _header(path, name)
+        self.size = output_size(self.header.width, self.header.height, short_side)
+        self.frames_decoded = 0
+        self.peak_frames_held = 0
+        self.timestamps = self._timestamps()
+        _check_complete(name, self.header, self.timestamps)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.timestamps)
+
+    def _timestamps(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class DecordVideo(VideoFile):
+    """decord: frame counts and timestamps from its index, ``get_batch`` with a decoder-side resize."""
+
+    def _timestamps(self) -> np.ndarray:
+        import decord
+
+        w, h = self.size
+        try:
+            self.reader = decord.VideoReader(self.path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
+            n = len(self.reader)
+            stamps = self.reader.get_frame_timestamp(np.arange(n))[:, 0] if n else np.zeros(0)
+        except Exception as e:  # decord raises its own DECORDError / RuntimeError
+            raise DecodeError(f"{self.name}: decord cannot read the video ({str(e).splitlines()[0][:200]}); "
+                              f"{_FIX}") from None
+        return np.asarray(stamps, dtype=np.float64) - (stamps[0] if n else 0.0)
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        try:
+            frames = self.reader.get_batch(list(indices)).asnumpy()
+        except Exception as e:
+            if "DECORDArrayCopyFromTo" in str(e):
+                # decord 0.6 fails to copy out frames of some widths (8, 12, 16, 24, 48, 72 px, ...):
+                # a decord bug, not a bad file, so read this file with PyAV instead.
+                return self._read_with_pyav(indices)
+            raise DecodeError(f"{self.name}: cannot decode frames {min(indices)}-{max(indices)} "
+                              f"({str(e).splitlines()[0][:200]}); {_FIX}") from None
+        self.frames_decoded += len(indices)
+        self.peak_frames_held = max(self.peak_frames_held, len(indices))
+        return frames
+
+    def _read_with_pyav(self, indices: Sequence[int]) -> np.ndarray:
+        if getattr(self, "fallback", None) is None:
+            self.fallback = PyAVVideo(self.path, self.name, 0)
+            self.fallback.size = self.size
+        before = self.fallback.frames_decoded
+        frames = self.fallback.read(indices)
+        self.frames_decoded += self.fallback.frames_decoded - before
+        self.peak_frames_held = max(self.peak_frames_held, self.fallback.peak_frames_held)
+        return frames
+
+    def close(self) -> None:
+        self.reader = None
+        if getattr(self, "fallback", None) is not None:
+            self.fallback.close()
+
+
+class PyAVVideo(VideoFile):
+    """PyAV: timestamps from the packets (no decoding); frames by seeking to the key frame before the
+    first wanted one and decoding forward, keeping only wanted frames, each resized as it arrives."""
+
+    def _timestamps(self) -> np.ndarray:
+        import av
+
+        try:
+            self.container = av.open(self.path)
+            self.stream = self.container.streams.video[0]
+            self.stream.thread_count = 1
+            pts = [p.pts if p.pts is not None else p.dts for p in self.container.demux(self.stream)
+                   if p.size > 0 and (p.pts is not None or p.dts is not None)]
+        except av.error.FFmpegError as e:
+            raise DecodeError(f"{self.name}: cannot read the video's packets ({e.strerror or e}); {_FIX}") from None
+        self.pts = np.array(sorted(pts), dtype=np.int64)
+        self.index_of = {int(p): i for i, p in enumerate(self.pts)}
+        tb = float(self.stream.time_base) if self.stream.time_base else 1.0
+        return (self.pts - (self.pts[0] if len(self.pts) else 0)).astype(np.float64) * tb
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        import av
+
+        wanted = sorted(set(int(i) for i in indices))
+        kept: dict[int, np.ndarray] = {}
+        w, h = self.size
+        try:
+            self.container.seek(int(self.pts[wanted[0]]), stream=self.stream, backward=True, any_frame=False)
+            position = None  # the index of the last frame decoded, where pts are missing
+            for frame in self.container.decode(self.stream):
+                self.frames_decoded += 1
+                i = self.index_of.get(frame.pts) if frame.pts is not None else None
+                position = i if i is not None else (position + 1 if position is not None else None)
+                if position is None:
+                    continue
+                if position in wanted and position not in kept:
+                    kept[position] = frame.to_ndarray(width=w, height=h, format="rgb24")
+                    self.peak_frames_held = max(self.peak_frames_held, len(kept))
+                if position >= wanted[-1]:
+                    break
+        except av.error.FFmpegError as e:
+            raise DecodeError(f"{self.name}: cannot decode frames {wanted[0]}-{wanted[-1]} ({e.strerror or e}); "
+                              f"{_FIX}") from None
+        missing = [i for i in wanted if i not in kept]
+        if missing:
+            raise DecodeError(f"{self.name}: frames {missing[0]}-{missing[-1]} could not be decoded (the stream "
+                              f"ends early or is damaged); {_FIX}")
+        return np.stack([kept[int(i)] for i in indices])
+
+    def close(self) -> None:
+        self.container.close()
+
+
+BACKENDS = {"decord": DecordVideo, "pyav": PyAVVideo}
+
+
+@contextlib.contextmanager
+def open_video(src: Source, name: str = "", backend: str = "auto", short_side: int = 0) -> Iterator[VideoFile]:
+    """Open a video file (or its bytes, through a temporary file) with a reader.
+
+    Args:
+        src: a path, or the encoded bytes (then ``name``, with the file's extension, names errors).
+        backend: "auto" (decord where installed, else PyAV), "decord" or "pyav".
+        short_side: frames come out with the short side scaled down to this (0: native size).
+
+    Raises:
+        DecodeError: the file is missing, empty, corrupt, truncated or holds no video, naming it.
+
+    >>> with open_video("clip.mp4", backend="pyav", short_side=64) as v:  # doctest: +SKIP
+    ...     v.read([0, 2, 4]).shape
+    (3, 64, 85, 3)
+    """
+    name = name or str(src)
+    cls = BACKENDS[resolve_backend(backend)]
+    with contextlib.ExitStack() as stack:
+        if isinstance(src, bytes):
+            if not src:
+                raise DecodeError(f"{name}: the file is empty (0 bytes); remove it or replace it with a valid file")
+            tmp = stack.enter_context(tempfile.NamedTemporaryFile(suffix=Path(name).suffix))
+            tmp.write(src)
+            tmp.flush()
+            path = tmp.name
+        else:
+            path = str(src)
+            if not os.path.exists(path):
+                raise DecodeError(f"{name}: no such file")
+            if os.path.isdir(path):
+                raise DecodeError(f"{name}: is a folder, not a video file")
+            if os.path.getsize(path) == 0:
+                raise DecodeError(f"{name}: the file is empty (0 bytes); remove it or replace it with a valid file")
+        video = cls(path, name, short_side)
+        try:
+            yield video
+        finally:
+            video.close()
+
+
+# --------------------------------------------------------------------------- clip sampling
+
+
+def clip_span(cfg: VideoConfig) -> float:
+    """A clip's length: in frames (frame_stride mode) or in seconds (fps mode)."""
+    return (cfg.frames - 1) / cfg.fps if cfg.fps > 0 else float((cfg.frames - 1) * cfg.frame_stride + 1)
+
+
+def clip_indices(timestamps: np.ndarray, cfg: VideoConfig, start: float) -> list[int]:
+    """The ``cfg.frames`` frame indices of a clip starting at frame ``start`` (stride mode) or at
+    ``start`` seconds (fps mode: the frame shown at each sampling time, so variable frame rates work).
+    Past the end of the video the last frame repeats.
+
+    >>> from multijepa.recipe import VideoConfig
+    >>> clip_indices(np.arange(10) / 25, VideoConfig(frames=4, frame_stride=3), 2)
+    [2, 5, 8, 9]
+    >>> clip_indices(np.array([0, .04, .12, .16, .24]), VideoConfig(frames=4, fps=10), 0.0)
+    [0, 1, 3, 4]
+    """
+    n = len(timestamps)
+    if cfg.fps > 0:
+        times = start + np.arange(cfg.frames) / cfg.fps
+        idx = np.searchsorted(timestamps, times + 1e-6, side="right") - 1
+        return [int(i) for i in np.clip(idx, 0, n - 1)]
+    return [min(int(start) + k * cfg.frame_stride, n - 1) for k in range(cfg.frames)]
+
+
+def clip_starts(timestamps: np.ndarray, cfg: VideoConfig, count: int,
+                g: Optional[torch.Generator] = None) -> list[float]:
+    """Clip starts: one uniformly random start with a generator (training), else up to ``count``
+    evenly spread starts covering the video from its first to its last frame (embedding)."""
+    if cfg.fps > 0:
+        last = max(0.0, float(timestamps[-1]) - clip_span(cfg))
+    else:
+        last = float(max(0, len(timestamps) - int(clip_span(cfg))))
+    if g is not None:
+        if cfg.fps > 0:
+            return [last * torch.rand((), generator=g).item()]
+        return [float(torch.randint(0, int(last) + 1, (1,), generator=g))]
+    if last == 0:
+        return [0.0]
+    starts = np.linspace(0.0, last, count)
+    return list(dict.fromkeys(starts.tolist() if cfg.fps > 0 else np.round(starts).tolist()))
+
+
+# --------------------------------------------------------------------------- transform
+
+
+def decode_short_side(cfg: VideoConfig, train: bool) -> int:
+    """The short side frames are decoded at: ``size`` for embedding; in training enough that the
+    smallest random crop still has ``size`` pixels (frames are never decoded at full 1080p)."""
+    return math.ceil(cfg.size / math.sqrt(cfg.crop_scale[0])) if train else cfg.size
+
+
+def clip_transform(frames: np.ndarray, cfg: VideoConfig, g: Optional[torch.Generator]) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> normalised float [C, T, size, size].
+
+    With a generator: one random resized crop and flip for every frame of the clip (training).
+    Without: resize the short side to ``size`` and centre-crop.
+    """
+    from multijepa.datasets.transforms import _random_resized_crop_box
+
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, 3, H, W]
+    if cfg.channels == 1:
+        x = TF.rgb_to_grayscale(x)
+    _, _, h, w = x.shape
+    if g is not None:
+        top, left, ch, cw = _random_resized_crop_box(h, w, cfg.crop_scale, g)
+        x = TF.resized_crop(x, top, left, ch, cw, [cfg.size, cfg.size], antialias=True)
+        if cfg.hflip and torch.rand((), generator=g).item() < 0.5:
+            x = TF.horizontal_flip(x)
+    else:
+        if min(h, w) != cfg.size:
+            x = TF.resize(x, [cfg.size], antialias=True)
+        x = TF.center_crop(x, [cfg.size, cfg.size])
+    x = TF.normalize(x.float().div_(255.0), list(cfg.mean), list(cfg.std))
+    return x.transpose(0, 1).contiguous()  # [C, T, size, size]
+
+
+def read_clips(src: Source, cfg: VideoConfig, name: str = "", g: Optional[torch.Generator] = None,
+               count: int = 1) -> list[torch.Tensor]:
+    """Decode and transform clips of one video: one random clip with a generator (training), else
+    up to ``count`` evenly spread clips (embedding), each float [C, frames, size, size].
+
+    Frames are decoded one clip at a time and only those the clip samples, so memory is bounded by
+    one clip whatever the length or resolution of the video.
+
+    >>> [c.shape for c in read_clips("clip.mp4", VideoConfig(), count=2)]  # doctest: +SKIP
+    [torch.Size([3, 8, 64, 64]), torch.Size([3, 8, 64, 64])]
+    """
+    name = name or str(src)
+    with open_video(src, name, cfg.backend, decode_short_side(cfg, g is not None)) as video:
+        return [clip_transform(video.read(clip_indices(video.timestamps, cfg, s)), cfg, g)
+                for s in clip_starts(video.timestamps, cfg, count, g)]
