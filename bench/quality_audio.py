@@ -17,37 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, calibrated_steps, load_average, probe_scores, provenance, wait_until_quiet
 
 from multijepa.datasets.readers import read_audio
 from multijepa.datasets.transforms import crop_or_pad
 from multijepa.embed import Embedder, load
-from multijepa.evaluate import knn_accuracy, linear_probe_accuracy
 from multijepa.recipe import load_recipe
 from multijepa.tokenizers.audio import LogMel
 from multijepa.train import pretrain
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until_quiet(threshold: float, max_minutes: float) -> float:
-    """Sleep a minute at a time until the 1-minute load average is below ``threshold``; returns minutes waited."""
-    t0 = time.time()
-    while time.time() - t0 < max_minutes * 60:
-        load1 = float(Path("/proc/loadavg").read_text().split()[0])
-        if load1 < threshold:
-            break
-        print(f"waiting for a quiet machine: load {load1:.2f} >= {threshold}", flush=True)
-        time.sleep(60)
-    return (time.time() - t0) / 60
 
 
 def extraction_speed(files: list[str], recipe, repeats: int = 1) -> dict:
@@ -125,17 +108,10 @@ def main() -> None:
     # One core: one torch thread, decoding in the training process itself.
     base = [f"data.path={filelist}", "train.progress=false", "train.threads=1", "data.num_workers=0"]
     base += args.overrides
-    waited = 0.0 if args.no_wait else wait_until_quiet(args.quiet_load, args.max_wait)
-    load_at_start = Path("/proc/loadavg").read_text().split()[0]
-    steps = args.steps
-    if not steps:  # calibrate: time 30 steps (after 10 warm-up steps) of this exact recipe
-        calib = load_recipe(args.recipe, base + [f"run.dir={out / 'calib'}", "train.steps=40", "train.log_every=10",
-                                                 "run.resume=false"])
-        pretrain(calib)
-        rows = [json.loads(line) for line in (out / "calib/metrics.jsonl").read_text().splitlines()]
-        per_s = np.mean([r["samples_per_s"] for r in rows[1:]])
-        steps = int(args.minutes * 60 * per_s / calib.data.batch_size)
-        print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {args.minutes} min", flush=True)
+    t0 = time.time()
+    load_at_start = load_average() if args.no_wait else wait_until_quiet(args.quiet_load, args.max_wait)
+    waited = (time.time() - t0) / 60
+    steps = args.steps or calibrated_steps(args.recipe, base, out, args.minutes)
     recipe = load_recipe(args.recipe, base + [f"run.dir={out / 'run'}", f"train.steps={steps}",
                                               f"train.checkpoint_every={max(steps // 10, 1)}"])
     t0 = time.perf_counter()
@@ -144,9 +120,7 @@ def main() -> None:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     def probe(features: np.ndarray) -> dict:
-        tr, te = train_idx, test_idx
-        return {"linear": linear_probe_accuracy(features[tr], digits[tr], features[te], digits[te]),
-                "knn": knn_accuracy(features[tr], digits[tr], features[te], digits[te])}
+        return probe_scores(features, digits, train_idx, test_idx)
 
     results: dict = {}
     jepa = load(run / "last.pt", device="cpu")
@@ -159,9 +133,7 @@ def main() -> None:
         results["speed"] = extraction_speed(files[:500], recipe)
     results.update(steps=steps, train_minutes=round(train_minutes, 1), waited_minutes=round(waited, 1),
                    load_at_start=load_at_start, n_pretrain=len(train_idx), n_test=len(test_idx),
-                   test_speaker=args.test_speaker, date=str(date.today()),
-                   machine=f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}",
-                   command=" ".join(["python", *sys.argv]))
+                   test_speaker=args.test_speaker, **provenance(1))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     if not args.jepa_only:

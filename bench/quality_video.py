@@ -32,15 +32,12 @@ import argparse
 import gzip
 import json
 import math
-import os
-import platform
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, calibrated_steps, load_average, provenance
 
 from multijepa.datasets.video import open_video, read_clips
 from multijepa.embed import Embedder, load
@@ -49,7 +46,6 @@ from multijepa.recipe import load_recipe
 from multijepa.tokenizers import build_tokenizer
 from multijepa.train import pretrain
 
-ROOT = Path(__file__).resolve().parent.parent
 CANVAS, DIGIT = 64, 28
 DIRECTIONS = 8
 
@@ -214,16 +210,8 @@ def main() -> None:
 
     base = [f"data.path={filelist}", "train.progress=false", "train.threads=1", "data.num_workers=0"]
     base += BENCH + args.overrides
-    load_at_start = Path("/proc/loadavg").read_text().split()[0]
-    steps = args.steps
-    if not steps:  # calibrate: time 30 steps (after 10 warm-up steps) of this exact recipe
-        calib = load_recipe(args.recipe, base + [f"run.dir={out / 'calib'}", "train.steps=40", "train.log_every=10",
-                                                 "run.resume=false"])
-        pretrain(calib)
-        rows = [json.loads(line) for line in (out / "calib/metrics.jsonl").read_text().splitlines()]
-        per_s = np.mean([r["samples_per_s"] for r in rows[1:]])
-        steps = int(args.minutes * 60 * per_s / calib.data.batch_size * 0.97)  # 3% for checkpoints
-        print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {args.minutes} min", flush=True)
+    load_at_start = load_average()
+    steps = args.steps or calibrated_steps(args.recipe, base, out, args.minutes * 0.97)  # 3% for checkpoints
     recipe = load_recipe(args.recipe, base + [f"run.dir={out / f'run_{args.eval}'}", f"train.steps={steps}",
                                               f"train.checkpoint_every={max(steps // 5, 1)}", "run.resume=false"])
     t0 = time.perf_counter()
@@ -243,11 +231,7 @@ def main() -> None:
     if not args.no_speed:
         results["kth_speed"] = kth_speed(Path(args.kth), args.recipe)
     results.update(steps=steps, train_minutes=round(train_minutes, 1), n_pretrain=len(files),
-                   n_fit=len(fit_files), n_score=len(score_files), date=str(date.today()),
-                   load_at_start=load_at_start,
-                   machine=f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}",
-                   
-                   command=" ".join(["python", *sys.argv]))
+                   n_fit=len(fit_files), n_score=len(score_files), load_at_start=load_at_start, **provenance(1))
     (out / f"results_{args.eval}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

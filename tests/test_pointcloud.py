@@ -12,7 +12,7 @@ import multijepa
 from conftest import ROOT, TINY, run_cli
 from multijepa.core.jepa import build_model
 from multijepa.core.masking import sample_neighbourhood_masks, validate_neighbourhood_mask
-from multijepa.datasets.files import build_train_loader, load_input, write_shards
+from multijepa.datasets.files import build_train_loader, detect_format, index_files, load_input, write_shards
 from multijepa.datasets.readers import PointSet, modality_of, read_points
 from multijepa.datasets.transforms import normalize_points, pointcloud_transform
 from multijepa.errors import DecodeError, RecipeError
@@ -378,6 +378,15 @@ def shapes3d(tmp_path_factory):
             o3d.io.write_point_cloud(str(root / kind / f"{kind}_{i}.{ext}"),
                                      cloud(150, seed=i, colors=False, normals=False, shape=kind))
     return root
+
+
+def test_data_path__txt_is_a_file_list_or_a_point_array_by_content(tmp_path, shapes3d, files):
+    listed = tmp_path / "train.txt"
+    listed.write_text("".join(f"{f} {f.parent.name}\n" for f in sorted(shapes3d.rglob("*.p*"))))
+    as_list = load_recipe(RECIPE, TINY_POINTS + [f"data.path={listed}"])
+    assert detect_format(as_list) == "filelist" and len(index_files(as_list).files) == 12
+    as_points = load_recipe(RECIPE, TINY_POINTS + [f"data.path={files['txt']}"])
+    assert detect_format(as_points) == "file" and index_files(as_points).files == [str(files["txt"])]
 
 
 def test_train_loader__batches_hold_groups_and_neighbourhood_masks(shapes3d):

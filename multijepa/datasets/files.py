@@ -201,6 +201,19 @@ def shard_urls(path: str) -> list[str]:
     return urls
 
 
+LIST_SUFFIXES = (".txt", ".lst", ".csv")
+
+
+def _names_a_file(path: str) -> bool:
+    """Whether the first entry of a possible file list (``path [label]``; # comments) is an existing file."""
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                return any(_resolve(Path(path), c).is_file() for c in (line, line.rsplit(maxsplit=1)[0]))
+    return False
+
+
 def detect_format(recipe: Recipe) -> str:
     path, fmt = recipe.data.path, recipe.data.format
     if not path:
@@ -209,9 +222,11 @@ def detect_format(recipe: Recipe) -> str:
         return fmt
     if path.endswith(".tar") or "{" in path or "://" in path or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar"))):
         return "shards"
+    listish = path.lower().endswith(LIST_SUFFIXES)
     if os.path.isfile(path) and path.lower().endswith(EXTENSIONS[recipe.modality]):
-        return "file"  # checked before file lists: a time-series .csv is data, not a list
-    if os.path.isfile(path) and path.endswith((".txt", ".lst", ".csv")):
+        # Also a list type (a time-series .csv, a point-cloud .txt): a list names files on its first line.
+        return "filelist" if listish and _names_a_file(path) else "file"
+    if os.path.isfile(path) and listish:
         return "filelist"
     if os.path.isdir(path):
         return "folder"

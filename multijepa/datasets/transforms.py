@@ -38,21 +38,28 @@ def _random_resized_crop_box(h: int, w: int, scale: tuple[float, float], g: torc
     return (h - side) // 2, (w - side) // 2, side, side
 
 
-def image_transform(image: torch.Tensor, cfg: ImageConfig, g: Optional[torch.Generator]) -> torch.Tensor:
-    """uint8 [C, H, W] -> normalised float [C, size, size].
+def crop_and_resize(x: torch.Tensor, size: int, crop_scale: tuple[float, float], hflip: bool,
+                    g: Optional[torch.Generator]) -> torch.Tensor:
+    """[..., H, W] -> [..., size, size], one geometry for every leading index (a video's frames).
 
-    With a generator: random resized crop + horizontal flip (training). Without: resize the short
-    side to ``size`` and centre-crop (embedding and probing).
+    With a generator: a random resized crop and, if ``hflip``, a coin-flip mirror (training).
+    Without: the short side resized to ``size`` and the centre cropped (embedding and probing).
     """
-    c, h, w = image.shape
+    h, w = x.shape[-2:]
     if g is not None:
-        top, left, ch, cw = _random_resized_crop_box(h, w, cfg.crop_scale, g)
-        out = TF.resized_crop(image, top, left, ch, cw, [cfg.size, cfg.size], antialias=True)
-        if cfg.hflip and torch.rand((), generator=g).item() < 0.5:
-            out = TF.horizontal_flip(out)
-    else:
-        out = TF.center_crop(TF.resize(image, [cfg.size], antialias=True), [cfg.size, cfg.size])
-    out = out.float().div_(255.0)
+        top, left, ch, cw = _random_resized_crop_box(h, w, crop_scale, g)
+        x = TF.resized_crop(x, top, left, ch, cw, [size, size], antialias=True)
+        if hflip and torch.rand((), generator=g).item() < 0.5:
+            x = TF.horizontal_flip(x)
+        return x
+    if min(h, w) != size:
+        x = TF.resize(x, [size], antialias=True)
+    return TF.center_crop(x, [size, size])
+
+
+def image_transform(image: torch.Tensor, cfg: ImageConfig, g: Optional[torch.Generator]) -> torch.Tensor:
+    """uint8 [C, H, W] -> normalised float [C, size, size] (random crop and flip with a generator)."""
+    out = crop_and_resize(image, cfg.size, cfg.crop_scale, cfg.hflip, g).float().div_(255.0)
     return TF.normalize(out, list(cfg.mean), list(cfg.std))
 
 

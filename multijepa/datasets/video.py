@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from multijepa.datasets.transforms import crop_and_resize
 from multijepa.errors import DecodeError, MultijepaError
 from multijepa.recipe import VideoConfig
 
@@ -346,21 +347,10 @@ def clip_transform(frames: np.ndarray, cfg: VideoConfig, g: Optional[torch.Gener
     With a generator: one random resized crop and flip for every frame of the clip (training).
     Without: resize the short side to ``size`` and centre-crop.
     """
-    from multijepa.datasets.transforms import _random_resized_crop_box
-
     x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, 3, H, W]
     if cfg.channels == 1:
         x = TF.rgb_to_grayscale(x)
-    _, _, h, w = x.shape
-    if g is not None:
-        top, left, ch, cw = _random_resized_crop_box(h, w, cfg.crop_scale, g)
-        x = TF.resized_crop(x, top, left, ch, cw, [cfg.size, cfg.size], antialias=True)
-        if cfg.hflip and torch.rand((), generator=g).item() < 0.5:
-            x = TF.horizontal_flip(x)
-    else:
-        if min(h, w) != cfg.size:
-            x = TF.resize(x, [cfg.size], antialias=True)
-        x = TF.center_crop(x, [cfg.size, cfg.size])
+    x = crop_and_resize(x, cfg.size, cfg.crop_scale, cfg.hflip, g)  # one geometry for the whole clip
     x = TF.normalize(x.float().div_(255.0), list(cfg.mean), list(cfg.std))
     return x.transpose(0, 1).contiguous()  # [C, T, size, size]
 
