@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,33 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"multijepa {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """A run's logged loss per step, from its metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def check_killed_run_resumes_on_the_same_curve(args: list[str], steps: int, cwd: Path) -> None:
+    """``multijepa pretrain ARGS`` (``train.steps=steps``, logging every step) run straight through, and
+    again SIGKILLed right after its first checkpoint and resumed: the two loss curves must agree
+    step for step, with no step missing or repeated."""
+    run_cli("pretrain", *args, "run.dir=straight", cwd=cwd)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, "-m", "multijepa", "pretrain", *args, "run.dir=killed"], cwd=cwd,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cwd / "killed/last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: only the atomic checkpoint survives
+    proc.wait()
+    assert max(losses(cwd / "killed")) < steps, "the run finished before it could be killed; make it longer"
+    resumed = run_cli("pretrain", *args, "run.dir=killed", cwd=cwd)
+    assert "resuming" in resumed.stderr
+    straight, again = losses(cwd / "straight"), losses(cwd / "killed")
+    assert sorted(again) == list(range(1, steps + 1))
+    for step in straight:
+        assert again[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-6), step
 TINY_TS = TINY + ["timeseries.patch_size=4", "timeseries.conv_widths=[8]", "mask.min_context=2"]
 
 

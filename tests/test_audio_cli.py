@@ -3,24 +3,15 @@ count / length, windows and tokens, shards, probe."""
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from audio_files import FORMATS, chirp, make_audio_folder, write
-from conftest import AUDIO_RECIPE, TINY_AUDIO, run_cli
+from conftest import AUDIO_RECIPE, TINY_AUDIO, check_killed_run_resumes_on_the_same_curve, losses, run_cli
 
 RECIPE = str(AUDIO_RECIPE)
 RATES = (8000, 16000, 22050, 44100, 48000)
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +55,7 @@ def test_audio_pretrain__writes_checkpoint_recipe_and_metrics(trained):
 def test_audio_pretrain__killed_run_resumes_on_the_same_loss_curve(tmp_path, folder):
     args = [RECIPE, *TINY_AUDIO, f"data.path={folder}", "train.steps=40", "train.checkpoint_every=8",
             "data.num_workers=1"]
-    run_cli("pretrain", *args, "run.dir=straight", cwd=tmp_path)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    proc = subprocess.Popen([sys.executable, "-m", "multijepa", "pretrain", *args, "run.dir=killed"], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed/last.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert max(losses(tmp_path / "killed")) < 40, "the run finished before it could be killed; make it longer"
-    resumed = run_cli("pretrain", *args, "run.dir=killed", cwd=tmp_path)
-    assert "resuming" in resumed.stderr
-    straight, again = losses(tmp_path / "straight"), losses(tmp_path / "killed")
-    assert sorted(again) == list(range(1, 41))
-    for step in straight:
-        assert again[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-6), step
+    check_killed_run_resumes_on_the_same_curve(args, 40, tmp_path)
 
 
 def test_audio_embed__every_format_rate_channel_count_and_length(trained, many_files):

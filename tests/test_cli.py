@@ -10,13 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_IMAGE, run_cli
+from conftest import ROOT, TINY_IMAGE, check_killed_run_resumes_on_the_same_curve, losses, run_cli
 
 RECIPE = str(ROOT / "recipes/image.yaml")
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +36,7 @@ def test_pretrain__writes_checkpoint_recipe_and_metrics(trained):
 def test_pretrain__killed_run_resumes_on_the_same_loss_curve(tmp_path, shapes):
     args = [RECIPE, *TINY_IMAGE, f"data.path={shapes}", "train.steps=60", "train.checkpoint_every=10",
             "data.num_workers=1"]
-    run_cli("pretrain", *args, "run.dir=straight", cwd=tmp_path)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    proc = subprocess.Popen([sys.executable, "-m", "multijepa", "pretrain", *args, "run.dir=killed"], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed/last.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up: only the atomic checkpoint survives
-    proc.wait()
-    killed_at = max(losses(tmp_path / "killed"))
-    assert killed_at < 60, "the run finished before it could be killed; make it longer"
-    resumed = run_cli("pretrain", *args, "run.dir=killed", cwd=tmp_path)
-    assert "resuming" in resumed.stderr
-    straight, again = losses(tmp_path / "straight"), losses(tmp_path / "killed")
-    assert sorted(again) == list(range(1, 61))  # no gap, no duplicate step
-    for step in straight:
-        assert again[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-6), step
+    check_killed_run_resumes_on_the_same_curve(args, 60, tmp_path)
 
 
 def test_pretrain__sigterm_checkpoints_then_resumes(tmp_path, shapes):

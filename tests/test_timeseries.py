@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, TINY_TS, run_cli, write_ts
 from multijepa.core.jepa import build_model
 from multijepa.core.masking import sample_block_masks
-from multijepa.datasets.files import (FileDataset, build_train_loader, detect_format, index_files, load_input,
+from multijepa.datasets.files import (FileDataset, build_train_loader, detect_format, index_files,
                                       resolve_recipe, valid_mask)
 from multijepa.datasets.readers import modality_of
 from multijepa.datasets.series import fill_missing, read_series

@@ -24,7 +24,7 @@ from multijepa.datasets.readers import EXTENSIONS, modality_of
 from multijepa.datasets.video import (clip_indices, clip_starts, open_video, output_size, read_clips,
                                       resolve_backend)
 from multijepa.embed import Embedder
-from multijepa.errors import DataError, DecodeError, MultijepaError, RecipeError
+from multijepa.errors import DecodeError, MultijepaError, RecipeError
 from multijepa.recipe import VideoConfig, load_recipe, token_grid
 from multijepa.tokenizers.video import video_tokenizer
 from video_files import CODECS, make_video_folder, pattern, write_video
