@@ -19,6 +19,7 @@ from torch import nn
 
 from multijepa.core.masking import check
 from multijepa.recipe import AudioConfig
+from multijepa.tokenizers.image import grid_tokens, patch_conv
 
 
 def hz_to_mel(f):
@@ -124,19 +125,12 @@ class SpectrogramPatchTokenizer(nn.Module):
     def __init__(self, features: LogMel, channels: int, patch_size: tuple[int, int], dim: int):
         super().__init__()
         self.features = features
-        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
-        nn.init.trunc_normal_(self.proj.weight.view(dim, -1), std=0.02)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = patch_conv(nn.Conv2d, channels, dim, patch_size)
 
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wave [B, C, S] -> tokens [B, N, D], coords [B, N, 2] (freq, time)."""
         spec = self.features(wave)  # [B, C, F, T], float32
-        x = self.proj(spec.to(self.proj.weight.dtype))  # [B, D, f, t]
-        b, _, f, t = x.shape
-        freq, time = torch.meshgrid(torch.arange(f, device=x.device), torch.arange(t, device=x.device),
-                                    indexing="ij")
-        coords = torch.stack([freq, time], dim=-1).reshape(1, f * t, 2).expand(b, -1, -1).float()
-        return x.flatten(2).transpose(1, 2), coords
+        return grid_tokens(self.proj(spec.to(self.proj.weight.dtype)))  # coords (freq, time)
 
 
 def audio_tokenizer(cfg: AudioConfig, dim: int) -> SpectrogramPatchTokenizer:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from multijepa.tokenizers.image import grid_tokens, patch_conv
+
 
 class TubeletTokenizer(nn.Module):
     """Non-overlapping ``tubelet x patch x patch`` tubes embedded by one strided 3D convolution, in
@@ -25,17 +27,11 @@ class TubeletTokenizer(nn.Module):
     def __init__(self, channels: int, tubelet_size: int, patch_size: int, dim: int):
         super().__init__()
         kernel = (tubelet_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(channels, dim, kernel_size=kernel, stride=kernel)
-        nn.init.trunc_normal_(self.proj.weight.view(dim, -1), std=0.02)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = patch_conv(nn.Conv3d, channels, dim, kernel)
 
     def forward(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """clips [B, C, T, H, W] -> tokens [B, N, D], coords [B, N, 3] (t, row, col)."""
-        x = self.proj(clips)  # [B, D, t, h, w]
-        b, _, t, h, w = x.shape
-        axes = [torch.arange(n, device=x.device) for n in (t, h, w)]
-        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, t * h * w, 3)
-        return x.flatten(2).transpose(1, 2), coords.expand(b, -1, -1).float()
+        return grid_tokens(self.proj(clips))  # coords (t, row, col)
 
 
 def video_tokenizer(channels: int = 3, tubelet_size: int = 2, patch_size: int = 16, dim: int = 384) -> TubeletTokenizer:
