@@ -1,12 +1,18 @@
 """Our pre-norm transformer on ``F.scaled_dot_product_attention`` and coordinate position codes.
 
 SDPA picks the fused kernel (flash / memory-efficient) on CUDA and the math path on CPU.
+
+Besides padded dense batches ([B, N, D] plus a key mask), the transformer runs on *packed* batches:
+S sequences of different lengths laid end to end as [T, D], described by one :class:`Segments`,
+with block-diagonal attention (``varlen_attn`` or FlexAttention on CUDA, a padded SDPA reference
+on CPU). The dense path is untouched and stays the fast path when lengths are (nearly) equal.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from functools import cached_property
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,214 @@ def sincos_embed(coords: torch.Tensor, dim: int, base: float = 10000.0) -> torch
     return out
 
 
+class Segments:
+    """S sequences of lengths ``seqlens`` laid end to end as one packed batch of T tokens.
+
+    Built once per forward and shared by every layer; what a backend needs (cumulative offsets,
+    token -> segment ids, re-padding indices, a FlexAttention BlockMask) is computed on first use
+    and cached on the object.
+
+    Args:
+        seqlens: long [S] (or a list of ints), every length >= 1.
+        device: where the cached index tensors live; default: ``seqlens``' device.
+
+    >>> seg = Segments([3, 1, 2])
+    >>> seg.cu_seqlens.tolist(), seg.max_len, seg.segment_ids.tolist()
+    ([0, 3, 4, 6], 3, [0, 0, 0, 1, 2, 2])
+    """
+
+    def __init__(self, seqlens: Union[torch.Tensor, Sequence[int]],
+                 device: Optional[Union[torch.device, str]] = None):
+        seqlens = torch.as_tensor(seqlens, dtype=torch.long)
+        self.seqlens = seqlens.to(device) if device is not None else seqlens
+        self.device = self.seqlens.device
+        if self.seqlens.dim() != 1 or self.seqlens.numel() == 0:
+            raise ValueError(f"seqlens must be a non-empty 1-d tensor, got shape {tuple(self.seqlens.shape)}")
+        # One host sync per forward: the lengths' sum and max are shapes, so they must be Python ints.
+        lengths = self.seqlens.cpu()
+        if int(lengths.min()) < 1:
+            raise ValueError(f"every sequence length must be >= 1, got {lengths.tolist()}")
+        self.num_segments = int(lengths.numel())
+        self.total = int(lengths.sum())
+        self.max_len = int(lengths.max())
+        self._block_masks: Dict[Tuple[torch.device, int], Any] = {}
+
+    @classmethod
+    def from_mask(cls, real: torch.Tensor) -> "Segments":
+        """Segments of a padded batch: one per row of ``real`` (bool [B, N], True = a real token).
+
+        Rows with no real token are left out (they contribute no token to :func:`pack` either).
+
+        >>> Segments.from_mask(torch.tensor([[True, True, False], [True, False, False]])).seqlens.tolist()
+        [2, 1]
+        """
+        seqlens = real.sum(1)
+        return cls(seqlens[seqlens > 0])
+
+    @cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 [S+1]: offsets of each segment in the pack, starting at 0 (the varlen convention)."""
+        return F.pad(self.seqlens.cumsum(0), (1, 0)).to(torch.int32)
+
+    @cached_property
+    def segment_ids(self) -> torch.Tensor:
+        """long [T]: the segment each token belongs to."""
+        ids = torch.arange(self.num_segments, device=self.device)
+        return ids.repeat_interleave(self.seqlens, output_size=self.total)
+
+    @cached_property
+    def pad_index(self) -> torch.Tensor:
+        """long [T]: where each token goes in a flattened [S * max_len] padded layout."""
+        starts = self.cu_seqlens[:-1].long()[self.segment_ids]
+        position = torch.arange(self.total, device=self.device) - starts
+        return self.segment_ids * self.max_len + position
+
+    @cached_property
+    def key_mask(self) -> torch.Tensor:
+        """bool [S, max_len]: True at real tokens of the padded layout (row-major order = pack order)."""
+        return torch.arange(self.max_len, device=self.device) < self.seqlens[:, None]
+
+    def block_mask(self, device: torch.device, block_size: int = 128) -> Any:
+        """FlexAttention BlockMask [1, 1, T, T] that lets a token attend only within its own segment."""
+        key = (torch.device(device), block_size)
+        if key not in self._block_masks:
+            # Pad the ids to whole blocks with a sentinel id so that a kernel reading past T
+            # (lengths not a multiple of the block size) never indexes out of range.
+            padded = math.ceil(self.total / block_size) * block_size
+            doc = F.pad(self.segment_ids, (0, padded - self.total), value=-1).to(device)
+
+            def same_segment(b, h, q_idx, kv_idx):
+                return doc[q_idx] == doc[kv_idx]
+
+            build = _compiled("create_block_mask") if key[0].type == "cuda" else _flex_module().create_block_mask
+            self._block_masks[key] = build(same_segment, None, None, self.total, self.total,
+                                           device=device, BLOCK_SIZE=block_size)
+        return self._block_masks[key]
+
+
+def padding_waste(segments: Segments) -> float:
+    """Share of a dense [S, max_len] layout of these sequences that would be padding.
+
+    >>> padding_waste(Segments([3, 7, 1, 5]))  # 1 - 16 / (4 * 7)
+    0.4285714285714286
+    """
+    return 1.0 - segments.total / (segments.num_segments * segments.max_len)
+
+
+def pack(x: torch.Tensor, real: torch.Tensor) -> Tuple[torch.Tensor, Segments]:
+    """Drop the padding of a dense batch: x [B, N, D], real bool [B, N] -> ([T, D], Segments).
+
+    Tokens keep their row-major order, so each row's real tokens form one contiguous segment.
+
+    >>> packed, seg = pack(torch.randn(2, 3, 4), torch.tensor([[True, True, False], [True, True, True]]))
+    >>> packed.shape, seg.seqlens.tolist()
+    (torch.Size([5, 4]), [2, 3])
+    """
+    return x[real], Segments.from_mask(real)
+
+
+def unpack(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack`: packed [T, D], real bool [B, N] -> [B, N, D] with zeros at padding.
+
+    >>> real = torch.tensor([[True, False], [True, True]])
+    >>> unpack(torch.ones(3, 2), real)[0, 1].tolist()
+    [0.0, 0.0]
+    """
+    out = packed.new_zeros(*real.shape, packed.shape[-1])
+    out[real] = packed
+    return out
+
+
+_COMPILED: Dict[str, Callable] = {}
+_VARLEN_UNSUPPORTED: set = set()  # (head_dim, dtype) where varlen_attn raised; go straight to flex
+
+
+def _flex_module():
+    # Imported lazily: only the flex backend needs it, and importing it is not free.
+    from torch.nn.attention import flex_attention
+    return flex_attention
+
+
+def _compiled(name: str) -> Callable:
+    """torch.compile'd flex_attention / create_block_mask, built once per process (CUDA only)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(getattr(_flex_module(), name))
+    return _COMPILED[name]
+
+
+def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
+    t, h, hd = q.shape
+    index = seg.pad_index.to(q.device)
+
+    def to_padded(z: torch.Tensor) -> torch.Tensor:  # [T, H, hd] -> [S, H, max_len, hd]
+        flat = z.new_zeros(seg.num_segments * seg.max_len, h, hd).index_copy(0, index, z)
+        return flat.view(seg.num_segments, seg.max_len, h, hd).transpose(1, 2)
+
+    # Equal lengths need no mask, which keeps SDPA free to pick a fused kernel.
+    mask = None if seg.total == seg.num_segments * seg.max_len else seg.key_mask.to(q.device)[:, None, None, :]
+    out = F.scaled_dot_product_attention(to_padded(q), to_padded(k), to_padded(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(-1, h, hd).index_select(0, index)
+
+
+def _varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+    cu = seg.cu_seqlens.to(q.device)
+    return varlen_attn(q, k, v, cu, cu, seg.max_len, seg.max_len)
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
+    # Eager flex_attention runs on CPU (forward only, full scores matrix); on CUDA it is compiled.
+    attend = _compiled("flex_attention") if q.device.type == "cuda" else _flex_module().flex_attention
+    q4, k4, v4 = (z.transpose(0, 1).unsqueeze(0) for z in (q, k, v))  # [1, H, T, hd]
+    out = attend(q4, k4, v4, block_mask=seg.block_mask(q.device))
+    return out.squeeze(0).transpose(0, 1)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
+                     backend: str = "auto") -> torch.Tensor:
+    """Block-diagonal (per segment), non-causal attention with the default 1/sqrt(hd) scale.
+
+    Args:
+        q, k, v: [T, H, hd] packed tokens.
+        segments: how the T tokens split into sequences.
+        backend: ``"reference"`` (re-pad to [S, H, max_len, hd], one masked SDPA call; any device),
+            ``"varlen"`` (``varlen_attn``; CUDA, fp16/bf16), ``"flex"`` (FlexAttention; compiled on
+            CUDA, eager and forward-only on CPU) or ``"auto"``: varlen for CUDA fp16/bf16 (flex where
+            varlen refuses the shape), flex for CUDA fp32, reference elsewhere.
+
+    Returns:
+        [T, H, hd].
+
+    >>> q = torch.randn(6, 2, 4)
+    >>> packed_attention(q, q, q, Segments([3, 1, 2])).shape
+    torch.Size([6, 2, 4])
+    """
+    if q.dim() != 3 or q.shape[0] != segments.total:
+        raise ValueError(f"q must be [T={segments.total}, H, hd], got {tuple(q.shape)}")
+    if backend == "auto":
+        if q.device.type != "cuda":
+            backend = "reference"
+        elif q.dtype in (torch.float16, torch.bfloat16):
+            key = (q.shape[-1], q.dtype)
+            if key not in _VARLEN_UNSUPPORTED:
+                try:
+                    return _varlen_attention(q, k, v, segments)
+                except torch.OutOfMemoryError:
+                    raise
+                except (NotImplementedError, RuntimeError):
+                    _VARLEN_UNSUPPORTED.add(key)  # e.g. a head dim the flash kernel lacks
+            backend = "flex"
+        else:
+            backend = "flex"
+    if backend == "reference":
+        return _reference_attention(q, k, v, segments)
+    if backend == "varlen":
+        return _varlen_attention(q, k, v, segments)
+    if backend == "flex":
+        return _flex_attention(q, k, v, segments)
+    raise ValueError(f"unknown attention backend {backend!r}: use auto, reference, varlen or flex")
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -43,8 +257,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: [B, N, D]; attn_mask: bool [B, 1, N, N] or [B, 1, 1, N], True where attention is allowed."""
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                segments: Optional[Segments] = None) -> torch.Tensor:
+        """x: [B, N, D]; attn_mask: bool [B, 1, N, N] or [B, 1, 1, N], True where attention is allowed.
+
+        With ``segments``, x is a packed [T, D] batch and attention stays within each segment.
+        """
+        if segments is not None:
+            if attn_mask is not None:
+                raise ValueError("give attn_mask (dense batch) or segments (packed batch), not both")
+            t, d = x.shape
+            q, k, v = self.qkv(x).view(t, 3, self.heads, d // self.heads).unbind(1)
+            return self.proj(packed_attention(q, k, v, segments).reshape(t, d))
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -63,23 +287,34 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = drop_path
 
-    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+    def _drop(self, y: torch.Tensor, segments: Optional[Segments] = None) -> torch.Tensor:
         if not self.training or self.drop_path == 0.0:
             return y
         keep = 1.0 - self.drop_path
+        if segments is not None:
+            # Packed [T, D]: one draw per sequence, as the dense path draws one per sample.
+            per_segment = y.new_empty(segments.num_segments).bernoulli_(keep)
+            return y * (per_segment[segments.segment_ids.to(y.device)] / keep)[:, None]
         mask = y.new_empty(y.shape[0], 1, 1).bernoulli_(keep)
         return y * mask / keep
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self._drop(self.attn(self.norm1(x), attn_mask))
-        return x + self._drop(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                segments: Optional[Segments] = None) -> torch.Tensor:
+        """x: [B, N, D] (with optional attn_mask) or packed [T, D] with ``segments``."""
+        x = x + self._drop(self.attn(self.norm1(x), attn_mask, segments), segments)
+        return x + self._drop(self.mlp(self.norm2(x)), segments)
 
 
 class Transformer(nn.Module):
     """A stack of :class:`Block` followed by a final LayerNorm.
 
+    Runs on a dense batch [B, N, D] (optionally with an attention mask) or on a packed batch
+    [T, D] with its :class:`Segments` (see :func:`pack`).
+
     >>> Transformer(16, depth=2, heads=2)(torch.randn(3, 5, 16)).shape
     torch.Size([3, 5, 16])
+    >>> Transformer(16, depth=2, heads=2)(torch.randn(9, 16), segments=Segments([4, 5])).shape
+    torch.Size([9, 16])
     """
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
@@ -93,9 +328,11 @@ class Transformer(nn.Module):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             blk.mlp[2].weight.data.div_(math.sqrt(2.0 * (i + 1)))
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                segments: Optional[Segments] = None) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D], or packed x: [T, D] with ``segments`` -> [T, D]."""
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, segments)
         return self.norm(x)
 
 
