@@ -4,19 +4,28 @@
 >>> recipe = mj.load_recipe("recipes/image.yaml", overrides=["data.path=photos/"])  # doctest: +SKIP
 >>> run = mj.pretrain(recipe)                                                       # doctest: +SKIP
 >>> vectors = mj.load(run / "last.pt").embed(["a.jpg", "b.png"])                    # doctest: +SKIP
+
+Several modalities, one model (docs/mixed.md):
+
+>>> data = mj.datasets.Mixed({"audio": mj.datasets.AudioFolder("speech/"),
+...                           "image": mj.datasets.ImageFolder("photos/")}, weights={"audio": 2, "image": 1})
+>>> run = mj.pretrain(mj.load_recipe("recipes/multimodal.yaml"), data=data)        # doctest: +SKIP
+>>> vectors = mj.load(run / "last.pt").embed(["a.wav", "b.jpg"])                   # doctest: +SKIP
 """
 
 __version__ = "0.1.0"
 
 from multijepa.errors import DataError, DecodeError, MultijepaError, RecipeError, TrainingError  # noqa: E402
 from multijepa.recipe import Recipe, load_recipe  # noqa: E402
+from multijepa import datasets  # noqa: E402
 
 
-def pretrain(recipe: Recipe):
-    """Train as the recipe says (see :func:`multijepa.train.pretrain`); returns the run folder."""
+def pretrain(recipe: Recipe, data=None):
+    """Train as the recipe says, on its own data or on ``data`` (a ``multijepa.datasets.Mixed``);
+    returns the run folder (see :func:`multijepa.train.pretrain`)."""
     from multijepa.train import pretrain as _pretrain
 
-    return _pretrain(recipe)
+    return _pretrain(recipe, data)
 
 
 def load(path, device: str = "auto"):
@@ -26,5 +35,5 @@ def load(path, device: str = "auto"):
     return _load(path, device)
 
 
-__all__ = ["DataError", "DecodeError", "MultijepaError", "Recipe", "RecipeError", "TrainingError", "load",
+__all__ = ["DataError", "datasets", "DecodeError", "MultijepaError", "Recipe", "RecipeError", "TrainingError", "load",
            "load_recipe", "pretrain", "__version__"]

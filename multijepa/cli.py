@@ -36,38 +36,20 @@ def _embed(args: argparse.Namespace) -> None:
 
     checkpoint = args.checkpoint
     if checkpoint is None:
-        readers = [readers_of(f) or [modality_of(f)] for f in args.files]  # modality_of raises for unknown types
-        modalities = [m for m in readers[0] if all(m in r for r in readers)]  # those that read every file
-        if not modalities:
-            kinds = sorted({r[0] if len(r) == 1 else " or ".join(r) for r in readers})
-            raise MultijepaError(f"the files mix {', '.join(kinds)}; embed one modality at a time "
-                                 f"or pass --checkpoint")
-        if len(modalities) > 1:  # every file is of a shared type (.npy): a trained model decides
-            trained = [m for m in modalities if find_latest_checkpoint(m, args.runs) is not None]
-            if len(trained) != 1:
-                modality_of(args.files[0])  # raises: the type is ambiguous, pass --checkpoint
-            modalities = trained
-        modality = modalities[0]
-        found = find_latest_checkpoint(modality, args.runs)
-        if found is None:
-            raise MultijepaError(
-                f"no {modality} checkpoint under {args.runs}/ (looked for {args.runs}/*/last.pt). Train one with\n"
-                f"  multijepa pretrain recipes/{modality}.yaml data.path=YOUR_FOLDER\n"
-                f"or pass --checkpoint PATH")
-        checkpoint = str(found)
+        checkpoint = str(_checkpoint_for(args.files, args.runs))
         print(f"using {checkpoint}", file=sys.stderr)
     from multijepa.datasets.files import SAMPLE_LISTERS
 
     model = load(checkpoint, device=args.device)
     if args.window is not None or args.hop is not None:
-        if model.recipe.modality != "audio":
+        if "audio" not in model.modalities:
             raise MultijepaError(f"--window and --hop apply to audio models; {checkpoint} is a "
-                                 f"{model.recipe.modality} model")
+                                 f"{'/'.join(model.modalities)} model")
         model = model.with_overrides([f"audio.embed_{key}_seconds={value}" for key, value in
                                       (("window", args.window), ("hop", args.hop)) if value is not None])
     if args.clips is not None:
-        if model.recipe.modality != "video":
-            raise MultijepaError(f"--clips applies to video models; {checkpoint} is a {model.recipe.modality} model")
+        if "video" not in model.modalities:
+            raise MultijepaError(f"--clips applies to video models; {checkpoint} is a {'/'.join(model.modalities)} model")
         model = model.with_overrides([f"video.embed_clips={args.clips}"])
     # Audio and video tokens are always per window (clip): a long file has a token grid per window.
     windows = args.windows or (args.tokens and model.windowed)
@@ -75,7 +57,7 @@ def _embed(args: argparse.Namespace) -> None:
                                            windows=windows)
     # Files of a modality that can hold many samples (a .ts file, a wide CSV) give one row per
     # sample, in file order; each row then also says which sample of its file it is.
-    many = model.recipe.modality in SAMPLE_LISTERS
+    many = any(m in SAMPLE_LISTERS for m in model.modalities)
     write_embeddings([str(args.files[i]) for i, _ in rows], vectors, args.out,
                      index=[k for _, k in rows] if many else None, window_hop_seconds=model.window_hop_seconds)
     if args.out:
@@ -84,11 +66,38 @@ def _embed(args: argparse.Namespace) -> None:
         print(f"wrote {what} to {args.out}", file=sys.stderr)
 
 
+def _checkpoint_for(files: list[str], runs: str) -> Path:
+    """The newest run under ``runs`` whose model reads every file: a one-modality run when one
+    modality reads them all, else a mixed run trained on each file's modality."""
+    from multijepa.datasets.readers import modality_of, readers_of
+    from multijepa.embed import find_latest_checkpoint
+
+    readers = [readers_of(f) or [modality_of(f)] for f in files]  # modality_of raises for unknown types
+    shared = [m for m in readers[0] if all(m in r for r in readers)]  # modalities that read every file
+    if len(shared) > 1:  # every file is of a type several read (.npy): a trained model decides
+        trained = [m for m in shared if find_latest_checkpoint(m, runs) is not None]
+        if len(trained) != 1:
+            modality_of(files[0])  # raises: the type is ambiguous, pass --checkpoint
+        shared = trained
+    needed = shared[:1] or sorted({r[0] for r in readers if len(r) == 1})
+    found = find_latest_checkpoint(needed, runs)
+    if found is None:
+        if len(needed) == 1:
+            raise MultijepaError(
+                f"no {needed[0]} checkpoint under {runs}/ (looked for {runs}/*/last.pt). Train one with\n"
+                f"  multijepa pretrain recipes/{needed[0]}.yaml data.path=YOUR_FOLDER\n"
+                f"or pass --checkpoint PATH")
+        raise MultijepaError(f"the files are {', '.join(needed)}, and no run under {runs}/ was trained on all of "
+                             f"them (a mixed run: recipes/multimodal.yaml); embed one modality at a time or pass "
+                             f"--checkpoint")
+    return found
+
+
 def _probe(args: argparse.Namespace) -> None:
     from multijepa.evaluate import probe
 
     result = probe(args.data, args.checkpoint, args.random_init, args.test_fraction, args.folds, args.seed,
-                   args.device, args.batch_size, args.workers, test_data=args.test)
+                   args.device, args.batch_size, args.workers, test_data=args.test, modality=args.modality)
     what = "random-init encoder" if args.random_init else "JEPA encoder"
     split = f"{args.folds}-fold" if args.folds > 1 and not args.test else \
         f"{result['n_train']} train / {result['n_test']} test"
@@ -176,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--modality", help="with a model of several modalities: the one to probe (default: the "
+                                      "one whose files DATA holds)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=_probe)
 

@@ -69,6 +69,41 @@ class Embedder:
         self.device = resolve_device(device)
         self.encoder = encoder.to(self.device).eval()
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.recipe.modalities
+
+    def for_modality(self, modality: str) -> "Embedder":
+        """This encoder reading one of its modalities (a mixed model's audio side, say), as a
+        single-modality Embedder: what ``probe`` and per-modality code use.
+
+        >>> mj.load("runs/multimodal/last.pt").for_modality("audio").embed(["a.wav"])  # doctest: +SKIP
+        """
+        if self.recipe.modality == modality:
+            return self
+        if modality not in self.modalities:
+            raise MultijepaError(f"this model was trained on {', '.join(self.modalities)}, not {modality}")
+        return Embedder(self.encoder, self.recipe.source(modality), str(self.device))
+
+    def modality_for(self, item: Item) -> str:
+        """The modality of this model that reads ``item`` (a tensor: the model's only modality)."""
+        if isinstance(item, torch.Tensor):
+            if len(self.modalities) > 1:
+                raise MultijepaError(f"a tensor given to a model of {', '.join(self.modalities)}: say which modality "
+                                     f"with model.for_modality(name).embed(tensors)")
+            return self.modalities[0]
+        kinds = readers_of(item)  # by the modalities reading the extension, not modality_of: .npy belongs to several
+        mine = [k for k in kinds if k in self.modalities]
+        if not mine:
+            if not kinds:
+                modality_of(item)  # raises: a type no modality reads
+            raise DecodeError(f"{item}: a {' or '.join(kinds)} file, but this model was trained on "
+                              f"{', '.join(self.modalities)}; pass a {kinds[0]} checkpoint")
+        if len(mine) > 1:
+            raise DecodeError(f"{item}: {' and '.join(mine)} both read this file type; embed it with "
+                              f"model.for_modality(name)")
+        return mine[0]
+
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "auto") -> "Embedder":
         state = load_checkpoint(path)
@@ -133,12 +168,15 @@ class Embedder:
     @property
     def windowed(self) -> bool:
         """Whether a file may embed as several windows of one sample (audio windows, video clips)."""
-        return self.recipe.modality in WINDOW_HOP_SECONDS
+        return any(m in WINDOW_HOP_SECONDS for m in self.modalities)
 
     @property
     def window_hop_seconds(self) -> Optional[float]:
         """Seconds between the starts of consecutive windows (0 for modalities without windows, None
         where it differs per file)."""
+        if self.recipe.modality == "mixed":
+            hops = {self.for_modality(m).window_hop_seconds for m in self.modalities}
+            return hops.pop() if len(hops) == 1 else None
         return WINDOW_HOP_SECONDS[self.recipe.modality](self.recipe) if self.windowed else 0.0
 
     @torch.no_grad()
@@ -147,14 +185,9 @@ class Embedder:
                          ) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
         """Like :meth:`embed`, plus (item number, sample number within the item) for every row."""
         items = list(items)
-        for item in items:
-            # By the modalities reading the extension, not modality_of: .npy belongs to several.
-            kinds = [self.recipe.modality] if isinstance(item, torch.Tensor) else readers_of(item)
-            if self.recipe.modality not in kinds:
-                if not kinds:
-                    modality_of(item)  # raises: a type no modality reads
-                raise DecodeError(f"{item}: a {' or '.join(kinds)} file, but this model was trained on "
-                                  f"{self.recipe.modality}; pass a {kinds[0]} checkpoint")
+        kinds = [self.modality_for(item) for item in items]
+        if self.recipe.modality == "mixed" or len(set(kinds)) > 1:
+            return self._embed_by_modality(items, kinds, tokens, batch_size, num_workers, windows)
         loader = DataLoader(_Views(items, self.recipe), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         rows: list[tuple[int, int]] = []
         per_row: list[list[torch.Tensor]] = []  # each row's view vectors, in view order
@@ -163,7 +196,7 @@ class Embedder:
         def forward(chunk: list[tuple[int, torch.Tensor]]) -> None:
             x = torch.stack([v for _, v in chunk]).to(self.device)
             valid = valid_mask(x, self.recipe)
-            feats, _ = self.encoder(x, real=valid)
+            feats, _ = self.encoder(x, self.recipe.modality, real=valid)
             if tokens:
                 out = feats if valid is None else feats.masked_fill(~valid.unsqueeze(-1), float("nan"))
             else:
@@ -198,19 +231,46 @@ class Embedder:
         return torch.stack([torch.stack(vs).mean(0) for vs in per_row]).numpy(), rows
 
 
+    def _embed_by_modality(self, items: list, kinds: list[str], tokens: bool, batch_size: int, num_workers: int,
+                           windows: bool) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
+        """Each modality's items through its side of the model, rows put back in item order."""
+        found: dict[tuple[int, int], object] = {}
+        for m in dict.fromkeys(kinds):
+            mine = [i for i, k in enumerate(kinds) if k == m]
+            vectors, rows = self.for_modality(m).embed_with_index([items[i] for i in mine], tokens, batch_size,
+                                                                  num_workers, windows)
+            for (j, k), v in zip(rows, vectors):
+                found[(mine[j], k)] = v
+        rows = sorted(found)
+        if windows:
+            return [found[r] for r in rows], rows
+        shapes = {found[r].shape for r in rows}
+        if len(shapes) > 1:
+            raise MultijepaError(f"per-token features of different modalities have different shapes "
+                                 f"({sorted(shapes)}); embed one modality at a time")
+        if not rows:
+            return np.zeros((0, self.dim), dtype=np.float32), rows
+        return np.stack([found[r] for r in rows]), rows
+
+
 def load(path: Union[str, Path], device: str = "auto") -> Embedder:
     """Load a checkpoint for embedding (the Python API's ``multijepa.load``)."""
     return Embedder.from_checkpoint(path, device)
 
 
-def find_latest_checkpoint(modality: str, runs: Union[str, Path] = "runs") -> Optional[Path]:
-    """The newest ``runs/*/last.pt`` whose run recipe is of ``modality``, or None."""
+def find_latest_checkpoint(modalities: Union[str, Sequence[str]], runs: Union[str, Path] = "runs") -> Optional[Path]:
+    """The newest ``runs/*/last.pt`` whose model reads ``modalities`` (one name, or all of several:
+    a mixed run), or None."""
+    wanted = {modalities} if isinstance(modalities, str) else set(modalities)
     best = None
     for ckpt in Path(runs).glob("*/last.pt"):
         recipe_file = ckpt.parent / "recipe.yaml"
         if not recipe_file.exists():
             continue
-        if (yaml.safe_load(recipe_file.read_text()) or {}).get("modality") != modality:
+        saved = yaml.safe_load(recipe_file.read_text()) or {}
+        trained = {s.get("modality") for s in saved.get("sources") or []} if saved.get("modality") == "mixed" \
+            else {saved.get("modality")}
+        if not wanted <= trained:
             continue
         if best is None or ckpt.stat().st_mtime > best.stat().st_mtime:
             best = ckpt

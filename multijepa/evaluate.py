@@ -137,14 +137,35 @@ def _embed_labelled(model, data: str, batch_size: int, num_workers: int) -> tupl
     return feats, [index.classes[i] for i in index.labels]
 
 
+def _modality_of_data(data: str, modalities: tuple[str, ...]) -> str:
+    """Which of a model's modalities a labelled folder or data file holds (it must be exactly one)."""
+    import os
+    from pathlib import Path
+
+    from multijepa.datasets.readers import EXTENSIONS, readers_of
+
+    if len(modalities) == 1:
+        return modalities[0]
+    if os.path.isfile(data):
+        found = [m for m in readers_of(data) if m in modalities]
+    else:
+        suffixes = {p.suffix.lower() for p in Path(data).rglob("*") if p.is_file()}
+        found = [m for m in modalities if suffixes & set(EXTENSIONS[m])]
+    if len(found) != 1:
+        raise MultijepaError(f"{data}: holds {' and '.join(found) or 'none'} of this model's modalities "
+                             f"({', '.join(modalities)}); say which to probe with --modality")
+    return found[0]
+
+
 def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False, test_fraction: float = 0.2,
           folds: int = 0, seed: int = 0, device: str = "auto", batch_size: int = 256,
-          num_workers: int = 2, test_data: Optional[str] = None) -> dict:
+          num_workers: int = 2, test_data: Optional[str] = None, modality: Optional[str] = None) -> dict:
     """Embed labelled data with a checkpoint's encoder (or the same encoder at random init) and probe it.
 
     ``data`` is a folder with one sub-folder per class, or a data file with labels inside (a .ts
     file). With ``test_data`` (the same kinds) the probes fit on all of ``data`` and are scored on
-    it; otherwise on a stratified split or k folds of ``data``.
+    it; otherwise on a stratified split or k folds of ``data``. A model of several modalities is
+    probed on one of them: ``modality``, or the one whose files ``data`` holds.
 
     Returns:
         {"linear": acc, "knn": acc, "n_train", "n_test", "seconds_embedding"}.
@@ -156,6 +177,7 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
     model = load(checkpoint, device)
     if random_init:
         model = Embedder.random_init(model.recipe, seed=seed, device=device)
+    model = model.for_modality(modality or _modality_of_data(data, model.modalities))
     t0 = time.perf_counter()
     feats, names = _embed_labelled(model, data, batch_size, num_workers)
     test_index = None

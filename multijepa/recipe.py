@@ -36,6 +36,10 @@ class DataConfig:
     batch_size: int = 64  # per process; the global batch is batch_size * world size
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # stop training when more than this share of files fails to decode
+    # modality: mixed: how each batch is split between the sources. proportion: the same share of
+    # every batch (batch_size * weight / total weight, rounded); weights: each sample's source drawn
+    # at random with probability weight / total weight.
+    mix: Literal["proportion", "weights"] = "proportion"
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,24 @@ class MaskConfig:
     full_span_axes: tuple[int, ...] = ()  # grid axes every block spans entirely (video tubes, audio time spans)
 
 
+Modality = Literal["image", "timeseries", "audio", "pointcloud", "video"]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One modality of a mixed recipe: where its samples come from and how much they count.
+
+    The modality's own section (``image:``, ``audio:`` ...) configures reading and tokenizing it.
+    """
+
+    modality: Modality = "image"
+    path: str = ""  # a folder, a file list, webdataset shards or one data file, as data.path
+    format: Literal["auto", "folder", "filelist", "shards", "file"] = "auto"
+    weight: float = 1.0  # share of the samples drawn from this source, relative to the other sources
+    loss_weight: float = 1.0  # this modality's loss counts this much in the weighted sum over modalities
+    mask: Optional[MaskConfig] = None  # this modality's masks; none: the recipe's mask section
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shared transformer core: context/target encoder and the narrow predictor."""
@@ -268,7 +290,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    modality: Literal["image", "timeseries", "audio", "pointcloud", "video"] = "image"
+    modality: Literal["image", "timeseries", "audio", "pointcloud", "video", "mixed"] = "image"
+    sources: tuple[SourceConfig, ...] = ()  # modality: mixed: one entry per modality trained together
     data: DataConfig = field(default_factory=DataConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     timeseries: TimeSeriesConfig = field(default_factory=TimeSeriesConfig)
@@ -282,6 +305,30 @@ class Recipe:
     ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities the model reads: the recipe's one, or every source's of a mixed recipe."""
+        return tuple(s.modality for s in self.sources) if self.modality == "mixed" else (self.modality,)
+
+    def source(self, modality: str) -> "Recipe":
+        """The single-modality recipe that reads, masks and tokenizes ``modality`` of a mixed recipe
+        (the recipe itself when it is not mixed): the source's path in ``data`` and its mask section.
+
+        >>> r = load_recipe("recipes/multimodal.yaml")  # doctest: +SKIP
+        >>> r.source("audio").modality, r.source("audio").data.path  # doctest: +SKIP
+        ('audio', '../shared/data/audio/fsdd-dev')
+        """
+        if self.modality != "mixed":
+            if modality != self.modality:
+                raise RecipeError(f"this is a {self.modality} recipe; it has no {modality} source")
+            return self
+        for src in self.sources:
+            if src.modality == modality:
+                data = dataclasses.replace(self.data, path=src.path, format=src.format)
+                return dataclasses.replace(self, modality=modality, sources=(), data=data, mask=src.mask or self.mask)
+        raise RecipeError(f"the mixed recipe has no {modality} source (it has {', '.join(self.modalities)}); "
+                          f"add one under 'sources'")
 
 
 # --------------------------------------------------------------------------- conversion
@@ -390,10 +437,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = dotted.strip().split(".")
         node = raw
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            child = _list_entry(node, part, dotted) if isinstance(node, list) else node.setdefault(part, {})
+            if not isinstance(child, (dict, list)):
                 raise RecipeError(f"command line: '{dotted}' goes inside '{part}', which is not a section")
             node = child
+        if isinstance(node, list):
+            raise RecipeError(f"command line: '{dotted}' names an entry of a list; set one of its keys, "
+                              f"e.g. {dotted}.path=...")
         try:
             node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as e:
@@ -401,8 +451,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _deep_copy(d: dict) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+def _list_entry(entries: list, part: str, dotted: str) -> dict:
+    """The entry of a list section (``sources``) that an override names by index or by modality:
+    ``sources.0.path=...`` or ``sources.audio.path=...``."""
+    if part.isdigit() and int(part) < len(entries):
+        return entries[int(part)]
+    named = [e for e in entries if isinstance(e, dict) and e.get("modality") == part]
+    if len(named) == 1:
+        return named[0]
+    names = [str(e.get("modality")) for e in entries if isinstance(e, dict)]
+    raise RecipeError(f"command line: '{dotted}': no entry '{part}' in the list (entries 0-{len(entries) - 1}: "
+                      f"{', '.join(names)}); name one by index or modality")
+
+
+def _deep_copy(d):
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return {k: _deep_copy(v) for k, v in d.items()} if isinstance(d, dict) else d
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
@@ -542,8 +607,53 @@ def _validate_timeseries(ts: TimeSeriesConfig, where: str) -> None:
           "needs timeseries.csv_layout: wide (a long CSV holds one series, so it has no label column)")
 
 
+def _validate_mixed(recipe: Recipe, where: str) -> None:
+    check(len(recipe.sources) >= 1, where, "sources", "must list at least one modality with modality: mixed")
+    check(not recipe.data.path, where, "data.path",
+          "is not read with modality: mixed: each source has its own path (sources[i].path)")
+    names = recipe.modalities
+    for i, src in enumerate(recipe.sources):
+        check(names.count(src.modality) == 1, where, f"sources[{i}].modality",
+              f"lists {src.modality} twice; one source per modality (one tokenizer each): put several folders "
+              f"in one file list")
+        check(src.weight > 0, where, f"sources[{i}].weight", f"must be positive, got {src.weight}")
+        check(src.loss_weight >= 0, where, f"sources[{i}].loss_weight", f"must be 0 or more, got {src.loss_weight}")
+        try:
+            validate(recipe.source(src.modality), where)
+        except RecipeError as e:  # name the source whose settings do not fit
+            raise RecipeError(f"{e} (checked for sources[{i}], {src.modality}"
+                              f"{', whose mask section overrides the recipe' if src.mask else ''})") from None
+    if recipe.data.mix == "proportion":
+        for src, count in zip(recipe.sources, source_counts(recipe)):
+            check(count >= 1, where, "data.batch_size",
+                  f"gives source {src.modality} no sample per batch (weight {src.weight} of "
+                  f"{sum(s.weight for s in recipe.sources)}); raise data.batch_size or its weight, "
+                  f"or set data.mix: weights")
+
+
+def source_counts(recipe: Recipe) -> list[int]:
+    """Samples of each source in every batch with ``data.mix: proportion``: batch_size split by
+    weight, the rounding remainder going to the largest fractions (ties: the earlier source).
+
+    >>> r = Recipe(modality="mixed", sources=(SourceConfig("image", weight=2), SourceConfig("audio")))
+    >>> source_counts(r)  # 64 split 2:1
+    [43, 21]
+    """
+    total = sum(s.weight for s in recipe.sources)
+    exact = [recipe.data.batch_size * s.weight / total for s in recipe.sources]
+    counts = [math.floor(x) for x in exact]
+    by_fraction = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_fraction[:recipe.data.batch_size - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def validate(recipe: Recipe, where: str) -> None:
     """Reject values no run could use, naming the dotted key and what would work."""
+    if recipe.modality == "mixed":
+        _validate_mixed(recipe, where)
+        return
+    check(not recipe.sources, where, "sources", f"is for modality: mixed; a {recipe.modality} recipe reads data.path")
     im, m, mo, o, t = recipe.image, recipe.mask, recipe.model, recipe.optim, recipe.train
     check(im.patch_size > 0 and im.size % im.patch_size == 0, where, "image.patch_size",
            f"must divide image.size={im.size}, got {im.patch_size}")

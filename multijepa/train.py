@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from multijepa.checkpoint import load_checkpoint, save_checkpoint
 from multijepa.core.jepa import JEPA, build_model, cosine_schedule, feature_health
-from multijepa.datasets.files import build_train_loader, resolve_recipe
+from multijepa.datasets.files import build_train_loader
+from multijepa.datasets.mixed import Mixed, build_mixed_loader, resolve_mixed
 from multijepa.errors import DataError, TrainingError
 from multijepa.recipe import Recipe, recipe_to_dict, save_recipe
 
@@ -76,7 +78,11 @@ class _StopRequest:
 
 def _check_resumable(saved: dict, recipe: Recipe, path: Path) -> None:
     now = recipe_to_dict(recipe)
-    for section in ARCHITECTURE_SECTIONS + (recipe.modality,):
+    saved_modalities = [s["modality"] for s in saved.get("sources", [])] if saved.get("modality") == "mixed" else None
+    if recipe.modality == "mixed" and saved_modalities != list(recipe.modalities):
+        raise TrainingError(f"{path}: this checkpoint was trained on the sources {saved_modalities}, not "
+                            f"{list(recipe.modalities)}; use another run.dir, or run.resume=false to start over")
+    for section in ARCHITECTURE_SECTIONS + recipe.modalities:
         if saved.get(section) != now[section]:
             raise TrainingError(
                 f"{path}: this checkpoint was trained with a different '{section}' section "
@@ -91,8 +97,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def pretrain(recipe: Recipe) -> Path:
+def pretrain(recipe: Recipe, data: Optional[Mixed] = None) -> Path:
     """Train a JEPA as the recipe says; resumes from ``run.dir/last.pt`` when present.
+
+    Args:
+        recipe: what to train and how; its data section (or its sources) says where samples are.
+        data: sources to train on instead (``multijepa.datasets.Mixed``): their paths, tensors and
+            weights replace the recipe's; loss weights and masks stay the recipe's.
 
     Returns:
         The run folder, holding ``last.pt``, ``recipe.yaml`` and ``metrics.jsonl``.
@@ -110,14 +121,17 @@ def pretrain(recipe: Recipe) -> Path:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        return _train(recipe, device, rank, world)
+        return _train(recipe, device, rank, world, data)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
-    recipe = resolve_recipe(recipe)  # settings taken from the data (timeseries.length: 0) are fixed here
+def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Optional[Mixed]) -> Path:
+    tensors = None
+    if data is not None:
+        recipe, tensors = data.apply_to(recipe), data.tensors()
+    recipe = resolve_mixed(recipe)  # settings taken from the data (timeseries.length: 0) are fixed here
     t, o = recipe.train, recipe.optim
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -148,15 +162,18 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    # A mixed batch may lack a modality (data.mix: weights), leaving its tokenizer without gradients.
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=recipe.modality == "mixed") if world > 1 else model
     use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    loader = build_train_loader(recipe, start_step=step * o.accum_steps, rank=rank, world=world)
+    loader = build_mixed_loader(recipe, step * o.accum_steps, rank, world, tensors) if recipe.modality == "mixed" \
+        else build_train_loader(recipe, start_step=step * o.accum_steps, rank=rank, world=world)
     tally = {"bad": 0, "seen": 0}
     batches = _decodable(iter(loader), recipe, tally)
     interval_loss = torch.zeros((), device=device)
-    interval_parts = torch.zeros(2, device=device)
+    interval_parts = torch.zeros(3, device=device)  # prediction, regularizer, padding waste
+    per_modality: dict[str, list] = {}  # modality -> [summed prediction loss, micro-batches]
     interval_steps, interval_samples, t_last = 0, 0, time.perf_counter()
     pooled = None
     progress = _progress(main and t.progress, t.steps, step)
@@ -171,18 +188,22 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
                 if group["weight_decay"] > 0:
                     group["weight_decay"] = wd
             for micro in range(o.accum_steps):
-                batch = next(batches)
-                inputs = batch["input"].to(device, non_blocking=True)
-                valid = batch["valid"].to(device, non_blocking=True) if batch["valid"] is not None else None
+                parts = {m: {k: part[k].to(device, non_blocking=True) if part[k] is not None else None
+                             for k in ("input", "context_idx", "target_idx", "valid")}
+                         for m, part in next(batches).items()}
                 sync = contextlib.nullcontext() if world == 1 or micro == o.accum_steps - 1 else net.no_sync()
                 with sync:
                     with autocast:
-                        out = net(inputs, batch["context_idx"].to(device, non_blocking=True),
-                                  batch["target_idx"].to(device, non_blocking=True), valid)
+                        out = net(parts)
                     (out["loss"] / o.accum_steps).backward()
                 interval_loss += out["loss"].detach() / o.accum_steps
-                interval_parts += torch.stack([out["prediction"], out["regularizer"]]) / o.accum_steps
-                interval_samples += inputs.shape[0] * world
+                interval_parts += torch.stack([out["prediction"], out["regularizer"],
+                                               out["padding_waste"].to(device)]) / o.accum_steps
+                for m in parts:
+                    acc = per_modality.setdefault(m, [torch.zeros((), device=device), 0])
+                    acc[0] += out[f"prediction/{m}"]
+                    acc[1] += 1
+                interval_samples += sum(p["input"].shape[0] for p in parts.values()) * world
                 pooled = out["target_pooled"]
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -203,14 +224,18 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int) -> Path:
                 record = {"step": step, "loss": loss,
                           "loss_prediction": interval_parts[0].item() / interval_steps,
                           "loss_regularizer": interval_parts[1].item() / interval_steps,
+                          "padding_waste": interval_parts[2].item() / interval_steps,
                           "lr": lr, "weight_decay": wd, "ema_momentum": momentum,
                           "samples_per_s": interval_samples / (now - t_last),
                           "bad_files": tally["bad"]}
+                if recipe.modality == "mixed":
+                    record.update({f"loss_prediction_{m}": total.item() / n for m, (total, n) in per_modality.items()})
                 record.update({k: v.item() for k, v in feature_health(pooled).items()})
                 if main:
                     _log(record, metrics_path, progress, recipe)
                 interval_loss.zero_()
                 interval_parts.zero_()
+                per_modality.clear()
                 interval_steps, interval_samples, t_last = 0, 0, now
             if main and (step % t.checkpoint_every == 0 or step == t.steps or stop.requested):
                 rng = {"torch": torch.get_rng_state()}
@@ -236,7 +261,8 @@ def _progress(enabled: bool, total: int, initial: int):
 
 
 def _decodable(batches, recipe: Recipe, tally: dict):
-    """Yield the batches that hold inputs, counting files that failed to decode in ``tally``.
+    """Yield the sub-batches ({modality: sub-batch}) of the batches that hold inputs, counting files
+    that failed to decode in ``tally``.
 
     Stops the run with a report when the failed share passes ``data.max_bad_fraction``.
     """
@@ -248,11 +274,12 @@ def _decodable(batches, recipe: Recipe, tally: dict):
         bad, seen = tally["bad"], tally["seen"]
         if bad and seen >= 100 and bad / seen > recipe.data.max_bad_fraction:
             raise DataError(
-                f"{recipe.data.path}: {bad} of {seen} files read so far failed to decode "
+                f"{recipe.data.path or 'the sources'}: {bad} of {seen} files read so far failed to decode "
                 f"({bad / seen:.1%} > data.max_bad_fraction={recipe.data.max_bad_fraction}); "
                 f"the warnings above name them: fix or remove them, or raise data.max_bad_fraction")
-        if batch["input"] is not None:
-            yield batch
+        parts = batch["parts"] if "parts" in batch else {recipe.modality: batch} if batch["input"] is not None else {}
+        if parts:
+            yield parts
 
 
 def _log(record: dict, metrics_path: Path, progress, recipe: Recipe) -> None:

@@ -226,7 +226,7 @@ def test_audio_model__forward_backward_on_the_tiny_recipe():
     assert token_grid(recipe) == (4, 12)
     model = build_model(recipe)
     ctx, tgt = sample_block_masks(token_grid(recipe), recipe.mask, 4, torch.Generator().manual_seed(0))
-    out = model(0.3 * torch.randn(4, 1, recipe.audio.clip_samples), ctx, tgt)
+    out = model({"audio": {"input": 0.3 * torch.randn(4, 1, recipe.audio.clip_samples), "context_idx": ctx, "target_idx": tgt}})
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["target_pooled"].shape == (4, 32)
 

@@ -44,7 +44,7 @@ def test_jepa__forward_backward_finite(loss, regularizer):
     model = build_model(recipe)
     x = torch.randn(4, 3, 16, 16)
     ctx, tgt = sample_block_masks(token_grid(recipe), recipe.mask, 4, torch.Generator().manual_seed(0))
-    out = model(x, ctx, tgt)
+    out = model({"image": {"input": x, "context_idx": ctx, "target_idx": tgt}})
     assert torch.isfinite(out["loss"]) and out["target_pooled"].shape == (4, 32)
     out["loss"].backward()
     grads = [p.grad for p in model.context.parameters()] + [p.grad for p in model.predictor.parameters()]

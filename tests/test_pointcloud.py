@@ -359,7 +359,7 @@ def test_recipe__builds_and_trains_one_step_on_each_position_code(pos):
     model = build_model(recipe)
     groups = group_points(torch.randn(4, 128, 6), 16, 8)
     ctx, tgt = sample_neighbourhood_masks(groups[:, :, 0, :3], recipe.mask, torch.Generator().manual_seed(0))
-    out = model(groups, ctx, tgt)
+    out = model({"pointcloud": {"input": groups, "context_idx": ctx, "target_idx": tgt}})
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["target_pooled"].shape == (4, 32)
     assert all(p.grad is not None for p in model.context.parameters())

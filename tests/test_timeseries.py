@@ -259,8 +259,8 @@ def test_backbone__padding_does_not_change_real_tokens():
     x = torch.randn(1, 2, 16)
     padded = torch.cat([x, torch.full((1, 2, 16), float("nan"))], -1)
     valid = valid_tokens(padded, 4, 4, independent=True)
-    alone, _ = short(x)
-    inside, _ = short(padded, real=valid)
+    alone, _ = short(x, "timeseries")
+    inside, _ = short(padded, "timeseries", real=valid)
     # tokens are channel-major: channel c's 4 real patches sit at c * 8 + [0..3] in the padded grid
     assert torch.allclose(alone, inside[:, valid[0]], atol=1e-5)
 
@@ -273,7 +273,7 @@ def test_jepa__padded_batch_trains_with_finite_loss():
     valid = valid_mask(x, r)
     ctx, tgt = sample_block_masks(token_grid(r), r.mask, 4, torch.Generator().manual_seed(0), valid=valid)
     assert (ctx < 0).any() or (tgt < 0).any()  # sets of different size are padded
-    out = model(x, ctx, tgt, valid)
+    out = model({"timeseries": {"input": x, "context_idx": ctx, "target_idx": tgt, "valid": valid}})
     assert torch.isfinite(out["loss"]) and out["target_pooled"].shape == (4, 32)
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.context.parameters() if p.grad is not None)

@@ -281,7 +281,7 @@ def test_video_model__forward_backward_on_the_tiny_recipe():
     model = build_model(recipe)
     x = torch.randn(3, 3, 4, 32, 32)
     context, targets = sample_block_masks(token_grid(recipe), recipe.mask, 3, torch.Generator().manual_seed(0))
-    out = model(x, context, targets)
+    out = model({"video": {"input": x, "context_idx": context, "target_idx": targets}})
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
 

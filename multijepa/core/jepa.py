@@ -7,6 +7,7 @@ The core never branches on modality: it sees a tokenizer's ``tokens [B, N, D]`` 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multijepa.core.transformer import Transformer, init_weights, sincos_embed
+from multijepa.core.transformer import Segments, Transformer, init_weights, unpack
 
 if TYPE_CHECKING:  # recipe.py imports the mask validator from core at load time
     from multijepa.recipe import LossConfig, ModelConfig, Recipe
@@ -25,14 +26,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def key_mask(keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """bool [B, K] (True = a real token) -> an attention mask [B, 1, 1, K] that hides padded keys.
-
-    None when every token is real: SDPA then keeps its fused kernels (flash attention takes no mask).
-    """
-    return None if keep is None or bool(keep.all()) else keep[:, None, None, :]
-
-
 def pool_tokens(feats: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over tokens: feats [B, N, D] -> [B, D], over the valid ones only when ``valid`` [B, N] is given."""
     if valid is None:
@@ -41,50 +34,137 @@ def pool_tokens(feats: torch.Tensor, valid: Optional[torch.Tensor] = None) -> to
     return (feats * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
-class Backbone(nn.Module):
-    """Tokenizer + position codes from coords + transformer encoder.
+def encode_batches(transformer: Transformer, xs: list[torch.Tensor], reals: list[Optional[torch.Tensor]]
+                   ) -> tuple[list[torch.Tensor], Optional[Segments]]:
+    """Run one transformer over several batches of sequences ``xs[i]`` [B_i, N_i, D] at once.
 
-    ``forward(inputs, keep_idx)`` encodes only the kept tokens (the context); without ``keep_idx``
-    it encodes all of them (the target view and embedding). ``real`` marks, per encoded token, the
-    real ones: padded tokens are hidden from attention, so they never change a real token's output.
+    ``reals[i]`` (bool [B_i, N_i], or None when every token is real) marks real tokens. One batch
+    with no padding runs dense, so SDPA keeps its fused kernels. Otherwise the real tokens of every
+    sequence are packed end to end and attend block-diagonally (see ``packed_attention``): batches
+    of different lengths and modalities share one pass, and on CUDA no compute goes to padding.
+
+    Returns:
+        The outputs [B_i, N_i, D] (zeros at padding) and the packing's ``Segments`` (None when dense).
+    """
+    if len(xs) == 1 and (reals[0] is None or bool(reals[0].all())):
+        return [transformer(xs[0])], None
+    reals = [torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if r is None else r for x, r in zip(xs, reals)]
+    segments = Segments(torch.cat([r.sum(1) for r in reals]))
+    packed = transformer(torch.cat([x[r] for x, r in zip(xs, reals)]), segments=segments)
+    outs = packed.split([int(r.sum()) for r in reals])
+    return [unpack(o, r) for o, r in zip(outs, reals)], segments
+
+
+PosEmbed = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class PositionCodes(nn.Module):
+    """Each modality's ``pos_embed(coords, dim)``: fixed functions (sin-cos on grids) or learned
+    modules (an MLP on point-cloud xyz), the modules registered so they train and save."""
+
+    def __init__(self, codes: dict[str, PosEmbed]):
+        super().__init__()
+        self.learned = nn.ModuleDict({m: c for m, c in codes.items() if isinstance(c, nn.Module)})
+        self.fixed = {m: c for m, c in codes.items() if not isinstance(c, nn.Module)}
+
+    def forward(self, modality: str, coords: torch.Tensor, dim: int) -> torch.Tensor:
+        code = self.learned[modality] if modality in self.learned else self.fixed[modality]
+        return code(coords, dim)
+
+
+def _modality_embeddings(modalities: list[str], dim: int) -> Optional[nn.ParameterDict]:
+    """A learned vector per modality, added to its tokens; none for a single modality (a constant)."""
+    if len(modalities) < 2:
+        return None
+    return nn.ParameterDict({m: nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
+                             for m in modalities})
+
+
+def _rename_single_modality_keys(state_dict: dict, prefix: str, modality: str, renames: dict[str, str]) -> None:
+    """Checkpoints written before the mixed-modality core kept one tokenizer / position code per
+    model (``tokenizer.``, ``pos_embed.``); they load into the dicts under their modality's name."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for old, new in renames.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + f"{modality}." + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+class Backbone(nn.Module):
+    """Tokenizers (one per modality) + position codes from coords + one shared transformer encoder.
+
+    ``forward(inputs, modality, keep_idx)`` encodes only the kept tokens (the context); without
+    ``keep_idx`` it encodes all of them (the target view and embedding). ``real`` marks, per encoded
+    token, the real ones: padded tokens never change a real token's output. ``encode`` runs
+    batches of several modalities through the encoder in one packed pass.
+
     A tokenizer whose tokens each depend on their own part of the input alone may say so with
     ``selects_tokens = True`` and accept ``tokenizer(inputs, keep_idx)``: it then embeds only the
     kept tokens, which is the same result for less work (point-group tokenizers spend most of a
     step embedding groups).
     """
 
-    def __init__(self, tokenizer: nn.Module, cfg: ModelConfig,
-                 pos_embed: Callable[[torch.Tensor, int], torch.Tensor] = sincos_embed):
+    def __init__(self, tokenizers: dict[str, nn.Module], cfg: ModelConfig, pos_embeds: dict[str, PosEmbed]):
         super().__init__()
-        self.tokenizer = tokenizer
-        self.pos_embed = pos_embed
+        self.tokenizers = nn.ModuleDict(tokenizers)
+        self.pos = PositionCodes(pos_embeds)
+        self.modality_embed = _modality_embeddings(list(tokenizers), cfg.dim)
         self.dim = cfg.dim
         self.encoder = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
+        if len(tokenizers) == 1:
+            self._register_load_state_dict_pre_hook(functools.partial(
+                self._legacy_keys, modality=next(iter(tokenizers))))
 
-    def forward(self, inputs: torch.Tensor, keep_idx: Optional[torch.Tensor] = None,
+    @staticmethod
+    def _legacy_keys(state_dict, prefix, *args, modality: str) -> None:
+        _rename_single_modality_keys(state_dict, prefix, modality, {"tokenizer.": "tokenizers.",
+                                                                     "pos_embed.": "pos.learned."})
+
+    def embed(self, inputs: torch.Tensor, modality: str, keep_idx: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens with their position (and modality) codes, before the encoder: [B, K, D] and coords [B, K, C]."""
+        tokenizer = self.tokenizers[modality]
+        if keep_idx is not None and getattr(tokenizer, "selects_tokens", False):
+            tokens, coords = tokenizer(inputs, keep_idx)
+            keep_idx = None
+        else:
+            tokens, coords = tokenizer(inputs)
+        x = tokens + self.pos(modality, coords, self.dim).to(tokens.dtype)
+        if self.modality_embed is not None:
+            x = x + self.modality_embed[modality].to(x.dtype)
+        if keep_idx is not None:
+            x, coords = gather_tokens(x, keep_idx), gather_tokens(coords, keep_idx)
+        return x, coords
+
+    def encode(self, batches: dict[str, tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], Optional[Segments]]:
+        """Encode several modalities' batches in one pass: {modality: (inputs, keep_idx, real)} ->
+        {modality: (features [B, K, D], coords [B, K, C])} and the packing (None when dense)."""
+        embedded = {m: self.embed(inputs, m, keep_idx) for m, (inputs, keep_idx, _) in batches.items()}
+        feats, segments = encode_batches(self.encoder, [x for x, _ in embedded.values()],
+                                         [real for _, _, real in batches.values()])
+        return {m: (f, coords) for (m, (_, coords)), f in zip(embedded.items(), feats)}, segments
+
+    def forward(self, inputs: torch.Tensor, modality: str, keep_idx: Optional[torch.Tensor] = None,
                 real: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """keep_idx [B, K] (>= 0), real bool [B, K] or [B, N] without keep_idx.
+        """One modality's batch: keep_idx [B, K] (>= 0), real bool [B, K] or [B, N] without keep_idx.
 
         Returns features [B, K, D] (K = N without keep_idx) and their coords [B, K, C].
         """
-        if keep_idx is not None and getattr(self.tokenizer, "selects_tokens", False):
-            tokens, coords = self.tokenizer(inputs, keep_idx)
-            keep_idx = None
-        else:
-            tokens, coords = self.tokenizer(inputs)
-        x = tokens + self.pos_embed(coords, self.dim).to(tokens.dtype)
-        if keep_idx is not None:
-            x, coords = gather_tokens(x, keep_idx), gather_tokens(coords, keep_idx)
-        return self.encoder(x, key_mask(real)), coords
+        return self.encode({modality: (inputs, keep_idx, real)})[0][modality]
 
 
 class Predictor(nn.Module):
-    """Narrow transformer: context features + mask tokens at target coords -> predicted features."""
+    """Narrow transformer: context features + mask tokens at target coords -> predicted features.
 
-    def __init__(self, cfg: ModelConfig,
-                 pos_embed: Callable[[torch.Tensor, int], torch.Tensor] = sincos_embed):
+    Shared by every modality; each keeps its own position codes, and with several modalities a
+    learned modality vector tells the mask tokens which one they predict.
+    """
+
+    def __init__(self, cfg: ModelConfig, pos_embeds: dict[str, PosEmbed]):
         super().__init__()
-        self.pos_embed = pos_embed
+        self.modalities = list(pos_embeds)
+        self.pos = PositionCodes(pos_embeds)
+        self.modality_embed = _modality_embeddings(self.modalities, cfg.predictor_dim)
         self.pdim = cfg.predictor_dim
         self.embed = nn.Linear(cfg.dim, cfg.predictor_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.predictor_dim))
@@ -94,25 +174,53 @@ class Predictor(nn.Module):
         init_weights(self.embed)
         init_weights(self.out)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if len(pos_embeds) == 1:
+            self._register_load_state_dict_pre_hook(functools.partial(
+                self._legacy_keys, modality=next(iter(pos_embeds))))
+
+    @staticmethod
+    def _legacy_keys(state_dict, prefix, *args, modality: str) -> None:
+        _rename_single_modality_keys(state_dict, prefix, modality, {"pos_embed.": "pos.learned."})
+
+    def _sequences(self, modality: str, context: torch.Tensor, context_coords: torch.Tensor,
+                   target_coords: torch.Tensor, context_real: Optional[torch.Tensor],
+                   target_real: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One sequence per (sample, target block): [B*M, Nc + Nt, P] and its real tokens (or None)."""
+        b, m, nt, c = target_coords.shape
+        x = self.embed(context) + self.pos(modality, context_coords, self.pdim).to(context.dtype)
+        queries = self.mask_token + self.pos(modality, target_coords.reshape(b * m, nt, c), self.pdim).to(x.dtype)
+        if self.modality_embed is not None:
+            x, queries = x + self.modality_embed[modality].to(x.dtype), queries + self.modality_embed[modality].to(x.dtype)
+        real = None
+        if context_real is not None:
+            real = torch.cat([context_real.repeat_interleave(m, dim=0), target_real.reshape(b * m, nt)], dim=1)
+        return torch.cat([x.repeat_interleave(m, dim=0), queries], dim=1), real
+
+    def predict(self, batches: dict[str, tuple]) -> tuple[dict[str, torch.Tensor], Optional[Segments]]:
+        """Several modalities at once: {modality: (context, context_coords, target_coords, context_real,
+        target_real)} -> {modality: predictions [B, M, Nt, D]} and the packing (None when dense)."""
+        seqs = {m: self._sequences(m, *args) for m, args in batches.items()}
+        outs, segments = encode_batches(self.transformer, [x for x, _ in seqs.values()], [r for _, r in seqs.values()])
+        preds = {}
+        for (m, (context, _, target_coords, _, _)), h in zip(batches.items(), outs):
+            b, k, nt, _ = target_coords.shape
+            preds[m] = self.out(h[:, context.shape[1]:]).reshape(b, k, nt, -1)
+        return preds, segments
 
     def forward(self, context: torch.Tensor, context_coords: torch.Tensor, target_coords: torch.Tensor,
-                context_real: Optional[torch.Tensor] = None, target_real: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+                context_real: Optional[torch.Tensor] = None, target_real: Optional[torch.Tensor] = None,
+                modality: str = "") -> torch.Tensor:
         """context [B, Nc, D], context_coords [B, Nc, C], target_coords [B, M, Nt, C] -> [B, M, Nt, D].
 
         Each of the M target blocks is predicted in its own sequence, as in I-JEPA, so blocks
         cannot see each other's mask tokens. ``context_real`` [B, Nc] and ``target_real`` [B, M, Nt]
-        (given together) hide padded context tokens and padded queries from attention.
+        (given together) hide padded context tokens and padded queries from attention. ``modality``
+        may be left out for a one-modality predictor.
         """
-        b, m, nt, c = target_coords.shape
-        x = self.embed(context) + self.pos_embed(context_coords, self.pdim).to(context.dtype)
-        x = x.repeat_interleave(m, dim=0)  # [B*M, Nc, P]
-        queries = self.mask_token + self.pos_embed(target_coords.reshape(b * m, nt, c), self.pdim).to(x.dtype)
-        real = None
-        if context_real is not None:
-            real = torch.cat([context_real.repeat_interleave(m, dim=0), target_real.reshape(b * m, nt)], dim=1)
-        h = self.transformer(torch.cat([x, queries], dim=1), key_mask(real))
-        return self.out(h[:, x.shape[1]:]).reshape(b, m, nt, -1)
+        if not modality:
+            assert len(self.modalities) == 1, "a predictor of several modalities needs the modality"
+            modality = self.modalities[0]
+        return self.predict({modality: (context, context_coords, target_coords, context_real, target_real)})[0][modality]
 
 
 def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -159,55 +267,81 @@ def vicreg(z: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 class JEPA(nn.Module):
     """Context encoder, EMA target encoder and predictor; ``forward`` returns the training loss.
 
+    One model serves one modality or several: a batch is a dict of homogeneous sub-batches, one per
+    modality, encoded together and scored by the weighted sum of their losses.
+
     >>> from multijepa.recipe import Recipe
     >>> model = build_model(Recipe())
     """
 
-    def __init__(self, context: Backbone, predictor: Predictor, loss: LossConfig):
+    def __init__(self, context: Backbone, predictor: Predictor, loss: LossConfig,
+                 loss_weights: Optional[dict[str, float]] = None):
         super().__init__()
         self.context = context
         self.predictor = predictor
         self.target = copy.deepcopy(context)
         self.target.requires_grad_(False)
         self.loss_cfg = loss
+        self.loss_weights = loss_weights or {m: 1.0 for m in context.tokenizers}
 
-    def forward(self, inputs: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
-                valid: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """inputs: a modality batch; context_idx [B, Nc]; target_idx [B, M, Nt].
+    def forward(self, parts: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """parts: {modality: {"input": a batch of that modality, "context_idx" [B, Nc], "target_idx"
+        [B, M, Nt], "valid" (optional)}}, one entry per modality in the batch.
 
         With ``valid`` (bool [B, N], False on padding tokens) the index sets may hold -1 entries
         (padding, see ``sample_block_masks``): padding is hidden from every attention and left out
         of the loss.
 
-        Returns a dict with ``loss`` (to minimise), ``prediction``, ``regularizer`` and the
-        detached mean-pooled target features ``target_pooled [B, D]`` for health monitors.
+        Returns a dict with ``loss`` (to minimise: the sum over modalities of loss_weight x
+        (prediction + regularizer_weight x regularizer)), ``prediction`` and ``regularizer`` (their
+        weighted sums), ``prediction/<modality>`` per modality, ``padding_waste`` (the share of a
+        padded layout of this step's sequences that would be padding, 0 when dense) and the
+        detached mean-pooled target features ``target_pooled [sum B, D]`` for health monitors.
         """
-        b, m, nt = target_idx.shape
-        context_real = target_real = None
-        if valid is not None:
-            context_real, target_real = context_idx >= 0, target_idx >= 0
-            context_idx, target_idx = context_idx.clamp_min(0), target_idx.clamp_min(0)
+        reals, ctx_idx, tgt_idx = {}, {}, {}
+        for m, part in parts.items():
+            c, t, valid = part["context_idx"], part["target_idx"], part.get("valid")
+            reals[m] = (c >= 0, t >= 0) if valid is not None else (None, None)
+            ctx_idx[m], tgt_idx[m] = (c.clamp_min(0), t.clamp_min(0)) if valid is not None else (c, t)
         with torch.no_grad():
             self.target.eval()  # no stochastic depth in the teacher
-            feats, coords = self.target(inputs, real=valid)
-            pooled = pool_tokens(feats, valid)
-            if self.loss_cfg.normalize_targets:
-                feats = F.layer_norm(feats, feats.shape[-1:])
-            flat_idx = target_idx.reshape(b, m * nt)
-            targets = gather_tokens(feats, flat_idx).reshape(b, m, nt, -1)
-            target_coords = gather_tokens(coords, flat_idx).reshape(b, m, nt, -1)
-        ctx, ctx_coords = self.context(inputs, context_idx, real=context_real)
-        pred = self.predictor(ctx, ctx_coords, target_coords, context_real, target_real)
-        if target_real is not None:  # only real targets count; [K, D] after boolean indexing
-            pred, targets = pred[target_real], targets[target_real]
-        pred_loss = latent_loss(pred.float(), targets.float(), self.loss_cfg.type)
-        reg = pred_loss.new_zeros(())
-        if self.loss_cfg.regularizer != "none" and self.loss_cfg.regularizer_weight > 0:
-            z = ctx[context_real] if context_real is not None else ctx.reshape(-1, ctx.shape[-1])
-            reg = sigreg(z, self.loss_cfg.sigreg_directions) if self.loss_cfg.regularizer == "sigreg" else vicreg(z)
-        loss = pred_loss + self.loss_cfg.regularizer_weight * reg
-        return {"loss": loss, "prediction": pred_loss.detach(), "regularizer": reg.detach(),
-                "target_pooled": pooled.detach()}
+            encoded, _ = self.target.encode({m: (p["input"], None, p.get("valid")) for m, p in parts.items()})
+            pooled, targets, target_coords = [], {}, {}
+            for m, (feats, coords) in encoded.items():
+                pooled.append(pool_tokens(feats, parts[m].get("valid")))
+                if self.loss_cfg.normalize_targets:
+                    feats = F.layer_norm(feats, feats.shape[-1:])
+                b, k, nt = tgt_idx[m].shape
+                flat_idx = tgt_idx[m].reshape(b, k * nt)
+                targets[m] = gather_tokens(feats, flat_idx).reshape(b, k, nt, -1)
+                target_coords[m] = gather_tokens(coords, flat_idx).reshape(b, k, nt, -1)
+        contexts, ctx_segments = self.context.encode({m: (p["input"], ctx_idx[m], reals[m][0]) for m, p in parts.items()})
+        preds, pred_segments = self.predictor.predict(
+            {m: (ctx, ctx_coords, target_coords[m], *reals[m]) for m, (ctx, ctx_coords) in contexts.items()})
+        out: dict[str, torch.Tensor] = {}
+        loss = prediction = regularizer = None
+        for m in parts:
+            pred, target = preds[m], targets[m]
+            context_real, target_real = reals[m]
+            if target_real is not None:  # only real targets count; [K, D] after boolean indexing
+                pred, target = pred[target_real], target[target_real]
+            pred_loss = latent_loss(pred.float(), target.float(), self.loss_cfg.type)
+            reg = pred_loss.new_zeros(())
+            if self.loss_cfg.regularizer != "none" and self.loss_cfg.regularizer_weight > 0:
+                ctx = contexts[m][0]
+                z = ctx[context_real] if context_real is not None else ctx.reshape(-1, ctx.shape[-1])
+                reg = sigreg(z, self.loss_cfg.sigreg_directions) if self.loss_cfg.regularizer == "sigreg" else vicreg(z)
+            w = self.loss_weights[m]
+            part_loss = w * (pred_loss + self.loss_cfg.regularizer_weight * reg)
+            loss = part_loss if loss is None else loss + part_loss
+            prediction = w * pred_loss.detach() if prediction is None else prediction + w * pred_loss.detach()
+            regularizer = w * reg.detach() if regularizer is None else regularizer + w * reg.detach()
+            out[f"prediction/{m}"] = pred_loss.detach()
+        packs = [s for s in (ctx_segments, pred_segments) if s is not None]
+        padded = sum(s.num_segments * s.max_len for s in packs)
+        waste = 1.0 - sum(s.total for s in packs) / padded if padded else 0.0
+        return {"loss": loss, "prediction": prediction, "regularizer": regularizer,
+                "padding_waste": torch.tensor(waste), "target_pooled": torch.cat(pooled).detach(), **out}
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
@@ -246,7 +380,7 @@ def cosine_schedule(step: int, total: int, start: float, end: float, warmup: int
 
 
 def build_model(recipe: Recipe) -> JEPA:
-    """The JEPA for a recipe: its modality's tokenizer under the shared encoder and predictor.
+    """The JEPA for a recipe: a tokenizer per modality under the shared encoder and predictor.
 
     >>> from multijepa.recipe import Recipe
     >>> type(build_model(Recipe())).__name__
@@ -254,6 +388,10 @@ def build_model(recipe: Recipe) -> JEPA:
     """
     from multijepa.tokenizers import build_pos_embed, build_tokenizer
 
-    m = recipe.model
-    return JEPA(Backbone(build_tokenizer(recipe), m, build_pos_embed(recipe, m.dim)),
-                Predictor(m, build_pos_embed(recipe, m.predictor_dim)), recipe.loss)
+    m, modalities = recipe.model, recipe.modalities
+    sources = {name: recipe.source(name) for name in modalities}
+    context = Backbone({name: build_tokenizer(r) for name, r in sources.items()}, m,
+                       {name: build_pos_embed(r, m.dim) for name, r in sources.items()})
+    predictor = Predictor(m, {name: build_pos_embed(r, m.predictor_dim) for name, r in sources.items()})
+    weights = {s.modality: s.loss_weight for s in recipe.sources} if recipe.modality == "mixed" else None
+    return JEPA(context, predictor, recipe.loss, weights)
