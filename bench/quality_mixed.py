@@ -176,12 +176,14 @@ def report(out: Path) -> None:
     print(f"| modality, probe | mixed JEPA ({mixed['train']['cpu_minutes']} CPU min, {mixed['train']['steps']} steps) "
           f"| single-modality JEPA ({single['minutes_per_modality']} CPU min each) | mixed model at random init |")
     print("|---|---|---|---|")
-    rows = [("image", "linear", "images, CIFAR-10 dev (linear)"), ("audio", "linear", "audio, FSDD unseen speaker (linear)")]
+    rows = [("image", "linear", "images, CIFAR-10 dev (linear)"),
+            ("audio", "linear", "audio, FSDD unseen speaker (linear)")]
     rows += [("timeseries", n, f"time series, {n} (linear)") for n in TS_SETS + ("mean",)]
     for m, key, label in rows:
         print(f"| {label} | {mixed[m]['jepa'][key]:.3f} | {single[m]['jepa'][key]:.3f} "
               f"({single[m]['train']['steps']} steps) | {mixed[m]['random_init'][key]:.3f} |")
-    print(f"\npadding waste a dense layout would have had (mixed run, mean over logged steps): {mixed['padding_waste']}")
+    print(f"\npadding waste a dense layout would have had (mixed run, mean over logged steps): "
+          f"{mixed['padding_waste']}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def _embed(args: argparse.Namespace) -> None:
                                       (("window", args.window), ("hop", args.hop)) if value is not None])
     if args.clips is not None:
         if "video" not in model.modalities:
-            raise MultijepaError(f"--clips applies to video models; {checkpoint} is a {'/'.join(model.modalities)} model")
+            raise MultijepaError(f"--clips applies to video models; {checkpoint} is a "
+                                 f"{'/'.join(model.modalities)} model")
         model = model.with_overrides([f"video.embed_clips={args.clips}"])
     # Audio and video tokens are always per window (clip): a long file has a token grid per window.
     windows = args.windows or (args.tokens and model.windowed)

@@ -21,7 +21,7 @@ from multijepa.datasets.readers import EXTENSIONS, modality_of, read_audio
 from multijepa.datasets.transforms import audio_windows, crop_or_pad_audio
 from multijepa.errors import DataError, DecodeError, RecipeError
 from multijepa.recipe import AudioConfig, load_recipe, token_grid
-from multijepa.tokenizers.audio import LogMel, audio_tokenizer, mel_filterbank
+from multijepa.tokenizers.audio import LogMel, audio_tokenizer, audio_valid_tokens, mel_filterbank
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +194,15 @@ def test_log_mel__floor_normalisation_batching_and_bf16():
                                            norm_std=10.0))(x)
     assert torch.allclose(fixed, (db + 20.0) / 10.0, atol=1e-5)
     clip = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="clip"))(x)
-    assert torch.allclose(clip.mean((1, 2, 3)), torch.zeros(2), atol=1e-4)
-    assert torch.allclose(clip.std((1, 2, 3), unbiased=False), torch.ones(2), atol=1e-4)
+    real = clip[..., :-1]  # statistics over the frames centred on a sample (the last is centred past the end)
+    assert torch.allclose(real.mean((1, 2, 3)), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(real.std((1, 2, 3), unbiased=False), torch.ones(2), atol=1e-4)
     padded = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="clip"))(F.pad(x, (0, 12000)))
-    # 3 s of padding moves the statistics only through the 1-2 frames that straddle the end of the clip
+    # 3 s of zero padding moves the statistics only through the 1-2 frames that straddle the end of the clip
     assert (padded[..., :clip.shape[-1] - 2] - clip[..., :-2]).abs().max() < 0.2
+    marked = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="clip"))(
+        F.pad(x, (0, 12000), value=float("nan")))  # padding marked as such: no effect at all
+    assert torch.allclose(marked[..., :clip.shape[-1]], clip, atol=1e-5)
     single = LogMel.from_config(cfg)(x[1:])
     assert torch.allclose(single, db[1:], atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -272,11 +276,11 @@ def test_audio_recipe__documented_audioset_variant_loads_and_builds():
 def test_crop_or_pad__random_in_training_fixed_otherwise():
     wave = torch.arange(10.0).view(1, 10)
     assert crop_or_pad_audio(wave, 4, None).tolist() == [[0, 1, 2, 3]]
-    assert crop_or_pad_audio(wave, 13, None).tolist() == [list(range(10)) + [0, 0, 0]]
+    assert crop_or_pad_audio(wave, 13, None).nan_to_num(-1).tolist() == [list(range(10)) + [-1, -1, -1]]
     crops = {tuple(crop_or_pad_audio(wave, 4, torch.Generator().manual_seed(s))[0].tolist()) for s in range(30)}
     assert len(crops) > 3 and all(c == tuple(range(int(c[0]), int(c[0]) + 4)) for c in crops)
     padded = crop_or_pad_audio(wave, 15, torch.Generator().manual_seed(1))
-    assert padded.shape == (1, 15) and padded.sum() == wave.sum()
+    assert padded.shape == (1, 15) and padded.isnan().sum() == 5 and padded.nansum() == wave.sum()
 
 
 @pytest.mark.parametrize("samples,expected", [(10, 1), (11, 2), (15, 2), (16, 3), (100, 19)])
@@ -284,12 +288,13 @@ def test_audio_windows__cover_the_whole_clip(samples, expected):
     wave = torch.arange(1.0, samples + 1).view(1, samples)
     windows = audio_windows(wave, window=10, hop=5, unit=4)
     assert windows.shape == (expected, 1, 10)
-    assert set(windows.flatten().tolist()) - {0.0} == set(wave.flatten().tolist())  # every sample is seen
+    seen = windows.flatten()
+    assert set(seen[~seen.isnan()].tolist()) == set(wave.flatten().tolist())  # every sample is seen
 
 
 def test_audio_windows__short_clip_is_one_window_padded_to_whole_units():
     wave = torch.arange(1.0, 8.0).view(1, 7)
-    assert audio_windows(wave, window=10, hop=5, unit=4).tolist() == [[[1, 2, 3, 4, 5, 6, 7, 0]]]
+    assert audio_windows(wave, window=10, hop=5, unit=4).nan_to_num(0).tolist() == [[[1, 2, 3, 4, 5, 6, 7, 0]]]
     assert audio_windows(wave[:, :4], window=10, hop=5, unit=4).shape == (1, 1, 4)
 
 
@@ -302,6 +307,26 @@ def test_load_input__training_clip_and_embedding_windows(tmp_path):
     assert windows.shape == (1 + math.ceil((10400 - 4000) / 2000), 1, 4000)
     short = write(tmp_path / "short.flac", tone(16000, 0.1), 16000)
     assert load_input(short, recipe).shape == (1, 1, 960)  # 800 samples padded to whole 320-sample time patches
+
+
+def test_padding__padded_audio_is_never_context_or_target_and_never_changes_real_tokens(audio_folder):
+    recipe = load_recipe(AUDIO_RECIPE, TINY_AUDIO + [f"data.path={audio_folder}", "mask.full_span_axes=[0]"])
+    batch = next(iter(build_train_loader(recipe)))  # 0.3-0.9 s chirps in 0.5 s clips: some padded
+    valid = batch["valid"]
+    assert valid is not None and not valid.all() and (valid.sum(1) >= 2).all()
+    for b in range(len(valid)):
+        for idx in (batch["context_idx"][b], batch["target_idx"][b].flatten()):
+            idx = idx[idx >= 0]
+            assert len(idx) and valid[b, idx].all()
+    # A clip's real tokens come out of the encoder the same, alone or inside padding.
+    encoder = build_model(recipe).target.eval()
+    wave = torch.from_numpy(chirp(8000, 0.3)).view(1, 1, -1)[..., :2240]  # 7 whole time patches of 320 samples
+    padded = crop_or_pad_audio(wave[0], 4000, None)[None]
+    real = audio_valid_tokens(padded, recipe.audio)
+    assert int(real.sum()) == 4 * 7
+    alone, _ = encoder(wave, "audio")
+    inside, _ = encoder(padded, "audio", real=real)
+    assert torch.allclose(alone, inside[real].view(1, -1, alone.shape[-1]), atol=1e-4)
 
 
 def test_file_dataset__audio_folder_labels_and_bad_files_skipped(tmp_path, audio_folder):

@@ -255,3 +255,19 @@ def test_torchrun__mixed_run_with_random_splits_trains_on_two_processes(three, t
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert any("loss_prediction_timeseries" not in r for r in rows)  # a step without series
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 6
+
+
+def test_mixed__shards_and_a_file_list_as_sources(shapes, three, tmp_path):
+    from multijepa.datasets.files import write_shards
+
+    write_shards(shapes, tmp_path / "shards", per_shard=10)
+    listed = tmp_path / "audio.txt"
+    listed.write_text("".join(f"{p}\n" for p in sorted(three["audio"].rglob("*.wav"))))
+    data = mj.datasets.Mixed({"image": mj.datasets.Files("image", str(tmp_path / "shards")),
+                              "audio": mj.datasets.Files("audio", str(listed))})
+    r = load_recipe(MIXED_RECIPE, TINY_MIXED + ["train.steps=2", f"run.dir={tmp_path / 'run'}"])
+    run = mj.pretrain(r, data=data)
+    saved = mj.load(run / "last.pt").recipe
+    assert [(s.modality, s.path) for s in saved.sources] == [("image", str(tmp_path / "shards")), ("audio", str(listed))]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and {"loss_prediction_image", "loss_prediction_audio"} <= rows[-1].keys()

@@ -190,7 +190,8 @@ class Predictor(nn.Module):
         x = self.embed(context) + self.pos(modality, context_coords, self.pdim).to(context.dtype)
         queries = self.mask_token + self.pos(modality, target_coords.reshape(b * m, nt, c), self.pdim).to(x.dtype)
         if self.modality_embed is not None:
-            x, queries = x + self.modality_embed[modality].to(x.dtype), queries + self.modality_embed[modality].to(x.dtype)
+            code = self.modality_embed[modality].to(x.dtype)
+            x, queries = x + code, queries + code
         real = None
         if context_real is not None:
             real = torch.cat([context_real.repeat_interleave(m, dim=0), target_real.reshape(b * m, nt)], dim=1)

@@ -30,6 +30,7 @@ from multijepa.datasets.transforms import audio_transform, audio_windows, image_
 from multijepa.datasets.video import read_clips
 from multijepa.errors import DataError, DecodeError
 from multijepa.recipe import MaskConfig, PointCloudConfig, Recipe, patch_stride, shape_from_data, token_grid
+from multijepa.tokenizers.audio import audio_valid_tokens
 from multijepa.tokenizers.pointcloud import group_points
 from multijepa.tokenizers.timeseries import valid_tokens
 
@@ -86,6 +87,7 @@ SAMPLE_LISTERS: dict[str, Callable[[str, Recipe], list[Optional[str]]]] = {
 VALID_TOKENS: dict[str, Callable[[torch.Tensor, Recipe], torch.Tensor]] = {
     "timeseries": lambda x, r: valid_tokens(x, r.timeseries.patch_size, patch_stride(r.timeseries),
                                             r.timeseries.channel_mode == "independent"),
+    "audio": lambda x, r: audio_valid_tokens(x, r.audio),
 }
 
 # Modalities with settings taken from the data (0 = from the data): (recipe, index) -> resolved recipe.

@@ -29,7 +29,7 @@ from multijepa.datasets.readers import PointSet
 from multijepa.datasets.series import finish_series
 from multijepa.datasets.transforms import audio_transform, crop_or_pad, image_transform, pointcloud_transform
 from multijepa.errors import DataError, DecodeError, RecipeError
-from multijepa.recipe import Recipe, SourceConfig, source_counts
+from multijepa.recipe import Recipe, SourceConfig, recipe_from_dict, recipe_to_dict, source_counts
 
 IN_MEMORY = "<in-memory tensors>"  # the path a tensor source is recorded under in the run's recipe
 
@@ -128,8 +128,6 @@ class Mixed:
                                             format=src.format if src.path else "auto", weight=self.weights[m])
                         for m, src in self.sources.items())
         data = dataclasses.replace(recipe.data, path="", mix=self.mix)
-        from multijepa.recipe import recipe_from_dict, recipe_to_dict
-
         raw = recipe_to_dict(dataclasses.replace(recipe, modality="mixed", sources=configs, data=data))
         return recipe_from_dict(raw, "the recipe with the Mixed data's sources")
 

@@ -94,10 +94,14 @@ def series_windows(series: torch.Tensor, length: int, hop: int) -> list[torch.Te
 
 
 def crop_or_pad_audio(wave: torch.Tensor, length: int, g: Optional[torch.Generator]) -> torch.Tensor:
-    """[C, S] -> [C, length]: a crop of a longer clip or a zero-padded shorter one.
+    """[C, S] -> [C, length]: a crop of a longer clip or a shorter one padded with NaN (NaN marks
+    padding: its tokens are left out of masks, attention and the loss, see ``audio_valid_tokens``).
 
     With a generator the crop, or the clip's place inside the padding, is uniformly random
     (training); without one the crop starts at 0 and padding goes at the end.
+
+    >>> crop_or_pad_audio(torch.ones(1, 2), 3, None).tolist()
+    [[1.0, 1.0, nan]]
     """
     s = wave.shape[1]
     if s == length:
@@ -105,23 +109,23 @@ def crop_or_pad_audio(wave: torch.Tensor, length: int, g: Optional[torch.Generat
     offset = int(torch.randint(0, abs(s - length) + 1, (1,), generator=g)) if g is not None else 0
     if s > length:
         return wave[:, offset:offset + length]
-    return F.pad(wave, (offset, length - s - offset))
+    return F.pad(wave, (offset, length - s - offset), value=float("nan"))
 
 
 def audio_windows(wave: torch.Tensor, window: int, hop: int, unit: int = 1) -> torch.Tensor:
     """[C, S] -> [W, C, L]: windows every ``hop`` samples covering the whole clip.
 
     A clip of at least one window gives W = 1 + ceil((S - window) / hop) windows of L = ``window``
-    samples, the end zero-padded so the last window reaches past the last sample. A shorter clip
-    gives one window of its own length, zero-padded only up to a multiple of ``unit`` samples (a whole
-    time patch), so its embedding is not diluted by silence it never had.
+    samples, the end padded (NaN) so the last window reaches past the last sample. A shorter clip
+    gives one window of its own length, padded only up to a multiple of ``unit`` samples (a whole
+    time patch). Padding tokens are left out of the pooled embedding.
     """
     s = wave.shape[1]
     if s < window:
-        return F.pad(wave, (0, -(-s // unit) * unit - s)).unsqueeze(0)
+        return F.pad(wave, (0, -(-s // unit) * unit - s), value=float("nan")).unsqueeze(0)
     count = 1 + math.ceil((s - window) / hop)
     total = window + (count - 1) * hop
-    padded = F.pad(wave, (0, total - s)) if total > s else wave
+    padded = F.pad(wave, (0, total - s), value=float("nan")) if total > s else wave
     return padded.unfold(1, window, hop).permute(1, 0, 2)  # a view: no copy of long files
 
 
@@ -148,6 +152,10 @@ def audio_transform(wave: torch.Tensor, cfg: AudioConfig, g: Optional[torch.Gene
             factor = low + (high - low) * torch.rand((), generator=g).item()
             if wave.shape[1] > 1 and abs(factor - 1.0) > 1e-3:
                 wave = change_speed(wave, factor, cfg.sample_rate)
+        # A clip shorter than two time patches keeps a little silence as real: masking needs two tokens.
+        shortest = min(2 * cfg.hop_length * cfg.patch_size[1], cfg.clip_samples)
+        if wave.shape[1] < shortest:
+            wave = F.pad(wave, (0, shortest - wave.shape[1]))
         return crop_or_pad_audio(wave, cfg.clip_samples, g)
     return audio_windows(wave, cfg.window_samples, cfg.window_hop_samples, cfg.hop_length * cfg.patch_size[1])
 # --------------------------------------------------------------------------- point clouds

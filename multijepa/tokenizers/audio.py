@@ -13,6 +13,7 @@ audio bench's mean-log-mel baseline and its speed measurement use it).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -83,6 +84,8 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         b, c, s = wave.shape
+        real = real_frames(wave, self.hop_length)[:, None, None, :]  # [B, 1, 1, T]
+        wave = torch.nan_to_num(wave, nan=0.0)  # padding (NaN) is silence here; its tokens are masked out
         with torch.autocast(wave.device.type, enabled=False):
             spec = torch.stft(wave.reshape(b * c, s).float(), self.n_fft, self.hop_length, self.win_length,
                               self.window, center=True, pad_mode="constant", return_complex=True)
@@ -96,18 +99,19 @@ class LogMel(nn.Module):
             if self.normalize == "fixed":
                 db = (db - self.norm_mean) / self.norm_std
             elif self.normalize == "clip":
-                db = self._clip_normalize(db, floor)
+                db = self._clip_normalize(db, floor, real)
         return db
 
     @staticmethod
-    def _clip_normalize(db: torch.Tensor, floor) -> torch.Tensor:
-        """Zero mean, unit variance per clip, the statistics taken over the bins above the floor.
+    def _clip_normalize(db: torch.Tensor, floor: Optional[torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+        """Zero mean, unit variance per clip, the statistics taken over the bins above the floor of
+        the real frames (``real`` bool [B, 1, 1, T], see ``real_frames``).
 
-        Bins at the floor (digital silence, zero padding) are left out of the statistics, so a word
-        padded to a long clip is normalised as it would be on its own.
+        Bins at the floor (digital silence) and padding frames are left out of the statistics, so a
+        word inside a long padded clip is normalised as it would be on its own.
         """
         dims = (1, 2, 3)
-        keep = (db > floor).float() if floor is not None else torch.ones_like(db)
+        keep = ((db > floor) & real if floor is not None else real.expand_as(db)).float()
         count = keep.sum(dims, keepdim=True).clamp_min(1.0)
         mean = (db * keep).sum(dims, keepdim=True) / count
         var = ((db - mean).square() * keep).sum(dims, keepdim=True) / count
@@ -131,6 +135,35 @@ class SpectrogramPatchTokenizer(nn.Module):
         """wave [B, C, S] -> tokens [B, N, D], coords [B, N, 2] (freq, time)."""
         spec = self.features(wave)  # [B, C, F, T], float32
         return grid_tokens(self.proj(spec.to(self.proj.weight.dtype)))  # coords (freq, time)
+
+
+def real_frames(wave: torch.Tensor, hop: int) -> torch.Tensor:
+    """Waveforms [B, C, S] (NaN = padding) -> bool [B, 1 + S // hop]: the STFT frames (centred at
+    k * hop) whose centre is a real sample; a frame centred past the last sample is not real."""
+    s = wave.shape[-1]
+    centres = torch.arange(1 + s // hop, device=wave.device) * hop
+    inside = centres < s
+    real = ~wave.isnan().any(1)  # [B, S]
+    return real[:, centres.clamp_max(s - 1)] & inside
+
+
+def audio_valid_tokens(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """Waveforms [B, C, S] (NaN = padding) -> bool [B, N]: the tokens that hold sound.
+
+    A time patch is real when at least half of its frames are (``real_frames``); every frequency
+    band of a real time patch is real (tokens in freq-major order).
+
+    >>> cfg = AudioConfig(sample_rate=8000, clip_seconds=0.5, n_mels=16, patch_size=(8, 4))
+    >>> wave = torch.zeros(1, 1, 4000); wave[..., 2000:] = float("nan")
+    >>> audio_valid_tokens(wave, cfg).reshape(2, -1).sum(1).tolist()  # 25 of 50 frames: 6 of 12 patches
+    [6, 6]
+    """
+    b, pt = wave.shape[0], cfg.patch_size[1]
+    frames = real_frames(wave, cfg.hop_length)
+    whole = frames.shape[1] // pt * pt
+    patches = frames[:, :whole].reshape(b, -1, pt).float().mean(-1) >= 0.5  # [B, T]
+    bands = cfg.n_mels // cfg.patch_size[0]
+    return patches.unsqueeze(1).expand(b, bands, patches.shape[1]).reshape(b, -1)
 
 
 def audio_tokenizer(cfg: AudioConfig, dim: int) -> SpectrogramPatchTokenizer:
