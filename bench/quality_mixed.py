@@ -22,23 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import ROOT, final_step, probe_scores, provenance
+from common import ROOT, probe_scores, provenance, train_for_cpu_seconds
 from multijepa.datasets.files import list_folder
 from multijepa.datasets.readers import EXTENSIONS
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import linear_probe_accuracy, stratified_split
-from multijepa.recipe import load_recipe
-from multijepa.train import pretrain
 
 TS_SETS = ("GunPoint", "ArrowHead", "ItalyPowerDemand")
 RECIPES = {"image": "recipes/image.yaml", "audio": "recipes/audio.yaml", "timeseries": "recipes/timeseries.yaml"}
@@ -63,52 +57,6 @@ def splits(shared: Path, out: Path) -> dict:
     return {"lists": lists, "image": (images.files, image_labels, image_train, image_test),
             "audio": (audio, np.array([int(Path(f).name.split("_")[0]) for f in audio]), audio_train, audio_test),
             "timeseries": shared / "timeseries"}
-
-
-def _cpu_watchdog(seconds: float) -> threading.Event:
-    """SIGTERM this process once it has used ``seconds`` of CPU time (the trainer then checkpoints)."""
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(1.0):
-            if time.process_time() > seconds:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-    threading.Thread(target=watch, daemon=True).start()
-    return done
-
-
-def train_for_cpu_seconds(recipe_path: str, overrides: list[str], run_dir: Path, seconds: float) -> dict:
-    """Calibrate CPU seconds per step (steps 10 to 40 of this recipe), then train for ``seconds``.
-    A run that already finished (its ``bench_train.json`` exists) is kept: rerunning the script redoes
-    only the probes."""
-    done_file = run_dir / "bench_train.json"
-    if done_file.exists():
-        return json.loads(done_file.read_text())
-    calib = run_dir.parent / f"{run_dir.name}_calib"
-    pretrain(load_recipe(recipe_path, overrides + [f"run.dir={calib}", "train.steps=10"]))
-    t0 = time.process_time()
-    pretrain(load_recipe(recipe_path, overrides + [f"run.dir={calib}", "train.steps=40", "run.resume=true"]))
-    per_step = (time.process_time() - t0) / 30
-    steps = max(1, int(seconds / per_step))
-    print(f"{run_dir.name}: {per_step:.3f} CPU s per step -> {steps} steps in {seconds / 60:.1f} CPU min", flush=True)
-    recipe = load_recipe(recipe_path, overrides + [f"run.dir={run_dir}", f"train.steps={steps}",
-                                                   f"train.checkpoint_every={max(steps // 10, 1)}"])
-    start, wall = time.process_time(), time.perf_counter()
-    done = _cpu_watchdog(start + 1.15 * seconds)
-    try:
-        pretrain(recipe)
-        cut = False
-    except KeyboardInterrupt:
-        cut = True
-    finally:
-        done.set()
-    result = {"steps_planned": steps, "steps": final_step(run_dir), "cut_by_watchdog": cut,
-              "cpu_minutes": round((time.process_time() - start) / 60, 1),
-              "wall_minutes": round((time.perf_counter() - wall) / 60, 1), "cpu_s_per_step": round(per_step, 3)}
-    done_file.write_text(json.dumps(result))
-    return result
 
 
 def probe_modality(model: Embedder, modality: str, data: dict) -> dict:

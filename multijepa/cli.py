@@ -31,8 +31,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from multijepa.datasets.readers import modality_of, readers_of
-    from multijepa.embed import find_latest_checkpoint, load, write_embeddings
+    from multijepa.embed import load, write_embeddings
 
     checkpoint = args.checkpoint
     if checkpoint is None:

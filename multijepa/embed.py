@@ -230,7 +230,6 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32), rows
         return torch.stack([torch.stack(vs).mean(0) for vs in per_row]).numpy(), rows
 
-
     def _embed_by_modality(self, items: list, kinds: list[str], tokens: bool, batch_size: int, num_workers: int,
                            windows: bool) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
         """Each modality's items through its side of the model, rows put back in item order."""
