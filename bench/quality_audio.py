@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/audio/fsdd-dev"))
     ap.add_argument("--out", default=str(ROOT / "bench/out/audio"))
     ap.add_argument("--test-speaker", default="theo")
-    ap.add_argument("--minutes", type=float, default=30.0, help="pretraining budget (CPU minutes of the training process)")
+    ap.add_argument("--minutes", type=float, default=30.0,
+                    help="pretraining budget (CPU minutes of the training process)")
     ap.add_argument("--steps", type=int, default=0, help="fixed step count instead of --minutes")
     ap.add_argument("--recipe", default=str(ROOT / "recipes/audio.yaml"))
     ap.add_argument("--quiet-load", type=float, default=1.3)
@@ -142,8 +143,9 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     if not args.jepa_only:
-        print(f"| FSDD, test speaker {args.test_speaker} ({len(train_idx)}/{len(test_idx)}) | {steps} steps, "
-              f"{train_minutes:.1f} min | {results['jepa']['linear']:.3f} | {results['random_init']['linear']:.3f} | "
+        print(f"| FSDD, test speaker {args.test_speaker} ({len(train_idx)}/{len(test_idx)}) "
+              f"| {training['steps']} steps "
+              f"| {results['jepa']['linear']:.3f} | {results['random_init']['linear']:.3f} | "
               f"{results['mean_log_mel']['linear']:.3f} |")
 
 
