@@ -154,6 +154,9 @@ def test_mixed__tensors_train_and_a_bad_tensor_names_itself(tmp_path):
     assert model.for_modality("timeseries").embed([torch.randn(40)]).shape == (1, 32)
     with pytest.raises(mj.MultijepaError, match="say which modality"):
         model.embed([torch.randn(40)])
+    unsized = load_recipe(MIXED_RECIPE, TINY_MIXED + [f"run.dir={tmp_path / 'unsized'}"])  # timeseries.length: 0
+    with pytest.raises(RecipeError, match="in-memory series: set timeseries.length"):
+        mj.pretrain(unsized, data=data)
     bad = mj.datasets.Mixed({"image": mj.datasets.Tensors("image", [torch.zeros(7)]),
                              "timeseries": mj.datasets.Tensors("timeseries", series)})
     with pytest.raises(DataError, match="image tensor 0"):

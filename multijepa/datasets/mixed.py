@@ -29,7 +29,7 @@ from multijepa.datasets.readers import PointSet
 from multijepa.datasets.series import finish_series
 from multijepa.datasets.transforms import audio_transform, crop_or_pad, image_transform, pointcloud_transform
 from multijepa.errors import DataError, DecodeError, RecipeError
-from multijepa.recipe import Recipe, SourceConfig, recipe_from_dict, recipe_to_dict, source_counts
+from multijepa.recipe import Recipe, SourceConfig, recipe_from_dict, recipe_to_dict, shape_from_data, source_counts
 
 IN_MEMORY = "<in-memory tensors>"  # the path a tensor source is recorded under in the run's recipe
 
@@ -265,6 +265,9 @@ def resolve_mixed(recipe: Recipe) -> Recipe:
     for m in recipe.modalities:
         source = recipe.source(m)
         if source.data.path == IN_MEMORY:
+            if shape_from_data(source):
+                raise RecipeError("in-memory series: set timeseries.length and timeseries.channels in the recipe "
+                                  "(they are read from files only)")
             continue
         resolved = resolve_recipe(source)
         if resolved is not source:
