@@ -230,7 +230,8 @@ def test_audio_model__forward_backward_on_the_tiny_recipe():
     assert token_grid(recipe) == (4, 12)
     model = build_model(recipe)
     ctx, tgt = sample_block_masks(token_grid(recipe), recipe.mask, 4, torch.Generator().manual_seed(0))
-    out = model({"audio": {"input": 0.3 * torch.randn(4, 1, recipe.audio.clip_samples), "context_idx": ctx, "target_idx": tgt}})
+    x = 0.3 * torch.randn(4, 1, recipe.audio.clip_samples)
+    out = model({"audio": {"input": x, "context_idx": ctx, "target_idx": tgt}})
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["target_pooled"].shape == (4, 32)
 

@@ -271,6 +271,7 @@ def test_mixed__shards_and_a_file_list_as_sources(shapes, three, tmp_path):
     r = load_recipe(MIXED_RECIPE, TINY_MIXED + ["train.steps=2", f"run.dir={tmp_path / 'run'}"])
     run = mj.pretrain(r, data=data)
     saved = mj.load(run / "last.pt").recipe
-    assert [(s.modality, s.path) for s in saved.sources] == [("image", str(tmp_path / "shards")), ("audio", str(listed))]
+    expected = [("image", str(tmp_path / "shards")), ("audio", str(listed))]
+    assert [(s.modality, s.path) for s in saved.sources] == expected
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and {"loss_prediction_image", "loss_prediction_audio"} <= rows[-1].keys()

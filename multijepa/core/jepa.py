@@ -221,7 +221,8 @@ class Predictor(nn.Module):
         if not modality:
             assert len(self.modalities) == 1, "a predictor of several modalities needs the modality"
             modality = self.modalities[0]
-        return self.predict({modality: (context, context_coords, target_coords, context_real, target_real)})[0][modality]
+        preds, _ = self.predict({modality: (context, context_coords, target_coords, context_real, target_real)})
+        return preds[modality]
 
 
 def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -316,7 +317,8 @@ class JEPA(nn.Module):
                 flat_idx = tgt_idx[m].reshape(b, k * nt)
                 targets[m] = gather_tokens(feats, flat_idx).reshape(b, k, nt, -1)
                 target_coords[m] = gather_tokens(coords, flat_idx).reshape(b, k, nt, -1)
-        contexts, ctx_segments = self.context.encode({m: (p["input"], ctx_idx[m], reals[m][0]) for m, p in parts.items()})
+        contexts, ctx_segments = self.context.encode(
+            {m: (p["input"], ctx_idx[m], reals[m][0]) for m, p in parts.items()})
         preds, pred_segments = self.predictor.predict(
             {m: (ctx, ctx_coords, target_coords[m], *reals[m]) for m, (ctx, ctx_coords) in contexts.items()})
         out: dict[str, torch.Tensor] = {}

@@ -13,6 +13,7 @@ from multijepa.datasets.readers import EXTENSIONS, PointSet, modality_of, read_a
 from multijepa.datasets.series import read_series
 
 __all__ = ["AudioFolder", "Files", "ImageFolder", "Mixed", "PointCloudFolder", "Source", "Tensors",
-           "TimeSeriesFolder", "VideoFolder", "EXTENSIONS", "FileDataset", "FileIndex", "PointSet", "ShardDataset", "StepBatchSampler",
-           "build_train_loader", "expand_samples", "index_files", "list_folder", "load_input", "modality_of",
-           "read_audio", "read_filelist", "read_image", "read_points", "read_series", "resolve_recipe", "write_shards"]
+           "TimeSeriesFolder", "VideoFolder", "EXTENSIONS", "FileDataset", "FileIndex", "PointSet", "ShardDataset",
+           "StepBatchSampler", "build_train_loader", "expand_samples", "index_files", "list_folder", "load_input",
+           "modality_of", "read_audio", "read_filelist", "read_image", "read_points", "read_series", "resolve_recipe",
+           "write_shards"]

@@ -108,11 +108,13 @@ class Mixed:
             raise DataError("Mixed needs at least one source")
         for name, src in sources.items():
             if src.modality != name:
-                raise DataError(f"Mixed: the source under {name!r} reads {src.modality}; key each source by its modality")
+                raise DataError(f"Mixed: the source under {name!r} reads {src.modality}; "
+                                f"key each source by its modality")
         unknown = set(weights or {}) - set(sources)
         if unknown:
             raise DataError(f"Mixed: weights for {', '.join(sorted(unknown))}, which have no source")
-        self.sources, self.weights, self.mix = dict(sources), {m: float((weights or {}).get(m, 1.0)) for m in sources}, mix
+        self.sources, self.mix = dict(sources), mix
+        self.weights = {m: float((weights or {}).get(m, 1.0)) for m in sources}
 
     def apply_to(self, recipe: Recipe) -> Recipe:
         """The recipe training on these sources: their paths, weights and mix; loss weights and masks
@@ -181,7 +183,8 @@ class _Chain:
     def __getitem__(self, position: int) -> int:
         epoch, offset = divmod(position, self.n)
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))}
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
         return int(self._perms[epoch][offset])
 
 
