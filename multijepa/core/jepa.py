@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multijepa.core.transformer import Segments, Transformer, init_weights, unpack
+from multijepa.core.transformer import Segments, Transformer, init_weights, padding_waste, unpack
 
 if TYPE_CHECKING:  # recipe.py imports the mask validator from core at load time
     from multijepa.recipe import LossConfig, ModelConfig, Recipe
@@ -49,9 +49,10 @@ def encode_batches(transformer: Transformer, xs: list[torch.Tensor], reals: list
     if len(xs) == 1 and (reals[0] is None or bool(reals[0].all())):
         return [transformer(xs[0])], None
     reals = [torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if r is None else r for x, r in zip(xs, reals)]
-    segments = Segments(torch.cat([r.sum(1) for r in reals]))
+    lengths = [r.sum(1) for r in reals]
+    segments = Segments(torch.cat(lengths))
     packed = transformer(torch.cat([x[r] for x, r in zip(xs, reals)]), segments=segments)
-    outs = packed.split([int(r.sum()) for r in reals])
+    outs = packed.split(torch.stack([n.sum() for n in lengths]).tolist())  # one host sync for all batches
     return [unpack(o, r) for o, r in zip(outs, reals)], segments
 
 
@@ -340,9 +341,7 @@ class JEPA(nn.Module):
             prediction = w * pred_loss.detach() if prediction is None else prediction + w * pred_loss.detach()
             regularizer = w * reg.detach() if regularizer is None else regularizer + w * reg.detach()
             out[f"prediction/{m}"] = pred_loss.detach()
-        packs = [s for s in (ctx_segments, pred_segments) if s is not None]
-        padded = sum(s.num_segments * s.max_len for s in packs)
-        waste = 1.0 - sum(s.total for s in packs) / padded if padded else 0.0
+        waste = padding_waste(*(s for s in (ctx_segments, pred_segments) if s is not None))
         return {"loss": loss, "prediction": prediction, "regularizer": regularizer,
                 "padding_waste": torch.tensor(waste), "target_pooled": torch.cat(pooled).detach(), **out}
 

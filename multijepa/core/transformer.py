@@ -127,13 +127,14 @@ class Segments:
         return self._block_masks[key]
 
 
-def padding_waste(segments: Segments) -> float:
-    """Share of a dense [S, max_len] layout of these sequences that would be padding.
+def padding_waste(*packs: Segments) -> float:
+    """Share of dense [S, max_len] layouts of these packs' sequences that would be padding (0 for none).
 
     >>> padding_waste(Segments([3, 7, 1, 5]))  # 1 - 16 / (4 * 7)
     0.4285714285714286
     """
-    return 1.0 - segments.total / (segments.num_segments * segments.max_len)
+    dense = sum(s.num_segments * s.max_len for s in packs)
+    return 1.0 - sum(s.total for s in packs) / dense if dense else 0.0
 
 
 def pack(x: torch.Tensor, real: torch.Tensor) -> Tuple[torch.Tensor, Segments]:

@@ -188,6 +188,11 @@ class _Chain:
         return int(self._perms[epoch][offset])
 
 
+def source_chains(recipe: Recipe, sizes: list[int]) -> list[_Chain]:
+    """Each source's sample order, seeded by (seed, source number); size 0 (a shard stream) gets a stub."""
+    return [_Chain(max(n, 1), _mix(recipe.train.seed, k, 13)) for k, n in enumerate(sizes)]
+
+
 def step_keys(plan: MixPlan, sizes: list[int], step: int, rank: int = 0, world: int = 1,
               chains: Optional[list[_Chain]] = None) -> list[tuple[int, int]]:
     """(source number, sample index) for every sample rank ``rank`` takes at ``step``, by source.
@@ -195,8 +200,7 @@ def step_keys(plan: MixPlan, sizes: list[int], step: int, rank: int = 0, world: 
     Source k's global positions for the step are ``[start * world, (start + count) * world)``;
     rank r takes the r-th run of ``count`` of them, so ranks never share a sample within an epoch.
     """
-    seed = plan.recipe.train.seed
-    chains = chains or [_Chain(n, _mix(seed, k, 13)) for k, n in enumerate(sizes)]
+    chains = chains or source_chains(plan.recipe, sizes)
     keys = []
     for k, (start, count) in enumerate(zip(plan.starts(step), plan.counts(step))):
         first = start * world + rank * count
@@ -309,7 +313,7 @@ class MixedBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         plan = MixPlan(self.recipe)
         sizes = [0 if isinstance(s, ShardDataset) else len(s) for s in self.samples]
-        chains = [_Chain(max(n, 1), _mix(self.recipe.train.seed, k, 13)) for k, n in enumerate(sizes)]
+        chains = source_chains(self.recipe, sizes)
         streams = {k: iter(s) for k, s in enumerate(self.samples) if isinstance(s, ShardDataset)}
         step = self.start_step + worker
         while True:
