@@ -97,7 +97,7 @@ class AudioConfig:
     f_min: float = 0.0  # Hz
     f_max: float = 0.0  # Hz; 0 means sample_rate / 2
     top_db: float = 80.0  # floor each clip's log-mel at its maximum minus top_db; 0 disables
-    normalize: Literal["clip", "fixed", "none"] = "clip"  # clip: per clip; fixed: (dB - norm_mean) / norm_std
+    normalize: Literal["clip", "bins", "fixed", "none"] = "clip"  # clip: per clip; fixed: (dB - norm_mean) / norm_std
     norm_mean: float = -30.0  # dB, with normalize=fixed
     norm_std: float = 20.0  # dB, with normalize=fixed
     patch_size: tuple[int, int] = (16, 16)  # (mel bins, frames) per token
@@ -241,7 +241,10 @@ class LossConfig:
     """Latent prediction loss and the optional second collapse guard."""
 
     type: Literal["l1", "l2", "smooth_l1"] = "smooth_l1"
-    normalize_targets: bool = True  # layer-norm target features before the loss
+    normalize_targets: bool = True  # normalise target features before the loss (how: target_norm)
+    # layer: each token's features (I-JEPA); instance: each feature over a sample's real tokens, which
+    # removes what is constant across the sample (a speaker, a recording), as data2vec does for speech
+    target_norm: Literal["layer", "instance"] = "layer"
     regularizer: Literal["none", "sigreg", "vicreg"] = "none"
     regularizer_weight: float = 0.05
     sigreg_directions: int = 256

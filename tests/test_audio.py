@@ -203,6 +203,13 @@ def test_log_mel__floor_normalisation_batching_and_bf16():
     marked = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="clip"))(
         F.pad(x, (0, 12000), value=float("nan")))  # padding marked as such: no effect at all
     assert torch.allclose(marked[..., :clip.shape[-1]], clip, atol=1e-5)
+    bins = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="bins"))(x)[..., :-1]
+    assert torch.allclose(bins.mean(-1), torch.zeros(2, 1, 64), atol=1e-4)  # each mel bin over the clip's frames
+    live = bins.std(-1, unbiased=False) > 0.5  # bins that vary at all come out with unit variance
+    assert live.float().mean() > 0.9 and torch.allclose(bins.std(-1, unbiased=False)[live], torch.ones(()), atol=1e-4)
+    marked_bins = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="bins"))(
+        F.pad(x, (0, 12000), value=float("nan")))
+    assert torch.allclose(marked_bins[..., :bins.shape[-1]], bins, atol=1e-4)
     single = LogMel.from_config(cfg)(x[1:])
     assert torch.allclose(single, db[1:], atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):

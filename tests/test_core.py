@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from multijepa.core.jepa import build_model, cosine_schedule, feature_health, latent_loss, sigreg, vicreg
+from multijepa.core.jepa import (build_model, cosine_schedule, feature_health, latent_loss, normalize_targets, sigreg,
+                                 vicreg)
 from multijepa.core.masking import sample_block_masks
 from multijepa.core.transformer import Transformer, sincos_embed
 from multijepa.recipe import load_recipe, token_grid
@@ -50,6 +51,30 @@ def test_jepa__forward_backward_finite(loss, regularizer):
     grads = [p.grad for p in model.context.parameters()] + [p.grad for p in model.predictor.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for p in model.target.parameters())
+
+
+def test_normalize_targets__layer_and_instance_over_real_tokens():
+    feats = torch.randn(2, 6, 8) * 3 + 5
+    layer = normalize_targets(feats, "layer")
+    assert torch.allclose(layer.mean(-1), torch.zeros(2, 6), atol=1e-5)
+    inst = normalize_targets(feats, "instance")  # each feature over the sample's tokens
+    assert torch.allclose(inst.mean(1), torch.zeros(2, 8), atol=1e-5)
+    assert torch.allclose(inst.std(1, unbiased=False), torch.ones(2, 8), atol=1e-3)
+    assert torch.allclose(normalize_targets(feats + torch.randn(2, 1, 8), "instance"), inst, atol=1e-4)
+    valid = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    padded = torch.cat([feats[:1, :4], torch.full((1, 2, 8), 1e3)], 1)  # padding values must not count
+    out = normalize_targets(torch.cat([padded, feats[1:]]), "instance", valid)
+    assert torch.allclose(out[0, :4], normalize_targets(feats[:1, :4], "instance")[0], atol=1e-5)
+    assert (out[0, 4:] == 0).all() and torch.allclose(out[1], inst[1], atol=1e-5)
+
+
+def test_jepa__instance_normalised_targets_train():
+    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + ["loss.target_norm=instance"])
+    model = build_model(recipe)
+    ctx, tgt = sample_block_masks(token_grid(recipe), recipe.mask, 4, torch.Generator().manual_seed(0))
+    out = model({"image": {"input": torch.randn(4, 3, 16, 16), "context_idx": ctx, "target_idx": tgt}})
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
 
 
 def test_update_target__is_exact_ema():

@@ -226,6 +226,19 @@ class Predictor(nn.Module):
         return preds[modality]
 
 
+def normalize_targets(feats: torch.Tensor, how: str, valid: Optional[torch.Tensor] = None,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """Target features [B, N, D] normalised per token (``layer``) or per sample and feature over the
+    sample's real tokens (``instance``; ``valid`` [B, N] marks them, padding comes out as zeros)."""
+    if how == "layer":
+        return F.layer_norm(feats, feats.shape[-1:])
+    w = torch.ones_like(feats[..., :1]) if valid is None else valid.to(feats.dtype).unsqueeze(-1)
+    n = w.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (feats * w).sum(1, keepdim=True) / n
+    var = (((feats - mean) * w) ** 2).sum(1, keepdim=True) / n
+    return (feats - mean) * torch.rsqrt(var + eps) * w
+
+
 def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean L1, L2 or smooth-L1 distance between predicted and target features (any equal shapes)."""
     if kind == "l1":
@@ -313,7 +326,7 @@ class JEPA(nn.Module):
             for m, (feats, coords) in encoded.items():
                 pooled.append(pool_tokens(feats, parts[m].get("valid")))
                 if self.loss_cfg.normalize_targets:
-                    feats = F.layer_norm(feats, feats.shape[-1:])
+                    feats = normalize_targets(feats, self.loss_cfg.target_norm, parts[m].get("valid"))
                 b, k, nt = tgt_idx[m].shape
                 flat_idx = tgt_idx[m].reshape(b, k * nt)
                 targets[m] = gather_tokens(feats, flat_idx).reshape(b, k, nt, -1)

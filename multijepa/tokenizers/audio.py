@@ -100,17 +100,19 @@ class LogMel(nn.Module):
                 db = (db - self.norm_mean) / self.norm_std
             elif self.normalize == "clip":
                 db = self._clip_normalize(db, floor, real)
+            elif self.normalize == "bins":
+                db = self._clip_normalize(db, None, real, dims=(3,))
         return db
 
     @staticmethod
-    def _clip_normalize(db: torch.Tensor, floor: Optional[torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+    def _clip_normalize(db: torch.Tensor, floor: Optional[torch.Tensor], real: torch.Tensor,
+                        dims: tuple[int, ...] = (1, 2, 3)) -> torch.Tensor:
         """Zero mean, unit variance per clip, the statistics taken over the bins above the floor of
         the real frames (``real`` bool [B, 1, 1, T], see ``real_frames``).
 
         Bins at the floor (digital silence) and padding frames are left out of the statistics, so a
         word inside a long padded clip is normalised as it would be on its own.
         """
-        dims = (1, 2, 3)
         keep = ((db > floor) & real if floor is not None else real.expand_as(db)).float()
         count = keep.sum(dims, keepdim=True).clamp_min(1.0)
         mean = (db * keep).sum(dims, keepdim=True) / count
