@@ -59,7 +59,8 @@ class LogMel(nn.Module):
     Power STFT (periodic Hann window, centred frames with zero padding), mel filters, 10*log10
     with a floor of 1e-10, then each clip floored at its maximum minus ``top_db`` and normalised
     (``fixed``: (dB - norm_mean) / norm_std; ``clip``: zero mean and unit variance per clip, over
-    the bins above that floor).
+    the bins above that floor; ``bins``: zero mean and unit variance per clip and mel bin, over the
+    clip's real frames, which removes a fixed spectral colour such as a speaker's or a microphone's).
     Runs in float32 even under bf16 autocast: the log of small energies needs the precision.
 
     >>> LogMel.from_config(AudioConfig(sample_rate=8000))(torch.zeros(3, 1, 8000)).shape
@@ -111,7 +112,8 @@ class LogMel(nn.Module):
         the real frames (``real`` bool [B, 1, 1, T], see ``real_frames``).
 
         Bins at the floor (digital silence) and padding frames are left out of the statistics, so a
-        word inside a long padded clip is normalised as it would be on its own.
+        word inside a long padded clip is normalised as it would be on its own. ``dims=(3,)`` with no
+        floor gives each mel bin its own statistics over the real frames (``normalize: bins``).
         """
         keep = ((db > floor) & real if floor is not None else real.expand_as(db)).float()
         count = keep.sum(dims, keepdim=True).clamp_min(1.0)
