@@ -97,9 +97,10 @@ class AudioConfig:
     f_min: float = 0.0  # Hz
     f_max: float = 0.0  # Hz; 0 means sample_rate / 2
     top_db: float = 80.0  # floor each clip's log-mel at its maximum minus top_db; 0 disables
-    # clip: zero mean, unit variance per clip; bins: per clip and mel bin over the clip's frames;
-    # fixed: (dB - norm_mean) / norm_std
-    normalize: Literal["clip", "bins", "fixed", "none"] = "clip"
+    # clip: zero mean, unit variance per clip; bins: the same per clip and mel bin over the clip's
+    # frames; bin_means: each mel bin minus its mean over the clip's frames, / 10 dB; fixed: (dB -
+    # norm_mean) / norm_std
+    normalize: Literal["clip", "bins", "bin_means", "fixed", "none"] = "clip"
     norm_mean: float = -30.0  # dB, with normalize=fixed
     norm_std: float = 20.0  # dB, with normalize=fixed
     patch_size: tuple[int, int] = (16, 16)  # (mel bins, frames) per token

@@ -210,6 +210,9 @@ def test_log_mel__floor_normalisation_batching_and_bf16():
     marked_bins = LogMel.from_config(AudioConfig(sample_rate=8000, normalize="bins"))(
         F.pad(x, (0, 12000), value=float("nan")))
     assert torch.allclose(marked_bins[..., :bins.shape[-1]], bins, atol=1e-4)
+    means = LogMel.from_config(AudioConfig(sample_rate=8000, top_db=30.0, normalize="bin_means"))(x)[..., :-1]
+    assert torch.allclose(means.mean(-1), torch.zeros(2, 1, 64), atol=1e-4)  # variances kept, in tens of dB
+    assert torch.allclose(means.std(-1), db[..., :-1].std(-1) / 10.0, atol=1e-4)
     single = LogMel.from_config(cfg)(x[1:])
     assert torch.allclose(single, db[1:], atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -60,7 +60,8 @@ class LogMel(nn.Module):
     with a floor of 1e-10, then each clip floored at its maximum minus ``top_db`` and normalised
     (``fixed``: (dB - norm_mean) / norm_std; ``clip``: zero mean and unit variance per clip, over
     the bins above that floor; ``bins``: zero mean and unit variance per clip and mel bin, over the
-    clip's real frames, which removes a fixed spectral colour such as a speaker's or a microphone's).
+    clip's real frames, which removes a fixed spectral colour such as a speaker's or a microphone's;
+    ``bin_means``: each bin minus its mean over the clip's real frames, in units of 10 dB).
     Runs in float32 even under bf16 autocast: the log of small energies needs the precision.
 
     >>> LogMel.from_config(AudioConfig(sample_rate=8000))(torch.zeros(3, 1, 8000)).shape
@@ -103,11 +104,13 @@ class LogMel(nn.Module):
                 db = self._clip_normalize(db, floor, real)
             elif self.normalize == "bins":
                 db = self._clip_normalize(db, None, real, dims=(3,))
+            elif self.normalize == "bin_means":
+                db = self._clip_normalize(db, None, real, dims=(3,), scale=False) / 10.0
         return db
 
     @staticmethod
     def _clip_normalize(db: torch.Tensor, floor: Optional[torch.Tensor], real: torch.Tensor,
-                        dims: tuple[int, ...] = (1, 2, 3)) -> torch.Tensor:
+                        dims: tuple[int, ...] = (1, 2, 3), scale: bool = True) -> torch.Tensor:
         """Zero mean, unit variance per clip, the statistics taken over the bins above the floor of
         the real frames (``real`` bool [B, 1, 1, T], see ``real_frames``).
 
@@ -118,6 +121,8 @@ class LogMel(nn.Module):
         keep = ((db > floor) & real if floor is not None else real.expand_as(db)).float()
         count = keep.sum(dims, keepdim=True).clamp_min(1.0)
         mean = (db * keep).sum(dims, keepdim=True) / count
+        if not scale:
+            return db - mean
         var = ((db - mean).square() * keep).sum(dims, keepdim=True) / count
         return (db - mean) / var.sqrt().clamp_min(1e-5)
 
