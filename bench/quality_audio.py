@@ -68,7 +68,7 @@ def mean_log_mel(files: list[str], recipe, with_std: bool = False) -> np.ndarray
     """Per file: the recipe's log-mel over the whole file (no padding), averaged over time -> [N, n_mels].
 
     The spectrogram is normalised per clip (``audio.normalize=clip``) whatever the recipe says: under
-    the per-bin normalisation (``bins``) every bin's mean over time is zero by construction, and on
+    the per-bin normalisations (``bins``, ``bin_means``) every bin's mean over time is zero by construction, and on
     the training speakers' validation the clip-normalised mean is the stronger baseline (0.241
     against 0.222 without normalisation; docs/results.md)."""
     a = dataclasses.replace(recipe.audio, normalize="clip")

@@ -116,7 +116,8 @@ class LogMel(nn.Module):
 
         Bins at the floor (digital silence) and padding frames are left out of the statistics, so a
         word inside a long padded clip is normalised as it would be on its own. ``dims=(3,)`` with no
-        floor gives each mel bin its own statistics over the real frames (``normalize: bins``).
+        floor gives each mel bin its own statistics over the real frames (``normalize: bins``);
+        ``scale=False`` only subtracts the mean (``bin_means``).
         """
         keep = ((db > floor) & real if floor is not None else real.expand_as(db)).float()
         count = keep.sum(dims, keepdim=True).clamp_min(1.0)
