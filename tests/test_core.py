@@ -69,12 +69,18 @@ def test_normalize_targets__layer_and_instance_over_real_tokens():
 
 
 def test_jepa__instance_normalised_targets_train():
-    recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + ["loss.target_norm=instance"])
-    model = build_model(recipe)
-    ctx, tgt = sample_block_masks(token_grid(recipe), recipe.mask, 4, torch.Generator().manual_seed(0))
-    out = model({"image": {"input": torch.randn(4, 3, 16, 16), "context_idx": ctx, "target_idx": tgt}})
-    assert torch.isfinite(out["loss"])
-    out["loss"].backward()
+    x = torch.randn(4, 3, 16, 16)
+    losses = {}
+    for how in ["layer", "instance"]:
+        recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + [f"loss.target_norm={how}"])
+        torch.manual_seed(0)
+        model = build_model(recipe)
+        ctx, tgt = sample_block_masks(token_grid(recipe), recipe.mask, 4, torch.Generator().manual_seed(0))
+        out = model({"image": {"input": x, "context_idx": ctx, "target_idx": tgt}})
+        assert torch.isfinite(out["loss"])
+        out["loss"].backward()
+        losses[how] = out["prediction"].item()
+    assert losses["layer"] != pytest.approx(losses["instance"], rel=1e-3)  # the setting reaches the loss
 
 
 def test_update_target__is_exact_ema():
