@@ -10,6 +10,9 @@ tuning), a cosine kNN probe, and 1-nearest-neighbour Euclidean distance on the r
 here; for unequal-length JapaneseVowels on the archive's equal-length `_eq` version and on
 zero-padded raw series). Prints a Markdown table and writes results.json.
 
+``--for SET:KEY=VALUE`` adds an override for one set only (after the shared ones), e.g. a longer
+pretraining for the largest set.
+
 With ``--seeds N`` every set is pretrained N times (``train.seed`` = 0 .. N-1: data order, masks and
 initialisation) and the random-init baseline is drawn N times (init seeds 0 .. N-1); the table gives
 means (and the spread), and the verdicts compare means. On 40-series test sets a single run moves in
@@ -110,8 +113,16 @@ def main() -> None:
     ap.add_argument("--sets", nargs="*", default=list(SETS))
     ap.add_argument("--cv-only", action="store_true", help="tuning: 5-fold CV on TRAIN only, TEST never embedded")
     ap.add_argument("--seeds", type=int, default=1, help="pretraining runs (and random inits) per set, averaged")
-    ap.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. train.steps=300")
+    ap.add_argument("--for", dest="per_set", action="append", default=[], metavar="SET:KEY=VALUE",
+                    help="a recipe override for one set only (repeatable), e.g. JapaneseVowels:train.steps=2000")
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every set, e.g. train.steps=300")
     args = ap.parse_args()
+    per_set: dict[str, list[str]] = {}
+    for item in args.per_set:
+        name, _, override = item.partition(":")
+        if name not in args.sets or "=" not in override:
+            ap.error(f"--for {item}: expected SET:KEY=VALUE with SET one of {', '.join(args.sets)}")
+        per_set.setdefault(name, []).append(override)
     unknown = [name for name in args.sets if not (Path(args.data) / name).is_dir()]
     if unknown:  # e.g. overrides written after --sets, which takes every word that follows it
         ap.error(f"--sets: no data set folder {', '.join(unknown)} under {args.data}; put recipe overrides "
@@ -121,7 +132,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.sets:
-        results[name] = evaluate_set(name, Path(args.data), out, args.recipe, args.overrides, args.cv_only, args.seeds)
+        results[name] = evaluate_set(name, Path(args.data), out, args.recipe, args.overrides + per_set.get(name, []),
+                                     args.cv_only, args.seeds)
         print(name, json.dumps(results[name]), flush=True)
     if args.cv_only:
         for name, r in results.items():
