@@ -11,10 +11,11 @@ here; for unequal-length JapaneseVowels on the archive's equal-length `_eq` vers
 zero-padded raw series). Prints a Markdown table and writes results.json.
 
 ``--for SET:KEY=VALUE`` adds an override for one set only (after the shared ones), e.g. a longer
-pretraining for the largest set.
+pretraining for the largest set. docs/results.md gives the overrides behind its table.
 
 With ``--seeds N`` every set is pretrained N times (``train.seed`` = 0 .. N-1: data order, masks and
-initialisation) and the random-init baseline is drawn N times (init seeds 0 .. N-1); the table gives
+initialisation) and the random-init baseline is drawn N times (init seeds 0 .. N-1; ``--first-seed K``
+starts both at K, to add seeds to an earlier run); the table gives
 means (and the spread), and the verdicts compare means. On 40-series test sets a single run moves in
 steps of 2.5 points, so one seed decides little.
 """
@@ -58,7 +59,7 @@ def one_nn_euclidean(train: list[np.ndarray], y_train: np.ndarray, test: list[np
 
 
 def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: list[str], cv_only: bool = False,
-                 seeds: int = 1) -> dict:
+                 seeds: int = 1, first_seed: int = 0) -> dict:
     train_file, test_file = data / name / f"{name}_TRAIN.ts", data / name / f"{name}_TEST.ts"
     x_train, l_train = labelled(train_file)
     x_test, l_test = labelled(test_file)
@@ -67,7 +68,7 @@ def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: 
     y_test = np.array([classes.index(v) for v in l_test])
 
     result: dict = {"n_train": len(y_train), "n_test": len(y_test), "classes": len(classes), "pretrain_minutes": []}
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         recipe = load_recipe(recipe_path, [f"data.path={train_file}", f"run.dir={out / name / f'seed{seed}'}",
                                            "run.resume=false", "train.progress=false", "train.threads=1",
                                            f"train.seed={seed}"] + overrides)
@@ -113,8 +114,9 @@ def main() -> None:
     ap.add_argument("--sets", nargs="*", default=list(SETS))
     ap.add_argument("--cv-only", action="store_true", help="tuning: 5-fold CV on TRAIN only, TEST never embedded")
     ap.add_argument("--seeds", type=int, default=1, help="pretraining runs (and random inits) per set, averaged")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--for", dest="per_set", action="append", default=[], metavar="SET:KEY=VALUE",
-                    help="a recipe override for one set only (repeatable), e.g. JapaneseVowels:train.steps=2000")
+                    help="a recipe override for one set only (repeatable), e.g. JapaneseVowels:train.steps=4000")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every set, e.g. train.steps=300")
     args = ap.parse_args()
     per_set: dict[str, list[str]] = {}
@@ -133,7 +135,7 @@ def main() -> None:
     results = {}
     for name in args.sets:
         results[name] = evaluate_set(name, Path(args.data), out, args.recipe, args.overrides + per_set.get(name, []),
-                                     args.cv_only, args.seeds)
+                                     args.cv_only, args.seeds, args.first_seed)
         print(name, json.dumps(results[name]), flush=True)
     if args.cv_only:
         for name, r in results.items():
