@@ -8,7 +8,8 @@ and scored on TEST embeddings; the same for the encoder at random init. Also rep
 cross-validated probe on TRAIN alone (what the recipe was tuned on: TEST is not looked at for
 tuning), a cosine kNN probe, and 1-nearest-neighbour Euclidean distance on the raw series (computed
 here; for unequal-length JapaneseVowels on the archive's equal-length `_eq` version and on
-zero-padded raw series). Prints a Markdown table and writes results.json.
+zero-padded raw series). Prints a Markdown table and writes results.json (results_seedsK-M.json with
+``--first-seed``).
 
 ``--for SET:KEY=VALUE`` adds an override for one set only (after the shared ones), e.g. a longer
 pretraining for the largest set. docs/results.md gives the overrides behind its table.
@@ -144,10 +145,13 @@ def main() -> None:
         return
     meta = {"date": str(date.today()), "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
             "command": " ".join(["python", *sys.argv])}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "sets": results}, indent=2))
-    print(f"\nMeans over {args.seeds} seed(s), spread (std) in brackets:\n")
+    last_seed = args.first_seed + args.seeds - 1
+    file_name = "results.json" if args.first_seed == 0 else f"results_seeds{args.first_seed}-{last_seed}.json"
+    # a run that adds seeds (--first-seed) does not overwrite the earlier run's file
+    (out / file_name).write_text(json.dumps({"meta": meta, "sets": results}, indent=2))
+    print(f"\nMeans over {args.seeds} seed(s) ({args.first_seed} .. {last_seed}), spread (std) in brackets:\n")
     print("| set | train / test | JEPA linear | random-init linear | 1-NN ED | JEPA > random? | JEPA > 1-NN ED? "
-          "| JEPA kNN | train 5-fold CV, JEPA / random | pretrain per seed (wall) |")
+          "| JEPA kNN / random kNN | train 5-fold CV, JEPA / random | pretrain per seed (wall) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ed = f"{r['one_nn_ed']:.3f}" + (f" (published {r['one_nn_ed_published']:.3f})" if r["one_nn_ed_published"] else "")
@@ -157,7 +161,8 @@ def main() -> None:
         verdict = lambda a, b: "yes" if a > b else "tie" if a == b else "no"
         spread = lambda which: f" ({r[which]['linear_std']:.3f})" if args.seeds > 1 else ""
         print(f"| {name} | {r['n_train']} / {r['n_test']} | {j:.3f}{spread('jepa')} | {rnd:.3f}{spread('random_init')} "
-              f"| {ed} | {verdict(j, rnd)} | {verdict(j, r['one_nn_ed'])} | {r['jepa']['knn']:.3f} "
+              f"| {ed} | {verdict(j, rnd)} | {verdict(j, r['one_nn_ed'])} "
+              f"| {r['jepa']['knn']:.3f} / {r['random_init']['knn']:.3f} "
               f"| {r['jepa']['train_cv_linear']:.3f} / {r['random_init']['train_cv_linear']:.3f} "
               f"| {np.mean(r['pretrain_minutes']):.1f} min |")
 
