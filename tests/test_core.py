@@ -66,6 +66,8 @@ def test_normalize_targets__layer_and_instance_over_real_tokens():
     out = normalize_targets(torch.cat([padded, feats[1:]]), "instance", valid)
     assert torch.allclose(out[0, :4], normalize_targets(feats[:1, :4], "instance")[0], atol=1e-5)
     assert (out[0, 4:] == 0).all() and torch.allclose(out[1], inst[1], atol=1e-5)
+    with pytest.raises(ValueError, match="loss.target_norm"):
+        normalize_targets(feats, "batch")
 
 
 def test_jepa__instance_normalised_targets_train():

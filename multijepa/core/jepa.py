@@ -232,6 +232,8 @@ def normalize_targets(feats: torch.Tensor, how: str, valid: Optional[torch.Tenso
     sample's real tokens (``instance``; ``valid`` [B, N] marks them, padding comes out as zeros)."""
     if how == "layer":
         return F.layer_norm(feats, feats.shape[-1:])
+    if how != "instance":
+        raise ValueError(f"target normalisation {how!r}: expected 'layer' or 'instance' (loss.target_norm)")
     w = torch.ones_like(feats[..., :1]) if valid is None else valid.to(feats.dtype).unsqueeze(-1)
     n = w.sum(1, keepdim=True).clamp_min(1.0)
     mean = (feats * w).sum(1, keepdim=True) / n
