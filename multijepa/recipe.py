@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -352,6 +353,27 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# A number as people write it: 1e-3, 3E-4, 1_000, .5, -2.5e+3 (YAML 1.1 reads the exponent forms
+# without a dot as strings, so the schema parses them where it asks for a number).
+_NUMBER = re.compile(r"[-+]?(\d(_?\d)*(\.(\d(_?\d)*)?)?|\.\d(_?\d)*)([eE][-+]?\d+)?")
+
+
+def _number(value: Any) -> Optional[Union[int, float]]:
+    """``value`` as an int or float if it is one or a string spelling one (finite), else None.
+
+    >>> _number("1e-3"), _number("1_000"), _number(".5"), _number(7), _number("x"), _number(True)
+    (0.001, 1000, 0.5, 7, None, None)
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip().replace("_", "")
+        return int(text) if text.lstrip("+-").isdigit() else float(text)
+    return None
+
+
 def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in the dataclass's form."""
     origin = typing.get_origin(tp)
@@ -389,13 +411,15 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise RecipeError(f"{where}: '{key}' must be true or false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        number = _number(value)
+        if number is None or not math.isfinite(number) or number != int(number):
             raise RecipeError(f"{where}: '{key}' must be an integer, got {value!r}")
-        return value
+        return int(number)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise RecipeError(f"{where}: '{key}' must be a string, got {value!r}")

@@ -95,3 +95,23 @@ def test_save_recipe__round_trips(tmp_path):
     save_recipe(r, tmp_path / "saved.yaml")
     assert load_recipe(tmp_path / "saved.yaml") == r
     assert yaml.safe_load((tmp_path / "saved.yaml").read_text()) == recipe_to_dict(r)
+
+
+@pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("3E-4", 3e-4), ("1_000", 1000.0), (".5", 0.5),
+                                        ("2.5e+1", 25.0), ("2", 2.0)])
+def test_load_recipe__numbers_as_people_write_them(tmp_path, text, value):
+    from_override = load_recipe(IMAGE_RECIPE, [f"optim.lr={text}"]).optim.lr
+    from_file = load_recipe(write(tmp_path, f"optim:\n  lr: {text}\n  betas: [{text}, 0.95]\n")).optim
+    assert from_override == from_file.lr == pytest.approx(value) and isinstance(from_override, float)
+    assert from_file.betas == (pytest.approx(value), 0.95)  # inside a list too
+
+
+def test_load_recipe__integers_as_people_write_them(tmp_path):
+    assert load_recipe(IMAGE_RECIPE, ["train.steps=1_000"]).train.steps == 1000
+    assert load_recipe(IMAGE_RECIPE, ["train.steps=2e3"]).train.steps == 2000
+    assert load_recipe(write(tmp_path, "train:\n  steps: 1e4\n")).train.steps == 10000
+    for bad in ("2.5e0", "1e-3", "ten", "true"):
+        with pytest.raises(RecipeError, match="'train.steps' must be an integer"):
+            load_recipe(IMAGE_RECIPE, [f"train.steps={bad}"])
+    with pytest.raises(RecipeError, match="'optim.lr' must be a number, got 'fast'"):
+        load_recipe(IMAGE_RECIPE, ["optim.lr=fast"])
