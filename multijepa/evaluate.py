@@ -118,20 +118,25 @@ def probe_features(features: np.ndarray, labels: np.ndarray, test_fraction: floa
             "n_train": int(len(splits[0][0])), "n_test": int(len(splits[0][1]))}
 
 
-def _embed_labelled(model, data: str, batch_size: int, num_workers: int) -> tuple[np.ndarray, list[str]]:
+def _embed_labelled(model, data: str, batch_size: int, num_workers: int,
+                    npz_split: Optional[str] = None) -> tuple[np.ndarray, list[str]]:
     """Features and class names of every sample of a labelled folder, or of one data file with labels
-    inside (a .ts file with class labels, a wide CSV with a label column)."""
+    inside (a .ts file with class labels, a wide CSV with a label column); ``npz_split`` (train, test,
+    all) reads that split of an .npz holding X_train/X_test instead of the recipe's."""
     import os
 
     from multijepa.datasets.files import FileIndex, expand_samples, list_folder
     from multijepa.datasets.readers import EXTENSIONS
 
+    if npz_split is not None:
+        model = model.with_overrides([f"timeseries.npz_split={npz_split}"])
     recipe = model.recipe
     base = FileIndex([data], [-1]) if os.path.isfile(data) else list_folder(data, EXTENSIONS[recipe.modality])
     index = expand_samples(base, recipe)  # one entry per sample, files in order, samples in file order
     if min(index.labels) < 0 or len(index.classes) < 2:
         raise MultijepaError(f"{data}: probing needs labels: one sub-folder per class, or a file with class labels "
-                             f"inside (a .ts file, a wide CSV with a label column), at least two classes")
+                             f"inside (a .ts file, a UCR .tsv/.txt, a wide CSV with a label column, an .npz with "
+                             f"y), at least two classes")
     feats = model.embed(list(dict.fromkeys(index.files)), batch_size=batch_size, num_workers=num_workers)
     assert len(feats) == len(index.labels)
     return feats, [index.classes[i] for i in index.labels]
@@ -182,7 +187,7 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
     feats, names = _embed_labelled(model, data, batch_size, num_workers)
     test_index = None
     if test_data is not None:
-        test_feats, test_names = _embed_labelled(model, test_data, batch_size, num_workers)
+        test_feats, test_names = _embed_labelled(model, test_data, batch_size, num_workers, npz_split="test")
         test_index = np.arange(len(names), len(names) + len(test_names))
         feats, names = np.concatenate([feats, test_feats]), names + test_names
     classes = sorted(set(names))

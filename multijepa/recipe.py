@@ -74,7 +74,9 @@ class TimeSeriesConfig:
     instance_norm: bool = True  # each series (window) and channel to zero mean, unit variance: scales do not leak
     missing: Literal["interpolate", "zero", "error"] = "interpolate"  # NaN, ? or empty values inside a series
     csv_layout: Literal["long", "wide"] = "long"  # long: one series per file, rows = time, columns = channels
-    csv_label_column: Literal["none", "first", "last"] = "none"  # wide layout: a class label column
+    # A class label column: auto is none for a .csv, first for a .txt/.tsv (the UCR archive's layout)
+    csv_label_column: Literal["auto", "none", "first", "last"] = "auto"
+    npz_split: Literal["train", "test", "all"] = "train"  # an .npz with X_train/X_test: the split read
     window_hop: int = 0  # embed: hop between windows of series longer than length; 0: length // 2
 
 
@@ -633,8 +635,9 @@ def _validate_timeseries(ts: TimeSeriesConfig, where: str) -> None:
           f"must be odd and positive (same-size padding inside a patch), got {ts.kernel_size}")
     check(ts.window_hop >= 0 and (not ts.length or ts.window_hop <= ts.length), where, "timeseries.window_hop",
           f"must be 0 (= length // 2) or between 1 and timeseries.length={ts.length}, got {ts.window_hop}")
-    check(ts.csv_label_column == "none" or ts.csv_layout == "wide", where, "timeseries.csv_label_column",
-          "needs timeseries.csv_layout: wide (a long CSV holds one series, so it has no label column)")
+    check(ts.csv_label_column in ("auto", "none") or ts.csv_layout == "wide", where, "timeseries.csv_label_column",
+          "needs timeseries.csv_layout: wide (a long CSV holds one series, so it has no label column; .txt and "
+          ".tsv files are always wide)")
 
 
 def _validate_mixed(recipe: Recipe, where: str) -> None:

@@ -144,9 +144,10 @@ def test_read_points__missing_folder_wrong_shape_and_nan(tmp_path):
 
 
 def test_modality_of__point_and_mesh_types():
-    assert {modality_of(f"a.{e}") for e in ("PLY", "pcd", "xyz", "off", "obj", "stl", "txt")} == {"pointcloud"}
-    with pytest.raises(DecodeError, match="timeseries or pointcloud.*--checkpoint"):
-        modality_of("a.npy")  # an array can be either: the checkpoint decides
+    assert {modality_of(f"a.{e}") for e in ("PLY", "pcd", "xyz", "off", "obj", "stl")} == {"pointcloud"}
+    for shared in ("a.npy", "a.txt"):  # an array or a text table can be either: the checkpoint decides
+        with pytest.raises(DecodeError, match="timeseries or pointcloud.*--checkpoint"):
+            modality_of(shared)
 
 
 # --------------------------------------------------------------------------- FPS, kNN, grouping

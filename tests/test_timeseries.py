@@ -3,17 +3,18 @@ index, recipe, embedding windows, and a tiny run through the CLI."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_TS, run_cli, write_ts
+from conftest import ROOT, TINY, TINY_TS, run_cli, write_ts
 from multijepa.core.jepa import build_model
 from multijepa.core.masking import sample_block_masks
 from multijepa.datasets.files import (FileDataset, build_train_loader, detect_format, index_files,
                                       resolve_recipe, valid_mask)
-from multijepa.datasets.readers import modality_of
+from multijepa.datasets.readers import modality_of, readers_of
 from multijepa.datasets.series import fill_missing, read_series
 from multijepa.datasets.transforms import crop_or_pad, series_windows
 from multijepa.errors import DataError, DecodeError, RecipeError
@@ -113,6 +114,7 @@ def test_read_series__wide_csv_labels_and_unequal_rows(tmp_path):
 
 @pytest.mark.parametrize("text,cfg,match", [
     ("1,2\n3,4,5\n", {}, r"line 2: 3 fields, expected 2"),
+    ("1,2\n3\n", {}, r"line 2: 1 fields, expected 2"),  # a short row does not change the delimiter
     ("a,b\n1,2\n3,x\n", {}, r"line 3, column 2: 'x' is not a number"),
     ("a,b\n", {}, r"has a header but no data rows"),
     ("\n\n", {}, r"holds no rows"),
@@ -161,11 +163,67 @@ def test_read_series__malformed_npy_named(tmp_path, make, match):
 
 def test_read_series__npz_keys_and_labels_checked(tmp_path):
     np.savez(tmp_path / "k.npz", a=np.zeros(3), b=np.zeros(3))
-    with pytest.raises(DecodeError, match="under 'x'.*holds a, b"):
+    with pytest.raises(DecodeError, match="k.npz: no series array; .*under 'x'.*'X_train'/'X_test'.*holds a, b"):
         read_series(tmp_path / "k.npz", CFG)
     np.savez(tmp_path / "l.npz", x=np.zeros((2, 3)), y=np.zeros(3))
     with pytest.raises(DecodeError, match=r"labels have shape \[3\], expected \[2\]"):
         read_series(tmp_path / "l.npz", CFG)
+
+
+def ucr_rows(series: list[np.ndarray], labels: list, sep: str, fmt: str = "{:.7e}") -> str:
+    """Series [1, L] as UCR archive rows: the label first, then the values; shorter rows padded with NaN."""
+    width = max(x.shape[1] for x in series)
+    rows = [[fmt.format(label)] + [fmt.format(v) for v in x[0]] + ["NaN"] * (width - x.shape[1])
+            for x, label in zip(series, labels)]
+    return "".join(sep.join(row) + "\n" for row in rows)
+
+
+def test_read_series__ucr_txt_and_tsv_label_first(tmp_path):
+    series = waves(3, length=12, vary=True)
+    (tmp_path / "a.txt").write_text(ucr_rows(series, [1, 2, -1], "  "))  # old UCR: %e, label 1.0000000e+00
+    (tmp_path / "a.tsv").write_text(ucr_rows(series, [1, 2, -1], "\t", "{:g}"))  # UCR 2018
+    for name in ("a.txt", "a.tsv"):
+        found = read_series(tmp_path / name, CFG)
+        assert found.labels == ["1", "2", "-1"], name
+        assert [x.shape for x in found.series] == [x.shape for x in series]  # NaN padding dropped
+        assert np.allclose(found.series[2], series[2], atol=1e-4)
+    unlabelled = read_series(tmp_path / "a.tsv", TimeSeriesConfig(csv_label_column="none"))
+    assert unlabelled.labels == [None] * 3 and unlabelled.series[0][0, 0] == 1
+    (tmp_path / "b.tsv").write_text("0.5\t1.5\t2.5\tup\n3\t4\t5\tdown\n")
+    last = read_series(tmp_path / "b.tsv", TimeSeriesConfig(csv_layout="wide", csv_label_column="last"))
+    assert last.labels == ["up", "down"] and last.series[0].tolist() == [[0.5, 1.5, 2.5]]
+
+
+@pytest.mark.parametrize("sep", [",", ";", "\t", " ", "   "])
+def test_read_series__csv_delimiter_sniffed_long_and_wide(tmp_path, sep):
+    path = tmp_path / "s.csv"
+    path.write_text(sep.join(["a", "b"]) + "\n" + "".join(sep.join(r) + "\n" for r in [["1", "10"], ["2", "-2e1"]]))
+    assert read_series(path, CFG).series[0].tolist() == [[1, 2], [10, -20]]  # long, header skipped
+    path.write_text(f"x{sep}1{sep}2{sep}3\ny{sep}4{sep}5\n")
+    wide = read_series(path, TimeSeriesConfig(csv_layout="wide", csv_label_column="first"))
+    assert wide.labels == ["x", "y"] and [x.tolist() for x in wide.series] == [[[1, 2, 3]], [[4, 5]]]
+    path.write_text(f"1{sep}2\n3{sep}zz\n")
+    with pytest.raises(DecodeError, match=r"s.csv, line 2, column 2: 'zz' is not a number"):
+        read_series(path, CFG)
+
+
+def test_read_series__npz_train_test_layouts_and_split_key(tmp_path):
+    train, test = np.stack([w[0] for w in waves(4)]), np.stack([w[0] for w in waves(2, length=20)])
+    for x_train, y_train, x_test, y_test in [("X_train", "y_train", "X_test", "y_test"),
+                                             ("x_train", "y_train", "x_test", "y_test"),
+                                             ("train_x", "train_y", "test_x", "test_y")]:
+        np.savez(tmp_path / "s.npz", **{x_train: train, y_train: np.array([1.0, 2.0, 1.0, 2.0]), x_test: test,
+                                        y_test: np.array(["b", "a"])})
+        got = {split: read_series(tmp_path / "s.npz", TimeSeriesConfig(npz_split=split))
+               for split in ("train", "test", "all")}
+        assert got["train"].labels == ["1", "2", "1", "2"] and [x.shape for x in got["train"].series] == [(1, 24)] * 4
+        assert got["test"].labels == ["b", "a"] and np.allclose(got["test"].series[1], test[1:])
+        assert got["all"].labels == got["train"].labels + got["test"].labels
+    np.savez(tmp_path / "one.npz", X_test=test)  # one split: read whatever npz_split says
+    assert len(read_series(tmp_path / "one.npz", CFG).series) == 2
+    np.savez(tmp_path / "bad.npz", X_train=train, y_train=np.zeros(3))
+    with pytest.raises(DecodeError, match=r"bad.npz, array 'X_train': labels have shape \[3\], expected \[4\]"):
+        read_series(tmp_path / "bad.npz", CFG)
 
 
 def test_read_series__empty_missing_binary_and_unknown(tmp_path):
@@ -177,7 +235,8 @@ def test_read_series__empty_missing_binary_and_unknown(tmp_path):
     (tmp_path / "b.ts").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(DecodeError, match="b.ts: not a text file"):
         read_series(tmp_path / "b.ts", CFG)
-    assert modality_of("x.TS") == modality_of("x.csv") == modality_of("x.npz") == "timeseries"
+    assert modality_of("x.TS") == modality_of("x.csv") == modality_of("x.npz") == modality_of("x.tsv") == "timeseries"
+    assert readers_of("X_TRAIN.txt") == ["timeseries", "pointcloud"]  # the model that reads it decides
 
 
 def test_fill_missing__interpolates_inside_and_holds_edges():
@@ -291,6 +350,7 @@ def test_jepa__padded_batch_trains_with_finite_loss():
     ("timeseries.channel_mode=mixed", "mask.full_span_axes"),  # a (t,) grid: spans cannot cover axis 0
     ("timeseries.missing=drop", "timeseries.missing"),
     ("timeseries.window_hop=-1", "timeseries.window_hop"),
+    ("timeseries.npz_split=val", "timeseries.npz_split"),
 ])
 def test_load_recipe__bad_timeseries_values_name_the_key(override, key):
     with pytest.raises(RecipeError, match=f"'{key}'"):
@@ -327,6 +387,21 @@ def test_index_files__folder_mixes_formats_with_folder_labels(tmp_path):
     index = index_files(recipe(f"data.path={tmp_path}"))
     assert len(index.files) == 8 and index.classes == ["down", "up"]
     assert index.labels == [0] * 4 + [1] * 4 and index.parts == [0, 0, 1, 2] * 2
+
+
+def test_detect_format__a_data_file_is_never_taken_for_a_file_list(tmp_path):
+    row = "  ".join(f"{v:.7e}" for v in np.linspace(-1, 1, 40))  # 640 characters: too long for a file name
+    for name in ("X_TRAIN.txt", "X_TRAIN.tsv", "X_TRAIN.csv"):
+        (tmp_path / name).write_text(f"1 {row}\n2 {row}\n")
+        assert detect_format(recipe(f"data.path={tmp_path / name}")) == "file", name
+    index = index_files(recipe(f"data.path={tmp_path / 'X_TRAIN.txt'}"))
+    assert index.parts == [0, 1] and index.classes == ["1", "2"]
+    write_ts(tmp_path / "a.ts", waves(2))
+    (tmp_path / "list.txt").write_text("a.ts\n")
+    assert detect_format(recipe(f"data.path={tmp_path / 'list.txt'}")) == "filelist"
+    image = load_recipe(ROOT / "recipes/image.yaml", [f"data.path={tmp_path / 'X_TRAIN.txt'}"])
+    with pytest.raises(DataError, match=r"X_TRAIN.txt, line 1: 1 -1.0000000e\+00 .* does not exist"):
+        index_files(image)  # not an image type: read as a file list, whose line names no file
 
 
 def test_resolve_recipe__length_and_channels_from_the_data(tmp_path):
@@ -409,6 +484,72 @@ def test_cli__pretrain_on_ts_then_embed_ts_csv_npy(tmp_path):
     bad.write_text("1,2\n3\n")
     proc = run_cli("embed", str(bad), "--checkpoint", str(tmp_path / "runs/ts/last.pt"), check=False)
     assert proc.returncode == 2 and "bad.csv, line 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_embed__a_txt_is_a_series_table_or_points_by_the_model(tmp_path):
+    from multijepa.embed import Embedder
+
+    (tmp_path / "X.txt").write_text(ucr_rows(waves(3), [1, 2, 1], "  "))
+    series_model = Embedder.random_init(recipe("timeseries.length=24", "timeseries.channels=1"), device="cpu")
+    assert series_model.embed([tmp_path / "X.txt"]).shape == (3, 32)
+    np.savetxt(tmp_path / "points.txt", np.random.default_rng(0).normal(size=(200, 3)), delimiter=",")
+    points = load_recipe(ROOT / "recipes/pointcloud.yaml", TINY + [
+        "pointcloud.num_points=128", "pointcloud.num_groups=16", "pointcloud.group_size=8",
+        "pointcloud.pointnet_width=16", "mask.min_context=2"])
+    assert Embedder.random_init(points, device="cpu").embed([tmp_path / "points.txt"]).shape == (1, 32)
+
+
+def write_ucr_set(folder, kind: str, n: int = 12, seed: int = 0) -> str:
+    """A two-class univariate set as the archives ship it: a UCR .txt or .tsv, or an .npz with
+    X_train/y_train and a 6-series X_test/y_test (labels 1, 2)."""
+    series, labels = waves(n, length=32, seed=seed), [1 + i % 2 for i in range(n)]
+    name = f"X_{'TEST' if seed else 'TRAIN'}.{kind}"
+    if kind == "npz":
+        test = waves(6, length=32, seed=seed + 1)
+        np.savez(folder / name, X_train=np.stack([x[0] for x in series]), y_train=np.array(labels),
+                 X_test=np.stack([x[0] for x in test]), y_test=np.array([1, 2] * 3))
+    else:
+        (folder / name).write_text(ucr_rows(series, labels, "  " if kind == "txt" else "\t",
+                                            "{:.7e}" if kind == "txt" else "{:g}"))
+    return name
+
+
+def test_cli__pretrain_embed_probe_on_ucr_txt_tsv_and_npz(tmp_path, monkeypatch, capsys):
+    from multijepa.cli import main
+    from multijepa.embed import load
+    from multijepa.evaluate import _embed_labelled
+
+    monkeypatch.chdir(tmp_path)
+    for kind in ("txt", "tsv", "npz"):
+        data = write_ucr_set(tmp_path, kind)
+        assert main(["pretrain", str(RECIPE), *TINY_TS, f"data.path={data}", f"run.dir={kind}", "train.steps=2"]) == 0
+        assert load_recipe(f"{kind}/recipe.yaml").timeseries.length == 32
+        assert main(["embed", data, "--checkpoint", f"{kind}/last.pt", "--out", f"{kind}.jsonl"]) == 0
+        rows = [json.loads(line) for line in (tmp_path / f"{kind}.jsonl").read_text().splitlines()]
+        assert [(r["file"], r["index"]) for r in rows] == [(data, k) for k in range(12)]
+
+    def probe(*args: str) -> dict:
+        capsys.readouterr()
+        assert main(["probe", *args, "--json", "--workers", "0"]) == 0
+        return json.loads(capsys.readouterr().out.splitlines()[-1])
+
+    # A .txt set scored on a .tsv one: the labels 1.0000000e+00 and 1 are one class.
+    scored = probe("X_TRAIN.txt", "--test", write_ucr_set(tmp_path, "tsv", n=6, seed=1), "--checkpoint", "txt/last.pt")
+    assert (scored["n_train"], scored["n_test"]) == (12, 6) and 0 <= scored["linear"] <= 1
+    split = probe("X_TRAIN.npz", "--checkpoint", "npz/last.pt")  # the recipe's npz_split: train
+    assert (split["n_train"], split["n_test"]) == (10, 2)
+    feats, names = _embed_labelled(load("npz/last.pt", "cpu"), "X_TRAIN.npz", 64, 0, npz_split="test")
+    assert feats.shape == (6, 32) and names == ["1", "2"] * 3  # the test split, as --test on the same file reads it
+    (tmp_path / "bad.txt").write_text("1 0.5 0.6\n2 0.5 oops\n")
+    (tmp_path / "bad.tsv").write_text("1\t0.5\t0.6\n2\t0.5\t1,5\n")
+    np.savez(tmp_path / "bad.npz", a=np.zeros(3), b=np.zeros(3))
+    for bad, match in [("bad.txt", r"bad.txt, line 2, column 3: 'oops' is not a number"),
+                       ("bad.tsv", r"bad.tsv, line 2, column 3: '1,5' is not a number"),
+                       ("bad.npz", r"bad.npz: no series array; .*it holds a, b")]:
+        for command in (["embed", bad, "--checkpoint", "txt/last.pt"],
+                        ["pretrain", str(RECIPE), *TINY_TS, f"data.path={bad}", "run.dir=bad"]):
+            assert main(command) == 2
+            assert re.search(match, capsys.readouterr().err), command
 
 
 def test_shards__one_series_per_member_with_explicit_shape(tmp_path):

@@ -171,10 +171,11 @@ def read_filelist(path: Union[str, Path]) -> FileIndex:
         if not line or line.startswith("#"):
             continue
         file, label = line, None
-        if not _resolve(path, line).is_file() and len(line.split()) > 1:
+        # os.path.isfile, not Path.is_file: a line that cannot be a path (too long, a NUL) is no file, not an OSError.
+        if not os.path.isfile(_resolve(path, line)) and len(line.split()) > 1:
             file, label = line.rsplit(maxsplit=1)
-        if not _resolve(path, file).is_file():
-            raise DataError(f"{path}, line {lineno}: {file} does not exist")
+        if not os.path.isfile(_resolve(path, file)):
+            raise DataError(f"{path}, line {lineno}: {file[:80]} does not exist")
         files.append(str(_resolve(path, file)))
         names.append(label)
     if not files:
@@ -207,12 +208,15 @@ LIST_SUFFIXES = (".txt", ".lst", ".csv")
 
 
 def _names_a_file(path: str) -> bool:
-    """Whether the first entry of a possible file list (``path [label]``; # comments) is an existing file."""
+    """Whether the first entry of a possible file list (``path [label]``; # comments) is an existing file.
+
+    A data file's first line (a row of numbers, however long) names no file: os.path.isfile is False for it.
+    """
     with open(path, errors="replace") as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
-                return any(_resolve(Path(path), c).is_file() for c in (line, line.rsplit(maxsplit=1)[0]))
+                return any(os.path.isfile(_resolve(Path(path), c)) for c in (line, line.rsplit(maxsplit=1)[0]))
     return False
 
 

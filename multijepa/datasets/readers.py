@@ -21,7 +21,8 @@ from multijepa.errors import DecodeError
 
 EXTENSIONS: dict[str, tuple[str, ...]] = {
     "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
-    "timeseries": (".ts", ".csv", ".npy", ".npz"),  # read by multijepa.datasets.series
+    # Read by multijepa.datasets.series; .txt/.tsv are UCR-archive tables (.txt and .npy: also point arrays).
+    "timeseries": (".ts", ".csv", ".tsv", ".txt", ".npy", ".npz"),
     "audio": (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif"),
     # Point files, meshes sampled to points (.ply holds either), and plain xyz arrays.
     # Read through decord or PyAV by multijepa.datasets.video.

@@ -1,22 +1,33 @@
-"""Time-series readers: .ts (sktime/aeon), CSV (long or wide), .npy/.npz -> float arrays [C, L], in file order.
+"""Time-series readers: .ts (sktime/aeon), UCR .txt/.tsv, CSV (long or wide), .npy/.npz -> float arrays [C, L].
 
-Formats:
+Formats (every file's series come in file order):
 
 - ``.ts``: the sktime/aeon text format: ``@`` header lines, then ``@data`` with one series per
   line, dimensions separated by ``:``, values by ``,``, the class label last when
   ``@classLabel true``. Univariate or multivariate, equal or unequal length. Time-stamped data
   (``@timeStamps true``) is not read.
+- ``.txt`` and ``.tsv``: the UCR archive's tables (``GunPoint_TRAIN.tsv``, older ``GunPoint_TRAIN.txt``):
+  one univariate series per row, the class label in the first column (``timeseries.csv_label_column:
+  auto``; ``none`` reads every column as values, ``last`` takes the last). Always one series per row,
+  whatever ``csv_layout`` says.
 - CSV, ``timeseries.csv_layout: long`` (the default): one series per file, rows are time steps and
   columns are channels. ``wide``: one univariate series per row, with an optional class label in the
-  first or last column (``timeseries.csv_label_column``); rows may differ in length. A first row
-  that is not numbers is a header and skipped. Values are separated by commas.
+  first or last column (``timeseries.csv_label_column``; ``auto`` is none); rows may differ in length.
+  A first row that is not numbers is a header and skipped.
+- Text tables (.csv, .txt, .tsv) are split on tabs, semicolons or commas, whichever the file's first
+  five lines hold most often, or on runs of spaces where they hold none of them. A class label that is
+  a whole number spelt as a float (``1.0000000e+00`` in old UCR files, ``1.0`` in an .npz) reads as ``1``,
+  so a set's files in different formats agree on class names.
 - ``.npy``: 1-D [time] is one series, 2-D [series, time] many univariate series, 3-D
   [series, channels, time] many multivariate ones. ``.npz``: the same array under ``x`` (or the only
-  array in the file), with optional class labels under ``y`` (one per series).
+  array in the file), with optional class labels under ``y`` or ``labels`` (one per series); or split
+  as tslearn and sktime save them, ``X_train``/``y_train`` and ``X_test``/``y_test`` (also spelt
+  ``x_train`` or ``train_x``; names match in any case), of which ``timeseries.npz_split`` picks one, or
+  ``all`` (train, then test). A file holding one split (only ``X_test``) or none is read as it is.
 
 Missing values are ``NaN``, ``?`` or an empty field. Time steps at the end of a series where every
 channel is missing are padding, not data: they are dropped, so unequal-length series can be stored
-padded (as aeon and pandas write them). What remains is handled by ``timeseries.missing``:
+padded (as aeon, pandas and the UCR archive write them). What remains is handled by ``timeseries.missing``:
 ``interpolate`` (linear in time per channel; leading and trailing gaps take the nearest value; a
 channel with no value at all becomes zeros), ``zero``, or ``error`` (a DecodeError naming the line).
 
@@ -68,9 +79,11 @@ def _floats(tokens: list[str], where: Callable[[int], str]) -> np.ndarray:
             try:
                 out[i] = float(tok)
             except ValueError:
-                raise DecodeError(f"{where(i)}: {tok[:40]!r} is not a number or a missing value (NaN, ?, empty)") from None
+                raise DecodeError(f"{where(i)}: {tok[:40]!r} is not a number or a missing value "
+                                  f"(NaN, ?, empty)") from None
     if np.isinf(out).any():
-        raise DecodeError(f"{where(int(np.flatnonzero(np.isinf(out))[0]))}: an infinite value; use NaN for missing values")
+        first = int(np.flatnonzero(np.isinf(out))[0])
+        raise DecodeError(f"{where(first)}: an infinite value; use NaN for missing values")
     return out
 
 
@@ -78,7 +91,8 @@ def _text(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DecodeError(f"{name}: not a text file (byte {e.start} is not UTF-8); is it really a {Path(name).suffix}?") from None
+        raise DecodeError(f"{name}: not a text file (byte {e.start} is not UTF-8); is it really a "
+                          f"{Path(name).suffix}?") from None
 
 
 # --------------------------------------------------------------------------- .ts
@@ -144,7 +158,8 @@ def _parse_ts(text: str, name: str) -> tuple[list[np.ndarray], list[Optional[str
         labels.append(label)
         locates.append(lambda c, t, ln=lineno: f"line {ln}, dimension {c + 1}, value {t + 1}")
     if not in_data:
-        raise DecodeError(f"{name}: no @data line; a .ts file has @ header lines, then @data, then one series per line")
+        raise DecodeError(f"{name}: no @data line; a .ts file has @ header lines, then @data, then one series "
+                          f"per line")
     if not series:
         raise DecodeError(f"{name}: no series after @data")
     return series, labels, locates
@@ -180,8 +195,29 @@ def _numeric(tok: str) -> bool:
         return False
 
 
-def _parse_csv(text: str, name: str, cfg: TimeSeriesConfig) -> tuple[list[np.ndarray], list[Optional[str]], list[Locate]]:
-    reader = csv.reader(io.StringIO(text))
+def _label_name(tok: str) -> str:
+    """A class label as written, except a whole number spelt as a float: ``1.0000000e+00`` -> ``1``."""
+    tok = tok.strip()
+    if "." in tok or "e" in tok.lower():
+        try:
+            value = float(tok)
+        except ValueError:
+            return tok
+        if value.is_integer():
+            return str(int(value))
+    return tok
+
+
+def _rows(text: str, name: str) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a text table as (line number, fields), split on tabs, semicolons or commas
+    (whichever the first five lines hold most often, ties in that order; quoted fields as in CSV), or on
+    runs of spaces where they hold none of them."""
+    lines = text.splitlines()
+    head = "\n".join([line for line in lines if line.strip()][:5])
+    delimiter = max("\t;,", key=head.count) if any(d in head for d in "\t;,") else None
+    if delimiter is None:
+        return [(lineno, line.split()) for lineno, line in enumerate(lines, 1) if line.strip()]
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     rows = []
     try:
         for row in reader:
@@ -189,22 +225,30 @@ def _parse_csv(text: str, name: str, cfg: TimeSeriesConfig) -> tuple[list[np.nda
                 rows.append((reader.line_num, row))
     except csv.Error as e:
         raise DecodeError(f"{name}, line {reader.line_num}: not valid CSV ({e})") from None
+    return rows
+
+
+def _parse_table(text: str, name: str, wide: bool, label_col: str
+                 ) -> tuple[list[np.ndarray], list[Optional[str]], list[Locate]]:
+    """A CSV-like table: long (one series, rows = time, columns = channels) or wide (a series per row,
+    ``label_col`` none, first or last)."""
+    rows = _rows(text, name)
     if not rows:
-        raise DecodeError(f"{name}: the CSV holds no rows")
-    wide, label_col = cfg.csv_layout == "wide", cfg.csv_label_column
+        raise DecodeError(f"{name}: the file holds no rows")
     first = rows[0][1]
     values_of_first = first[1:] if label_col == "first" else first[:-1] if label_col == "last" else first
     if not all(_numeric(f) for f in values_of_first):
         rows = rows[1:]  # a header
     if not rows:
-        raise DecodeError(f"{name}: the CSV has a header but no data rows")
+        raise DecodeError(f"{name}: the file has a header but no data rows")
     if not wide:
         width = len(rows[0][1])
         for lineno, row in rows:
             if len(row) != width:
                 raise DecodeError(f"{name}, line {lineno}: {len(row)} fields, expected {width} like the first row "
                                   f"(a long CSV has one column per channel)")
-        table = np.stack([_floats(row, lambda i, ln=lineno: f"{name}, line {ln}, column {i + 1}") for lineno, row in rows])
+        table = np.stack([_floats(row, lambda i, ln=lineno: f"{name}, line {ln}, column {i + 1}")
+                          for lineno, row in rows])
         lines = [ln for ln, _ in rows]
         return [table.T], [None], [lambda c, t: f"line {lines[t]}, column {c + 1}"]
     series, labels, locates = [], [], []
@@ -214,7 +258,7 @@ def _parse_csv(text: str, name: str, cfg: TimeSeriesConfig) -> tuple[list[np.nda
         if label_col != "none":
             if len(row) < 2:
                 raise DecodeError(f"{name}, line {lineno}: needs a label and at least one value")
-            label = (row.pop(0) if label_col == "first" else row.pop()).strip()
+            label = _label_name(row.pop(0) if label_col == "first" else row.pop())
             if not label:
                 raise DecodeError(f"{name}, line {lineno}: empty class label in the {label_col} column")
         while row and not row[-1].strip():  # rows of unequal length end in empty fields
@@ -230,43 +274,63 @@ def _parse_csv(text: str, name: str, cfg: TimeSeriesConfig) -> tuple[list[np.nda
 # --------------------------------------------------------------------------- .npy / .npz
 
 
-def _parse_array(data: bytes, name: str) -> tuple[list[np.ndarray], list[Optional[str]], list[Locate]]:
+def _npz_keys(keys: list[str], name: str, split: str) -> list[tuple[str, Optional[str]]]:
+    """Which arrays of an .npz to read: (series key, labels key or None) per split, in order."""
+    lower = {k.lower(): k for k in reversed(keys)}  # names match in any case; the first spelling wins
+
+    def find(*names: str) -> Optional[str]:
+        return next((lower[n] for n in names if n in lower), None)
+
+    splits = {s: find(f"x_{s}", f"{s}_x") for s in ("train", "test")}
+    splits = {s: k for s, k in splits.items() if k is not None}
+    if splits:  # npz_split picks among the splits a file holds; a file of one split is read as it is
+        chosen = [s for s in splits if split in (s, "all")] or list(splits)
+        return [(splits[s], find(f"y_{s}", f"{s}_y")) for s in chosen]
+    key = find("x") or (keys[0] if len(keys) == 1 else None)
+    if key is None:
+        raise DecodeError(f"{name}: no series array; an .npz holds them under 'x' (labels under 'y' or 'labels'), "
+                          f"or per split under 'X_train'/'X_test' (labels 'y_train'/'y_test'; also spelt "
+                          f"'train_x'/'train_y'); it holds {', '.join(keys) or 'nothing'}")
+    labels = find("y", "labels")
+    return [(key, labels if labels != key else None)]
+
+
+def _parse_array(data: bytes, name: str, split: str) -> tuple[list[np.ndarray], list[Optional[str]], list[Locate]]:
     try:
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # numpy raises many types for a torn or foreign file
         raise DecodeError(f"{name}: not a readable NumPy file ({type(e).__name__}: {e})") from None
-    labels_arr = None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
-            keys = list(loaded.keys())
-            key = next((k for k in ("x", "X") if k in keys), keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise DecodeError(f"{name}: an .npz needs the series under 'x' (and labels under 'y'); it holds "
-                                  f"{', '.join(keys) or 'nothing'}")
+            wanted = _npz_keys(list(loaded.keys()), name, split)
             try:
-                arr = loaded[key]
-                label_key = next((k for k in ("y", "Y", "labels") if k in keys and k != key), None)
-                labels_arr = loaded[label_key] if label_key else None
+                parts = [(f"{name}, array {x!r}", loaded[x], None if y is None else loaded[y]) for x, y in wanted]
             except Exception as e:
                 raise DecodeError(f"{name}: cannot read the arrays ({type(e).__name__}: {e})") from None
     else:
-        arr = loaded
-    if arr.dtype.kind not in "biuf":
-        raise DecodeError(f"{name}: series must be numbers, the array holds {arr.dtype}")
-    if arr.ndim not in (1, 2, 3) or arr.size == 0:
-        raise DecodeError(f"{name}: expected [time], [series, time] or [series, channels, time], got shape "
-                          f"{list(arr.shape)}")
-    arr = arr.astype(np.float64)
-    if np.isinf(arr).any():
-        raise DecodeError(f"{name}: holds infinite values; use NaN for missing values")
-    arr = arr[None, None] if arr.ndim == 1 else arr[:, None] if arr.ndim == 2 else arr
-    labels: list[Optional[str]] = [None] * len(arr)
-    if labels_arr is not None:
-        if labels_arr.ndim != 1 or len(labels_arr) != len(arr):
-            raise DecodeError(f"{name}: labels have shape {list(labels_arr.shape)}, expected [{len(arr)}] (one per series)")
-        labels = [str(v) for v in labels_arr.tolist()]
-    locates = [lambda c, t, k=k: f"series {k + 1}, channel {c + 1}, step {t + 1}" for k in range(len(arr))]
-    return list(arr), labels, locates
+        parts = [(name, loaded, None)]
+    series: list[np.ndarray] = []
+    labels: list[Optional[str]] = []
+    for where, arr, labels_arr in parts:
+        if arr.dtype.kind not in "biuf":
+            raise DecodeError(f"{where}: series must be numbers, the array holds {arr.dtype}")
+        if arr.ndim not in (1, 2, 3) or arr.size == 0:
+            raise DecodeError(f"{where}: expected [time], [series, time] or [series, channels, time], got shape "
+                              f"{list(arr.shape)}")
+        arr = arr.astype(np.float64)
+        if np.isinf(arr).any():
+            raise DecodeError(f"{where}: holds infinite values; use NaN for missing values")
+        arr = arr[None, None] if arr.ndim == 1 else arr[:, None] if arr.ndim == 2 else arr
+        if labels_arr is None:
+            labels += [None] * len(arr)
+        elif labels_arr.ndim != 1 or len(labels_arr) != len(arr):
+            raise DecodeError(f"{where}: labels have shape {list(labels_arr.shape)}, expected [{len(arr)}] "
+                              f"(one per series)")
+        else:
+            labels += [_label_name(str(v)) for v in labels_arr.tolist()]
+        series += list(arr)
+    locates = [lambda c, t, k=k: f"series {k + 1}, channel {c + 1}, step {t + 1}" for k in range(len(series))]
+    return series, labels, locates
 
 
 # --------------------------------------------------------------------------- reading
@@ -313,21 +377,23 @@ def finish_series(raw: list[np.ndarray], labels: list[Optional[str]], cfg: TimeS
 def _parse(data: bytes, name: str, cfg: TimeSeriesConfig) -> SeriesFile:
     suffix = Path(name).suffix.lower()
     if suffix in (".npy", ".npz"):
-        parsed = _parse_array(data, name)
+        parsed = _parse_array(data, name, cfg.npz_split)
     elif suffix == ".ts":
         parsed = _parse_ts(_text(data, name), name)
-    elif suffix == ".csv":
-        parsed = _parse_csv(_text(data, name), name, cfg)
+    elif suffix in (".csv", ".txt", ".tsv"):
+        ucr = suffix != ".csv"  # a UCR archive table: a series per row, the label first
+        label_col = cfg.csv_label_column if cfg.csv_label_column != "auto" else "first" if ucr else "none"
+        parsed = _parse_table(_text(data, name), name, ucr or cfg.csv_layout == "wide", label_col)
     else:
-        raise DecodeError(f"{name}: unknown time-series file type {suffix!r}; multijepa reads .ts, .csv, .npy, .npz")
+        raise DecodeError(f"{name}: unknown time-series file type {suffix!r}; multijepa reads "
+                          f".ts, .csv, .tsv, .txt, .npy, .npz")
     series, labels, locates = parsed
     return finish_series(series, labels, cfg, name, locates)
 
 
 @functools.lru_cache(maxsize=16)
-def _parse_path(path: str, stamp: tuple[int, int], missing: str, layout: str, label_column: str) -> SeriesFile:
-    cfg = TimeSeriesConfig(missing=missing, csv_layout=layout, csv_label_column=label_column)
-    return _parse(read_bytes(path, path), path, cfg)
+def _parse_path(path: str, stamp: tuple[int, int], reading: TimeSeriesConfig) -> SeriesFile:
+    return _parse(read_bytes(path, path), path, reading)
 
 
 def read_series(src: Source, cfg: TimeSeriesConfig, name: str = "") -> SeriesFile:
@@ -338,7 +404,8 @@ def read_series(src: Source, cfg: TimeSeriesConfig, name: str = "") -> SeriesFil
 
     Args:
         src: a path, or the file's bytes (then ``name``, with the extension, is used).
-        cfg: the recipe's ``timeseries`` section (missing-value policy and CSV layout).
+        cfg: the recipe's ``timeseries`` section (missing-value policy, CSV layout and label column,
+            .npz split).
 
     Raises:
         DecodeError: naming the file and, in text formats, the line.
@@ -354,7 +421,10 @@ def read_series(src: Source, cfg: TimeSeriesConfig, name: str = "") -> SeriesFil
     except OSError:
         read_bytes(path, name or path)  # raises the usual "no such file" / "is a folder" error
         raise
-    return _parse_path(path, (st.st_size, st.st_mtime_ns), cfg.missing, cfg.csv_layout, cfg.csv_label_column)
+    # Keyed by the reading keys alone: the parse is shared before and after length/channels are resolved.
+    reading = TimeSeriesConfig(missing=cfg.missing, csv_layout=cfg.csv_layout, csv_label_column=cfg.csv_label_column,
+                               npz_split=cfg.npz_split)
+    return _parse_path(path, (st.st_size, st.st_mtime_ns), reading)
 
 
 def series_labels(path: str, cfg: TimeSeriesConfig) -> list[Optional[str]]:
