@@ -27,13 +27,14 @@ def pattern(frames: int = 12, height: int = 32, width: int = 48) -> np.ndarray:
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 25, gop: int = 12,
-                frame_ms: list[int] | None = None) -> Path:
-    """Encode ``frames`` [T, H, W, 3] in the container the suffix names; ``frame_ms`` gives each
+                frame_ms: list[int] | None = None, codec: str | None = None, bframes: int = 0) -> Path:
+    """Encode ``frames`` [T, H, W, 3] in the container the suffix names, with ``codec`` (default: the
+    container's in CODECS) and ``bframes`` B-frames between references; ``frame_ms`` gives each
     frame's duration in milliseconds (a variable frame rate), else ``fps``."""
     import av
 
     path = Path(path)
-    codec = CODECS[path.suffix.lstrip(".")]
+    codec = codec or CODECS[path.suffix.lstrip(".")]
     if codec == "libvpx-vp9" and "decord" in sys.modules:
         # Once decord's bundled FFmpeg has run, PyAV cannot open the VP9 encoder in the same process
         # (decoding is unaffected): encode in a fresh one.
@@ -42,6 +43,8 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 25, gop: int = 12,
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.gop_size = gop
+        if bframes:
+            stream.codec_context.max_b_frames = bframes  # decode order differs from presentation order
         if codec == "libx264":
             stream.options = {"crf": "8", "preset": "ultrafast"}
         elif codec == "mpeg4":

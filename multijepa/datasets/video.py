@@ -7,19 +7,25 @@ falls back to it there). Both index frames in presentation order and agree on co
 ``get_batch`` on the sampled indices with a decoder-side resize, PyAV by seeking to the key frame
 before the clip and keeping only the sampled frames. A 1080p file is never held whole in memory.
 
+Frame times come from the container where it has usable ones (so variable frame rates work), else
+from the frame index and the average frame rate: AVI stores no presentation times, and for an H.264
+AVI decord reports none (AV_NOPTS_VALUE) and PyAV only FFmpeg's guess, pts = dts + 1.
+
 Every failure (a missing, empty, corrupt or truncated file, no video stream) is a
 :class:`DecodeError` that names the file.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,6 +34,9 @@ import torchvision.transforms.v2.functional as TF
 from multijepa.datasets.transforms import crop_and_resize
 from multijepa.errors import DecodeError, MultijepaError
 from multijepa.recipe import VideoConfig
+
+if TYPE_CHECKING:
+    import av  # imported where used: the module loads without it
 
 Source = Union[str, Path, bytes]
 _FIX = ("the file is corrupt, truncated or not a video: remove it or re-encode it "
@@ -87,19 +96,46 @@ def _header(path: str, name: str) -> Header:
 
 
 def _check_complete(name: str, header: Header, timestamps: np.ndarray) -> None:
-    """Raise when fewer frames were found than the container declares (a cut copy or download)."""
+    """Raise when fewer frames were found than the container declares (a cut copy or download).
+
+    A container that declares its frame count (mp4, avi) is judged by the count alone, so a file
+    with all its frames passes whatever its timestamps say; others (webm, mkv) by the time covered.
+    """
     n = len(timestamps)
     if n == 0:
         raise DecodeError(f"{name}: the video holds no frames; {_FIX}")
-    if header.declared_frames > 0 and n < header.declared_frames:
-        raise DecodeError(f"{name}: truncated video: found {n} of the {header.declared_frames} frames its header "
-                          f"declares; re-copy or re-encode it")
-    if header.declared_seconds > 0 and n >= 2:
-        period = float(np.median(np.diff(timestamps))) if n > 1 else 0.0
+    if header.declared_frames > 0:
+        if n < header.declared_frames:
+            raise DecodeError(f"{name}: truncated video: found {n} of the {header.declared_frames} frames its "
+                              f"header declares; re-copy or re-encode it")
+    elif header.declared_seconds > 0 and n >= 2:
+        period = float(np.median(np.diff(timestamps)))
         covered = timestamps[-1] + period
         if covered < 0.9 * header.declared_seconds - 2 * period:
             raise DecodeError(f"{name}: truncated video: its frames cover {covered:.2f} s of the "
                               f"{header.declared_seconds:.2f} s its header declares; re-copy or re-encode it")
+
+
+def _frame_times(name: str, stamps: np.ndarray, rate: float, seconds: float) -> tuple[np.ndarray, bool]:
+    """Seconds from the first frame [n] and whether they are the container's own: ``stamps`` [n] (its
+    times in presentation order, NaN where missing) where they are usable, else frame index / ``rate``
+    (or the n frames spread over the declared ``seconds``).
+
+    Unusable: missing, not strictly increasing (all equal, as decord's AV_NOPTS_VALUE are), or a span
+    that disagrees with the frame count at the average rate by more than ten times (garbage).
+
+    >>> _frame_times("x.avi", np.full(4, -3.7e17), 25.0, 0.0)
+    (array([0.  , 0.04, 0.08, 0.12]), False)
+    """
+    n = len(stamps)
+    rate = float(rate or 0) or (n / seconds if seconds > 0 else 0.0)
+    t = np.asarray(stamps, dtype=np.float64) - (stamps[0] if n else 0.0)
+    span = (n - 1) / rate if rate > 0 else 0.0
+    if np.isfinite(t).all() and (np.diff(t) > 0).all() and (not span or span / 10 < t[-1] < 10 * span):
+        return t, True
+    if rate <= 0:
+        raise DecodeError(f"{name}: its frames carry no usable timestamps and it declares no frame rate; {_FIX}")
+    return np.arange(n) / rate, False
 
 
 def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -145,7 +181,11 @@ class VideoFile:
 
 
 class DecordVideo(VideoFile):
-    """decord: frame counts and timestamps from its index, ``get_batch`` with a decoder-side resize."""
+    """decord: frame counts and timestamps from its index, ``get_batch`` with a decoder-side resize.
+
+    decord seeks by its frame timestamps: where they are missing (AV_NOPTS_VALUE: H.264 AVI, MPEG
+    with B-frames) it returns wrong frames after a seek (tested), so such files' frames come from PyAV.
+    """
 
     def _timestamps(self) -> np.ndarray:
         import decord
@@ -155,12 +195,16 @@ class DecordVideo(VideoFile):
             self.reader = decord.VideoReader(self.path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
             n = len(self.reader)
             stamps = self.reader.get_frame_timestamp(np.arange(n))[:, 0] if n else np.zeros(0)
+            rate = self.reader.get_avg_fps()
         except Exception as e:  # decord raises its own DECORDError / RuntimeError
             raise DecodeError(f"{self.name}: decord cannot read the video ({str(e).splitlines()[0][:200]}); "
                               f"{_FIX}") from None
-        return np.asarray(stamps, dtype=np.float64) - (stamps[0] if n else 0.0)
+        times, self.own_times = _frame_times(self.name, stamps, rate, self.header.declared_seconds)
+        return times
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
+        if not self.own_times:
+            return self._read_with_pyav(indices)
         try:
             frames = self.reader.get_batch(list(indices)).asnumpy()
         except Exception as e:
@@ -191,24 +235,58 @@ class DecordVideo(VideoFile):
 
 
 class PyAVVideo(VideoFile):
-    """PyAV: timestamps from the packets (no decoding); frames by seeking to the key frame before the
-    first wanted one and decoding forward, keeping only wanted frames, each resized as it arrives."""
+    """PyAV: timestamps from the packets (no decoding); frames by seeking to the key frame at or before
+    the first wanted one and decoding forward, keeping only wanted frames, each resized as it arrives.
+
+    The decoder returns frames in presentation order. Where the packets' pts give that order (unique,
+    out of decode order: B-frames in mp4 or mkv) a frame is known by its pts; where they do not (AVI
+    with H.264: FFmpeg's guess dts + 1, which the decoder hands back shuffled; a raw stream: none),
+    frames are counted from the key frame decoding starts at, found by its byte position.
+    """
+
+    def _open(self) -> None:
+        import av
+
+        self.container = av.open(self.path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_count = 1
 
     def _timestamps(self) -> np.ndarray:
         import av
 
         try:
-            self.container = av.open(self.path)
-            self.stream = self.container.streams.video[0]
-            self.stream.thread_count = 1
-            pts = [p.pts if p.pts is not None else p.dts for p in self.container.demux(self.stream)
-                   if p.size > 0 and (p.pts is not None or p.dts is not None)]
+            self._open()
+            packets = [(p.pts, p.dts, p.pos, p.is_keyframe) for p in self.container.demux(self.stream) if p.size > 0]
         except av.error.FFmpegError as e:
             raise DecodeError(f"{self.name}: cannot read the video's packets ({e.strerror or e}); {_FIX}") from None
-        self.pts = np.array(sorted(pts), dtype=np.int64)
-        self.index_of = {int(p): i for i, p in enumerate(self.pts)}
+        n = len(packets)
+        pts = np.array([np.nan if p[0] is None else p[0] for p in packets], dtype=np.float64)
+        self.by_pts = bool(np.isfinite(pts).all() and len(np.unique(pts)) == n and (np.diff(pts) < 0).any())
+        index = np.argsort(np.argsort(pts, kind="stable")) if self.by_pts else np.arange(n)  # presentation order
+        self.index_of = {int(pts[d]): int(index[d]) for d in range(n)} if self.by_pts else {}
+        self.decode_index = {} if self.by_pts else {p[2]: d for d, p in enumerate(packets) if p[2] is not None}
+        # Where decoding can start: the key frames in presentation order, each with the times to seek
+        # to, pts first (what most demuxers seek by), then dts (AVI seeks by frame number; dts is
+        # never after pts, so never past the key frame).
+        self.starts = sorted((int(index[d]), tuple(dict.fromkeys(t for t in p[:2] if t is not None)))
+                             for d, p in enumerate(packets) if p[3])
+        self.start_index = [k for k, _ in self.starts]
         tb = float(self.stream.time_base) if self.stream.time_base else 1.0
-        return (self.pts - (self.pts[0] if len(self.pts) else 0)).astype(np.float64) * tb
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        return _frame_times(self.name, np.sort(pts) * tb, rate, self.header.declared_seconds)[0]
+
+    def _decoded(self, start: int) -> Iterator[tuple[int, av.VideoFrame]]:
+        """(presentation index, frame) for each frame decoded from the current position, where the
+        first packet read is the key frame at ``start`` unless its byte position says otherwise."""
+        position = None
+        for packet in self.container.demux(self.stream):
+            if position is None:
+                position = self.decode_index.get(packet.pos, start) - 1
+            for frame in packet.decode():
+                self.frames_decoded += 1
+                i = self.index_of.get(frame.pts)
+                position = i if i is not None else position + 1
+                yield position, frame
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
         import av
@@ -216,15 +294,24 @@ class PyAVVideo(VideoFile):
         wanted = sorted(set(int(i) for i in indices))
         kept: dict[int, np.ndarray] = {}
         w, h = self.size
+        k = bisect.bisect_right(self.start_index, wanted[0]) - 1
+        start, times = self.starts[k] if k >= 0 else (0, ())
         try:
-            self.container.seek(int(self.pts[wanted[0]]), stream=self.stream, backward=True, any_frame=False)
-            position = None  # the index of the last frame decoded, where pts are missing
-            for frame in self.container.decode(self.stream):
-                self.frames_decoded += 1
-                i = self.index_of.get(frame.pts) if frame.pts is not None else None
-                position = i if i is not None else (position + 1 if position is not None else None)
-                if position is None:
-                    continue
+            # Seek by each of the key frame's times until decoding starts at or before the first wanted
+            # frame (a demuxer that seeks by the other kind of time can land on a later key frame);
+            # failing that, or with no time to seek by, decode from the start of the file.
+            for seek_to in (*times, None):
+                if seek_to is None:
+                    self.container.close()
+                    self._open()
+                    start = 0
+                else:
+                    self.container.seek(int(seek_to), stream=self.stream, backward=True, any_frame=False)
+                frames = self._decoded(start)
+                first = next(frames, None)
+                if seek_to is None or (first is not None and first[0] <= wanted[0]):
+                    break
+            for position, frame in itertools.chain([first] if first is not None else [], frames):
                 if position in wanted and position not in kept:
                     kept[position] = frame.to_ndarray(width=w, height=h, format="rgb24")
                     self.peak_frames_held = max(self.peak_frames_held, len(kept))
