@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -20,6 +21,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 from multijepa.checkpoint import load_checkpoint, save_checkpoint
 from multijepa.core.jepa import JEPA, build_model, cosine_schedule, feature_health
@@ -89,6 +95,39 @@ def _check_resumable(saved: dict, recipe: Recipe, path: Path) -> None:
                 f"({saved.get(section)} vs {now[section]}); use another run.dir, or run.resume=false to start over")
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path, enabled: bool = True):
+    """Hold ``run_dir/.lock`` for the block, so two processes never write one run folder at once.
+
+    The lock is an advisory ``flock`` that the kernel drops when its process ends, however it ends:
+    a killed run leaves nothing stuck. The file names its holder (pid, host, command) for the refusal.
+    """
+    if not enabled or fcntl is None:  # fcntl is POSIX-only: on Windows runs are not locked
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise TrainingError(f"{run_dir} is in use by {holder}; wait for that run to finish or stop it, "
+                                f"or give this one another run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} "
+                      f"({' '.join(sys.argv)[:300]})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """One bool on the tensors' device: every floating-point value of ``tensors`` is finite."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all()
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after the checkpoint we resume from, so the curve has no duplicates."""
     if not path.exists():
@@ -121,7 +160,8 @@ def pretrain(recipe: Recipe, data: Optional[Mixed] = None) -> Path:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        return _train(recipe, device, rank, world, data)
+        with run_lock(Path(recipe.run.dir), rank == 0):
+            return _train(recipe, device, rank, world, data)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -141,13 +181,13 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     torch.manual_seed(t.seed)
     model = build_model(recipe).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
-    step = 0
+    step = saved_step = 0
     if recipe.run.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         _check_resumable(state["recipe"], recipe, ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+        step = saved_step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -172,6 +212,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     tally = {"bad": 0, "seen": 0}
     batches = _decodable(iter(loader), recipe, tally)
     interval_loss = torch.zeros((), device=device)
+    finite_since_saved = torch.ones((), dtype=torch.bool, device=device)  # every loss since the last checkpoint
     interval_parts = torch.zeros(3, device=device)  # prediction, regularizer, padding waste
     per_modality: dict[str, list] = {}  # modality -> [summed prediction loss, micro-batches]
     interval_steps, interval_samples, t_last = 0, 0, time.perf_counter()
@@ -197,6 +238,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                         out = net(parts)
                     (out["loss"] / o.accum_steps).backward()
                 interval_loss += out["loss"].detach() / o.accum_steps
+                finite_since_saved &= torch.isfinite(out["loss"].detach())
                 interval_parts += torch.stack([out["prediction"], out["regularizer"],
                                                out["padding_waste"].to(device)]) / o.accum_steps
                 for m in parts:
@@ -216,10 +258,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
             if step % t.log_every == 0 or step == t.steps or stop.requested:
                 loss = interval_loss.item() / interval_steps  # the one host sync per logging interval
                 if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"the loss became {loss} by step {step}: training diverged. The last good checkpoint "
-                        f"is {ckpt_path if ckpt_path.exists() else '(none yet)'}; lower optim.lr (now {o.lr}), "
-                        f"lengthen optim.warmup_steps or set optim.grad_clip, then run again")
+                    raise _diverged(f"the loss became {loss} by step {step}", ckpt_path, saved_step, o.lr)
                 now = time.perf_counter()
                 record = {"step": step, "loss": loss,
                           "loss_prediction": interval_parts[0].item() / interval_steps,
@@ -238,11 +277,16 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                 per_modality.clear()
                 interval_steps, interval_samples, t_last = 0, 0, now
             if main and (step % t.checkpoint_every == 0 or step == t.steps or stop.requested):
+                # Only finite weights after finite losses are saved: one host sync per checkpoint.
+                if not (finite_since_saved & _all_finite(model.state_dict().values())).item():
+                    raise _diverged(f"the loss or the weights became NaN or infinite between steps {saved_step} and "
+                                    f"{step}", ckpt_path, saved_step, o.lr)
                 rng = {"torch": torch.get_rng_state()}
                 if device.type == "cuda":
                     rng["cuda"] = torch.cuda.get_rng_state(device)
                 save_checkpoint({"step": step, "recipe": recipe_to_dict(recipe), "model": model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "rng": rng}, ckpt_path)
+                saved_step = step
             if stop.requested:
                 progress.close()
                 if main:
@@ -251,6 +295,13 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                 raise KeyboardInterrupt
     progress.close()
     return run_dir
+
+
+def _diverged(what: str, ckpt_path: Path, saved_step: int, lr: float) -> TrainingError:
+    kept = (f"The last good checkpoint, {ckpt_path}, holds step {saved_step} and was kept"
+            if ckpt_path.exists() else "No checkpoint was written")
+    return TrainingError(f"{what}: training diverged. {kept}; lower optim.lr (now {lr}), lengthen "
+                         f"optim.warmup_steps or set optim.grad_clip, then run the same command again to resume")
 
 
 def _progress(enabled: bool, total: int, initial: int):
