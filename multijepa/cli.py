@@ -1,7 +1,9 @@
 """The ``multijepa`` command: a thin shell over the Python API.
 
     multijepa pretrain recipes/image.yaml data.path=photos/ train.steps=500
-    multijepa embed cat.jpg dog.png --out vectors.npy
+    multijepa embed photos/ --out vectors.jsonl                       # a folder (recursively): one named row per file
+    multijepa embed cat.jpg more_photos/ files.txt --out vectors.npz  # files, folders and file lists, mixed
+    multijepa embed cat.jpg dog.png --out vectors.npy                 # + vectors.rows.jsonl naming each row
     multijepa embed series.csv GunPoint_TEST.ts --out vectors.npy     # one row per series
     multijepa embed speech.wav --windows
     multijepa embed clip.mp4 --clips 8                                # mean over 8 clips; --windows for each
@@ -14,7 +16,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,14 +35,19 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from multijepa.embed import load, write_embeddings
+    from multijepa.datasets.files import SAMPLE_LISTERS
+    from multijepa.datasets.readers import EXTENSIONS
+    from multijepa.embed import check_out, expand_inputs, load, write_embeddings
 
+    def note(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr)
+
+    check_out(args.out)  # before any work
     checkpoint = args.checkpoint
     if checkpoint is None:
-        checkpoint = str(_checkpoint_for(args.files, args.runs))
-        print(f"using {checkpoint}", file=sys.stderr)
-    from multijepa.datasets.files import SAMPLE_LISTERS
-
+        checkpoint = str(_checkpoint_for(expand_inputs(args.files, list(EXTENSIONS)), args.runs))
+        note(f"using {checkpoint}")
     model = load(checkpoint, device=args.device)
     if args.window is not None or args.hop is not None:
         if "audio" not in model.modalities:
@@ -51,24 +60,49 @@ def _embed(args: argparse.Namespace) -> None:
             raise MultijepaError(f"--clips applies to video models; {checkpoint} is a "
                                  f"{'/'.join(model.modalities)} model")
         model = model.with_overrides([f"video.embed_clips={args.clips}"])
+    files = expand_inputs(args.files, model.modalities)  # a folder gives the files of the model's types
     # Audio and video tokens are always per window (clip): a long file has a token grid per window.
     windows = args.windows or (args.tokens and model.windowed)
-    vectors, rows = model.embed_with_index(args.files, tokens=args.tokens, batch_size=args.batch_size,
-                                           windows=windows)
+    # The bar goes to stderr and is gone before the first line reaches stdout.
+    progress = not args.quiet and len(files) > PROGRESS_FROM and sys.stderr.isatty()
+    vectors, rows = model.embed_with_index(files, tokens=args.tokens, batch_size=args.batch_size,
+                                           num_workers=args.workers, windows=windows, progress=progress)
     # Files of a modality that can hold many samples (a .ts file, a wide CSV) give one row per
     # sample, in file order; each row then also says which sample of its file it is.
     many = any(m in SAMPLE_LISTERS for m in model.modalities)
-    write_embeddings([str(args.files[i]) for i, _ in rows], vectors, args.out,
-                     index=[k for _, k in rows] if many else None, window_hop_seconds=model.window_hop_seconds)
-    if args.out:
+    written = write_embeddings([files[i] for i, _ in rows], vectors, args.out,
+                               index=[k for _, k in rows] if many else None,
+                               window_hop_seconds=model.window_hop_seconds)
+    if written:
         what = f"{sum(len(v) for v in vectors)} window embeddings of {len(vectors)} files" if windows \
             else f"{vectors.shape} embeddings"
-        print(f"wrote {what} to {args.out}", file=sys.stderr)
+        keys, suffix = "file, index" if many else "file", Path(args.out).suffix.lower()
+        if suffix == ".npy":
+            named = f"; row names ({keys}) in {written[-1]}, one JSON line per row"
+        elif suffix == ".npz":
+            named = f" (arrays: {', '.join(_npz_keys(args.out))})"
+        else:
+            named = f", one JSON object per {'window' if windows else 'row'} with its {keys}"
+        note(f"wrote {what} to {args.out}{named}")
+
+
+PROGRESS_FROM = 8  # embed shows a progress bar for more files than this (on a terminal, without --quiet)
+
+
+def _npz_keys(path: str) -> list[str]:
+    import numpy as np
+
+    with np.load(path) as saved:
+        return list(saved.files)
 
 
 def _checkpoint_for(files: list[str], runs: str) -> Path:
     """The newest run under ``runs`` whose model reads every file: a one-modality run when one
-    modality reads them all, else a mixed run trained on each file's modality."""
+    modality reads them all, else a mixed run trained on each file's modality.
+
+    ``files`` are files, not folders or lists (``expand_inputs`` makes them); files of a type several
+    modalities read (.npy, .txt) decide only when every file is of such a type.
+    """
     from multijepa.datasets.readers import modality_of, readers_of
     from multijepa.embed import find_latest_checkpoint
 
@@ -87,9 +121,10 @@ def _checkpoint_for(files: list[str], runs: str) -> Path:
                 f"no {needed[0]} checkpoint under {runs}/ (looked for {runs}/*/last.pt). Train one with\n"
                 f"  multijepa pretrain recipes/{needed[0]}.yaml data.path=YOUR_FOLDER\n"
                 f"or pass --checkpoint PATH")
-        raise MultijepaError(f"the files are {', '.join(needed)}, and no run under {runs}/ was trained on all of "
-                             f"them (a mixed run: recipes/multimodal.yaml); embed one modality at a time or pass "
-                             f"--checkpoint")
+        example = {m: next((f for f, r in zip(files, readers) if r == [m]), '?') for m in needed}
+        raise MultijepaError(f"the files are {', '.join(f'{m} (e.g. {example[m]})' for m in needed)}, and no run "
+                             f"under {runs}/ was trained on all of them (a mixed run: recipes/multimodal.yaml); "
+                             f"embed one modality at a time or pass --checkpoint")
     return found
 
 
@@ -147,63 +182,115 @@ def _demo(args: argparse.Namespace) -> None:
           "quality: docs/results.md has probe figures after 30 minutes of pretraining on CIFAR-10.")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or action.required or "default" in text:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+def _count(least: int):
+    """An argparse type: a whole number of at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multijepa", description="JEPA pretraining for every modality.")
+    from multijepa import __version__
+
+    parser = argparse.ArgumentParser(prog="multijepa", description="JEPA pretraining for every modality.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"multijepa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="train a JEPA from a recipe (resumes from run.dir/last.pt)")
+    def command(name: str, help: str, description: Optional[str] = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
+
+    p = command("pretrain", "train a JEPA from a recipe (resumes from run.dir/last.pt)")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/image.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=200")
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("embed", help="files in, embeddings out (one row per sample; a .ts file gives one per series)")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--checkpoint", help="a last.pt; default: the newest run of the files' modality under --runs")
+    p = command("embed", "files in, embeddings out (one row per sample; a .ts file gives one per series)",
+                "Embed files, folders and file lists with a trained encoder. Every output names each row's file "
+                "(and, for a file of many samples or windows, which one).")
+    p.add_argument("files", nargs="+", metavar="PATH",
+                   help="files, folders (every file of the model's types in it, recursively, sorted) and file "
+                        "lists (.lst, or a .txt/.csv whose first line names an existing file: one path per line, "
+                        "relative to the list), mixed freely")
+    p.add_argument("--checkpoint", help="a last.pt (default: the newest run under --runs whose model reads the files)")
     p.add_argument("--runs", default="runs", help="where to look for runs without --checkpoint")
-    p.add_argument("--out", help="out.npy or out.jsonl; default: JSON lines on stdout")
+    p.add_argument("--out", metavar="FILE",
+                   help="out.jsonl: one JSON object per row with file (and index, window); out.npy: the array, plus "
+                        "out.rows.jsonl naming each row's file (and index); out.npz: arrays embeddings and files "
+                        "(and index, window, start_s) (default: JSON lines on stdout)")
     p.add_argument("--tokens", action="store_true",
                    help="per-token features instead of the pooled mean (audio: per window, as --windows)")
     p.add_argument("--windows", action="store_true",
                    help="audio: one vector per window (audio.embed_window_seconds every audio.embed_hop_seconds) "
                         "instead of their mean; video: one vector per clip")
     p.add_argument("--window", type=float, metavar="SECONDS", help="audio: window length (default: the recipe's)")
-    p.add_argument("--hop", type=float, metavar="SECONDS", help="audio: seconds between windows (default: the recipe's)")
-    p.add_argument("--clips", type=int, metavar="N",
+    p.add_argument("--hop", type=float, metavar="SECONDS",
+                   help="audio: seconds between windows (default: the recipe's)")
+    p.add_argument("--clips", type=_count(1), metavar="N",
                    help="video: clips spread evenly over each video and pooled (default: video.embed_clips)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_count(1), default=64, metavar="N", help="views per forward pass")
+    p.add_argument("--workers", type=_count(0), default=2, metavar="N",
+                   help="DataLoader worker processes decoding files (0: decode in the main process)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true",
+                   help=f"no progress bar (shown on a terminal for more than {PROGRESS_FROM} files) and no notes on "
+                        f"stderr; errors still print")
     p.set_defaults(func=_embed)
 
-    p = sub.add_parser("probe", help="linear + kNN probe of frozen embeddings on labelled data")
+    p = command("probe", "linear + kNN probe of frozen embeddings on labelled data")
     p.add_argument("data", help="folder with one sub-folder per class, or a file with labels inside (a .ts file)")
-    p.add_argument("--test", help="a separate labelled test set (e.g. X_TEST.ts): fit on DATA, score on it")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--test", help="a separate labelled test set (e.g. X_TEST.ts): fit on DATA, score on it "
+                                  "(default: a split of DATA)")
+    p.add_argument("--checkpoint", required=True, help="a last.pt (required)")
     p.add_argument("--random-init", action="store_true", help="probe the same encoder at random init (baseline)")
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of one split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of DATA held out for testing")
+    p.add_argument("--folds", type=_count(0), default=0, help="k-fold cross-validation instead of one split (0: one "
+                                                              "split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of --random-init")
+    p.add_argument("--batch-size", type=_count(1), default=256, metavar="N", help="views per forward pass")
+    p.add_argument("--workers", type=_count(0), default=2, metavar="N",
+                   help="DataLoader worker processes decoding files")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--modality", help="with a model of several modalities: the one to probe (default: the "
                                       "one whose files DATA holds)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=_probe)
 
-    p = sub.add_parser("shard", help="pack a folder into webdataset .tar shards")
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--per-shard", type=int, default=1000)
+    p = command("shard", "pack a folder into webdataset .tar shards")
+    p.add_argument("src", help="folder of data files (first-level sub-folders are classes)")
+    p.add_argument("out", help="folder to write shard-NNNNNN.tar and classes.json into")
+    p.add_argument("--per-shard", type=_count(1), default=1000, metavar="N", help="files per shard")
     p.set_defaults(func=_shard)
 
-    p = sub.add_parser("demo", help="make a small image set, pretrain, embed and probe (a few minutes on CPU)")
-    p.add_argument("--dir", default="demo")
-    p.add_argument("--steps", type=int, default=300)
+    p = command("demo", "make a small image set, pretrain, embed and probe (a few minutes on CPU)")
+    p.add_argument("--dir", default="demo", help="folder for the data set and the run")
+    p.add_argument("--steps", type=_count(1), default=300, help="pretraining steps")
     p.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command line; returns the exit status (2 for any error of the input, with its message)."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -212,6 +299,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, with nothing left to flush into it
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        return 1
+    except OSError as e:  # the file system's word: a full disk, a file we may not read or write
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"multijepa: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -4,11 +4,17 @@
 >>> model = multijepa.load("runs/image/last.pt")  # doctest: +SKIP
 >>> model.embed(["cat.jpg", "dog.png"]).shape  # doctest: +SKIP
 (2, 192)
+
+Folders and file lists, as ``multijepa embed`` takes them:
+
+>>> files = expand_inputs(["photos/", "more.txt"], model.modalities)  # doctest: +SKIP
+>>> vectors, rows = model.embed_with_index(files, num_workers=2, progress=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -19,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from multijepa.checkpoint import load_checkpoint
 from multijepa.core.jepa import Backbone, build_model, pool_tokens
-from multijepa.datasets.files import EMBED_VIEWS, valid_mask
-from multijepa.datasets.readers import modality_of, readers_of
-from multijepa.errors import DecodeError, MultijepaError
+from multijepa.datasets.files import EMBED_VIEWS, LIST_SUFFIXES, _names_a_file, list_folder, read_filelist, valid_mask
+from multijepa.datasets.readers import EXTENSIONS, modality_of, readers_of
+from multijepa.errors import DataError, DecodeError, MultijepaError
 from multijepa.recipe import Recipe, apply_overrides, recipe_from_dict, recipe_to_dict
 from multijepa.train import resolve_device
 
@@ -44,11 +50,18 @@ class _Views(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> list[list[torch.Tensor]]:
+    def __getitem__(self, i: int) -> Union[list[list[torch.Tensor]], MultijepaError]:
+        """The item's views, or the error that names it: returned, not raised, so that a DataLoader worker
+        hands the error itself back instead of a copy whose message holds the worker's traceback."""
         item = self.items[i]
         name = f"input {i}" if isinstance(item, torch.Tensor) else str(item)
-        return EMBED_VIEWS[self.recipe.modality](item if isinstance(item, torch.Tensor) else str(item), self.recipe,
-                                                 name)
+        try:
+            return EMBED_VIEWS[self.recipe.modality](item if isinstance(item, torch.Tensor) else str(item),
+                                                     self.recipe, name)
+        except MultijepaError as e:
+            return e
+        except Exception as e:  # a decoder's own error type: still this input's problem, named
+            return DecodeError(f"{name}: cannot be read as {self.recipe.modality} ({type(e).__name__}: {e})")
 
 
 def _as_is(x):
@@ -66,7 +79,10 @@ class Embedder:
 
     def __init__(self, encoder: Backbone, recipe: Recipe, device: str = "auto"):
         self.recipe = recipe
-        self.device = resolve_device(device)
+        try:
+            self.device = resolve_device(device)
+        except RuntimeError as e:  # torch's word on a malformed name ("cuda:x", "gpu")
+            raise MultijepaError(f"device {device!r}: {e}; use auto, cpu, cuda or cuda:N") from None
         self.encoder = encoder.to(self.device).eval()
 
     @property
@@ -106,10 +122,21 @@ class Embedder:
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "auto") -> "Embedder":
+        if os.path.isdir(path):
+            last = Path(path) / "last.pt"
+            raise MultijepaError(f"{path}: a folder, not a checkpoint" + (f"; pass {last}" if last.is_file() else ""))
         state = load_checkpoint(path)
+        if not isinstance(state.get("recipe"), dict) or not isinstance(state.get("model"), dict):
+            raise MultijepaError(f"{path}: a checkpoint without its recipe or weights; pass a last.pt written "
+                                 f"by multijepa pretrain")
         recipe = recipe_from_dict(state["recipe"], f"{path} (its saved recipe)")
         model = build_model(recipe)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # missing, unexpected or mis-shaped weights
+            first = str(e).strip().splitlines()[:3]
+            raise MultijepaError(f"{path}: its weights do not fit the model its recipe builds "
+                                 f"({' '.join(line.strip() for line in first)[:300]})") from None
         return cls(model.target, recipe, device)
 
     @classmethod
@@ -137,7 +164,8 @@ class Embedder:
         return self.recipe.model.dim
 
     def embed(self, items: Sequence[Item], tokens: bool = False, batch_size: int = 64,
-              num_workers: int = 0, windows: bool = False) -> Union[np.ndarray, list[np.ndarray]]:
+              num_workers: int = 0, windows: bool = False, progress: bool = False
+              ) -> Union[np.ndarray, list[np.ndarray]]:
         """Embed files (paths) or input tensors: one row per sample, in order.
 
         A file that holds many samples (a .ts file, a wide CSV, a 2-D .npy) gives one row per sample,
@@ -156,14 +184,15 @@ class Embedder:
             tokens: per-token features [S, T, D] instead of the pooled mean [S, D] (one view per
                 sample only; padding tokens are NaN).
             batch_size: views per forward pass.
-            num_workers: DataLoader workers decoding files.
+            num_workers: DataLoader workers decoding files (at most one per item is started).
             windows: one row per view (audio window, video clip) instead of the mean over a sample's views.
+            progress: show a progress bar (tqdm, on stderr), one step per item.
 
         Returns:
             float32 array [S, D] (pooled) or [S, T, D] (tokens), S = samples; with ``windows`` a list
             of S arrays [W_i, D] (or [W_i, T, D] with ``tokens``), one row per window.
         """
-        return self.embed_with_index(items, tokens, batch_size, num_workers, windows)[0]
+        return self.embed_with_index(items, tokens, batch_size, num_workers, windows, progress)[0]
 
     @property
     def windowed(self) -> bool:
@@ -179,16 +208,29 @@ class Embedder:
             return hops.pop() if len(hops) == 1 else None
         return WINDOW_HOP_SECONDS[self.recipe.modality](self.recipe) if self.windowed else 0.0
 
-    @torch.no_grad()
     def embed_with_index(self, items: Sequence[Item], tokens: bool = False, batch_size: int = 64,
-                         num_workers: int = 0, windows: bool = False
+                         num_workers: int = 0, windows: bool = False, progress: bool = False
                          ) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
         """Like :meth:`embed`, plus (item number, sample number within the item) for every row."""
+        from tqdm.auto import tqdm
+
         items = list(items)
         kinds = [self.modality_for(item) for item in items]
+        bar = tqdm(total=len(items), disable=not progress, desc="embed", unit="file", leave=False, dynamic_ncols=True,
+                   mininterval=0.5)
+        try:
+            return self._embed_items(items, kinds, tokens, batch_size, num_workers, windows, bar)
+        finally:
+            bar.close()
+
+    @torch.no_grad()
+    def _embed_items(self, items: list, kinds: list[str], tokens: bool, batch_size: int, num_workers: int,
+                     windows: bool, bar) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
+        """:meth:`embed_with_index` on items whose modalities are known; ``bar`` steps once per item."""
         if self.recipe.modality == "mixed" or len(set(kinds)) > 1:
-            return self._embed_by_modality(items, kinds, tokens, batch_size, num_workers, windows)
-        loader = DataLoader(_Views(items, self.recipe), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+            return self._embed_by_modality(items, kinds, tokens, batch_size, num_workers, windows, bar)
+        loader = DataLoader(_Views(items, self.recipe), batch_size=None, num_workers=min(num_workers, len(items)),
+                            collate_fn=_as_is)
         rows: list[tuple[int, int]] = []
         per_row: list[list[torch.Tensor]] = []  # each row's view vectors, in view order
         pending: list[tuple[int, torch.Tensor]] = []  # (row, view)
@@ -213,6 +255,9 @@ class Embedder:
                     forward([c for c, s in zip(chunk, shapes) if s == shape])
 
         for i, samples in enumerate(loader):
+            if isinstance(samples, MultijepaError):
+                raise samples
+            bar.update(1)
             for k, views in enumerate(samples):
                 if tokens and not windows and len(views) != 1:
                     raise MultijepaError(f"{items[i] if not isinstance(items[i], torch.Tensor) else f'input {i}'}: "
@@ -231,13 +276,13 @@ class Embedder:
         return torch.stack([torch.stack(vs).mean(0) for vs in per_row]).numpy(), rows
 
     def _embed_by_modality(self, items: list, kinds: list[str], tokens: bool, batch_size: int, num_workers: int,
-                           windows: bool) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
+                           windows: bool, bar) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
         """Each modality's items through its side of the model, rows put back in item order."""
         found: dict[tuple[int, int], object] = {}
         for m in dict.fromkeys(kinds):
             mine = [i for i, k in enumerate(kinds) if k == m]
-            vectors, rows = self.for_modality(m).embed_with_index([items[i] for i in mine], tokens, batch_size,
-                                                                  num_workers, windows)
+            vectors, rows = self.for_modality(m)._embed_items([items[i] for i in mine], [m] * len(mine), tokens,
+                                                              batch_size, num_workers, windows, bar)
             for (j, k), v in zip(rows, vectors):
                 found[(mine[j], k)] = v
         rows = sorted(found)
@@ -276,41 +321,155 @@ def find_latest_checkpoint(modalities: Union[str, Sequence[str]], runs: Union[st
     return best
 
 
+def _is_filelist(path: str) -> bool:
+    """Whether an existing file given to embed is a file list rather than data: a .lst (no data type)
+    always is; a .txt or .csv (also data types: series tables, point arrays) when its first entry
+    names an existing file, as ``data.path`` reads them."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in LIST_SUFFIXES:
+        return False
+    if not any(suffix in exts for exts in EXTENSIONS.values()):
+        return True
+    try:
+        return _names_a_file(path)
+    except OSError:  # unreadable: left to the reader, whose error names the file
+        return False
+
+
+def _folder_files(folder: Path, modalities: Sequence[str]) -> list[str]:
+    """The files of ``modalities``' types under ``folder``, sorted as training lists a folder."""
+    exts = sorted({e for m in modalities for e in EXTENSIONS[m]})
+    try:
+        return list_folder(folder, exts).files
+    except DataError:
+        pass
+    others = sorted({p.suffix.lower() or "(no extension)" for p in folder.rglob("*") if p.is_file()})
+    holds = "it is empty" if not others else \
+        f"it holds only {', '.join(others[:8])}{' ...' if len(others) > 8 else ''} files"
+    what = "files multijepa reads" if set(modalities) == set(EXTENSIONS) else f"{' or '.join(modalities)} files"
+    raise MultijepaError(f"{folder}: no {what} in this folder or below (looked for {', '.join(exts)}); {holds}")
+
+
+def expand_inputs(paths: Sequence[Union[str, Path]], modalities: Sequence[str]) -> list[str]:
+    """The files to embed from files, folders and file lists, mixed freely, in the order given.
+
+    A folder gives its files of ``modalities``' types (``EXTENSIONS``), recursively, in sorted order;
+    other files in it are left out. A file list (a .lst, or a .txt/.csv whose first entry names an
+    existing file: one path per line, relative to the list's folder, # comments, as ``data.path``
+    takes) gives its files in list order; labels after a path are ignored. Any other path is a
+    file and comes back as given (a .txt or .csv of numbers is data).
+
+    Args:
+        paths: files, folders and file lists.
+        modalities: the modalities whose file types a folder contributes (a model's ``modalities``).
+
+    Returns:
+        File paths, as strings.
+
+    Raises:
+        MultijepaError: naming a folder without such files, a file list that cannot be read or names a
+            missing file, or a path that does not exist and is no file type multijepa reads.
+    """
+    known = {e for exts in EXTENSIONS.values() for e in exts}
+    files: list[str] = []
+    for path in map(str, paths):
+        if os.path.isdir(path):
+            files.extend(_folder_files(Path(path), modalities))
+        elif os.path.isfile(path) and _is_filelist(path):
+            try:
+                files.extend(read_filelist(path).files)
+            except (OSError, UnicodeDecodeError) as e:
+                raise MultijepaError(f"{path}: cannot read the file list ({getattr(e, 'strerror', None) or e})") \
+                    from None
+        elif not os.path.exists(path) and Path(path).suffix.lower() not in known:
+            raise MultijepaError(f"{path}: no such file or folder")
+        else:
+            files.append(path)  # a missing file of a known type is named by its reader
+    return files
+
+
+OUT_TYPES = (".jsonl", ".npy", ".npz")
+
+
+def check_out(out: Optional[str]) -> None:
+    """Raise MultijepaError unless ``out`` (None: stdout) is a file name embeddings can be written to."""
+    if out is None:
+        return
+    if not out.lower().endswith(OUT_TYPES):
+        raise MultijepaError(f"--out {out}: use a .jsonl, .npy or .npz file name")
+    if os.path.isdir(out):
+        raise MultijepaError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'vectors.npz'}")
+
+
+def rows_file(out: Union[str, Path]) -> Path:
+    """The file naming the rows of an .npy written by :func:`write_embeddings`: ``vectors.npy`` ->
+    ``vectors.rows.jsonl``."""
+    return Path(out).with_suffix(".rows.jsonl")
+
+
 def write_embeddings(files: Sequence[str], vectors: Union[np.ndarray, list[np.ndarray]], out: Optional[str],
-                     index: Optional[Sequence[int]] = None, window_hop_seconds: Optional[float] = 0.0) -> None:
-    """Save to .npy (one array) or .jsonl (one {"file", "embedding"} line per row); stdout when out is None.
+                     index: Optional[Sequence[int]] = None, window_hop_seconds: Optional[float] = 0.0) -> list[str]:
+    """Save embeddings with the name of each row's file; JSON lines on stdout when out is None.
 
     ``files[i]`` names row i's file; ``index`` (rows of many-sample files) adds each row's position in
-    its file. ``vectors`` as a list (``embed(windows=True)``) holds one [W_i, ...] array per row: .npy
-    then stacks them to [N, W, ...] (every row must have W windows) and JSON lines get one line per
-    window with its index and start time, ``{"file", "window", "start_s", "embedding"}`` (no ``start_s``
-    when ``window_hop_seconds`` is None: video clips, spread evenly over each video).
+    its file. ``vectors`` as a list (``embed(windows=True)``) holds one [W_i, ...] array per row.
+
+    - ``.jsonl``: one ``{"file", ["index",] "embedding"}`` object per row; with windows one per window,
+      ``{"file", ["index",] "window", "start_s", "embedding"}`` (no ``start_s`` when ``window_hop_seconds``
+      is None: video clips, spread evenly over each video).
+    - ``.npy``: the array alone ([N, D], [N, T, D] tokens; windows stacked to [N, W, ...], so every row
+      must have W windows), and beside it ``NAME.rows.jsonl`` (:func:`rows_file`): one ``{"file"[, "index"]}``
+      line per row of the array's first axis.
+    - ``.npz``: ``embeddings`` with its row names, ``files`` and ``index`` (many-sample files); with windows
+      one row per window, plus ``window`` and ``start_s`` per row.
+
+    Returns:
+        The paths written (none for stdout).
     """
+    check_out(out)
     windowed = isinstance(vectors, list)
-    if out and not out.endswith((".npy", ".jsonl")):
-        raise MultijepaError(f"--out {out}: use a .npy or .jsonl file name")
-    if out and out.endswith(".npy"):
-        if windowed:
-            shapes = sorted({v.shape for v in vectors})
-            if len(shapes) > 1:
-                raise MultijepaError(f"--out {out}: the files give arrays of different shapes ({shapes[0]} to "
-                                     f"{shapes[-1]}: numbers of windows, or tokens of short audio), which one .npy "
-                                     f"array cannot hold; write .jsonl instead")
-            vectors = np.stack(vectors) if vectors else np.zeros((0,), dtype=np.float32)
-        np.save(out, vectors)
-        return
+    head = [{"file": str(files[i]), **({"index": int(index[i])} if index is not None else {})}
+            for i in range(len(vectors))]
+    hop = window_hop_seconds
 
-    def rows(i: int) -> list[dict]:
-        head = {"file": files[i], **({"index": int(index[i])} if index is not None else {})}
-        if not windowed:
-            return [{**head, "embedding": np.round(vectors[i], 6).tolist()}]
-        hop = window_hop_seconds
-        return [{**head, "window": k, **({} if hop is None else {"start_s": round(k * hop, 6)}),
-                 "embedding": np.round(w, 6).tolist()} for k, w in enumerate(vectors[i])]
+    def window_rows(i: int) -> list[dict]:
+        return [{**head[i], "window": k, **({} if hop is None else {"start_s": round(k * hop, 6)})}
+                for k in range(len(vectors[i]))]
 
-    lines = (json.dumps(r) for i in range(len(vectors)) for r in rows(i))
-    if out:
-        Path(out).write_text("".join(line + "\n" for line in lines))
-    else:
-        for line in lines:
-            print(line)
+    def stacked(arrays: list[np.ndarray], what: str) -> np.ndarray:
+        shapes = sorted({a.shape for a in arrays})
+        if len(shapes) > 1:
+            raise MultijepaError(f"--out {out}: the files give arrays of different shapes ({shapes[0]} to "
+                                 f"{shapes[-1]}: {what}), which one {Path(out).suffix} array cannot hold; "
+                                 f"write .jsonl instead")
+        return np.stack(arrays) if arrays else np.zeros((0, 0), dtype=np.float32)
+
+    if out is None or out.lower().endswith(".jsonl"):
+        rows = (r for i in range(len(vectors)) for r in (window_rows(i) if windowed else [head[i]]))
+        values = (w for v in vectors for w in v) if windowed else iter(vectors)
+        lines = (json.dumps({**r, "embedding": np.round(v, 6).tolist()}) for r, v in zip(rows, values))
+        if out is None:
+            for line in lines:
+                print(line)
+            return []
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as f:
+            f.writelines(line + "\n" for line in lines)
+        return [out]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if out.lower().endswith(".npy"):
+        array = stacked(vectors, "numbers of windows, or tokens of short audio") if windowed else vectors
+        with open(out, "wb") as f:
+            np.save(f, array)
+        names = rows_file(out)
+        names.write_text("".join(json.dumps(r) + "\n" for r in head))
+        return [out, str(names)]
+    rows = [r for i in range(len(vectors)) for r in window_rows(i)] if windowed else head
+    array = stacked([w for v in vectors for w in v], "tokens of short audio") if windowed else vectors
+    arrays = {"embeddings": array, "files": np.array([r["file"] for r in rows], dtype=str)}
+    for key, dtype in (("index", np.int64), ("window", np.int64), ("start_s", np.float64)):
+        if rows and key in rows[0]:
+            arrays[key] = np.array([r[key] for r in rows], dtype=dtype)
+    with open(out, "wb") as f:
+        np.savez(f, **arrays)
+    return [out]
