@@ -99,8 +99,10 @@ def _check_resumable(saved: dict, recipe: Recipe, path: Path) -> None:
 def run_lock(run_dir: Path, enabled: bool = True):
     """Hold ``run_dir/.lock`` for the block, so two processes never write one run folder at once.
 
-    The lock is an advisory ``flock`` that the kernel drops when its process ends, however it ends:
-    a killed run leaves nothing stuck. The file names its holder (pid, host, command) for the refusal.
+    The lock is a POSIX record lock (``lockf``), which the kernel drops when its process ends, however
+    it ends, and which forked DataLoader workers do not inherit (an ``flock`` would stay held by a
+    killed run's orphaned workers): a killed run leaves nothing stuck. The file names its holder
+    (pid, host, command) for the refusal.
     """
     if not enabled or fcntl is None:  # fcntl is POSIX-only: on Windows runs are not locked
         yield
@@ -110,14 +112,14 @@ def run_lock(run_dir: Path, enabled: bool = True):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by another process
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             raise TrainingError(f"{run_dir} is in use by {holder}; wait for that run to finish or stop it, "
                                 f"or give this one another run.dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} "
-                      f"({' '.join(sys.argv)[:300]})\n".encode(), 0)
+                      f"({' '.join(sys.argv)[:200]})\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
