@@ -16,7 +16,7 @@ Several modalities, one model (docs/mixed.md):
 __version__ = "0.1.0"
 
 from multijepa.errors import DataError, DecodeError, MultijepaError, RecipeError, TrainingError  # noqa: E402
-from multijepa.recipe import Recipe, load_recipe  # noqa: E402
+from multijepa.recipe import Recipe, load_recipe, shipped_recipes  # noqa: E402
 from multijepa import datasets  # noqa: E402
 
 
@@ -36,4 +36,4 @@ def load(path, device: str = "auto"):
 
 
 __all__ = ["DataError", "datasets", "DecodeError", "MultijepaError", "Recipe", "RecipeError", "TrainingError", "load",
-           "load_recipe", "pretrain", "__version__"]
+           "load_recipe", "pretrain", "shipped_recipes", "__version__"]

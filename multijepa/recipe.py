@@ -511,24 +511,66 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship inside the package (``multijepa/recipes/*.yaml``), by name, sorted.
+
+    >>> sorted(shipped_recipes())[:2]
+    ['audio', 'image']
+    >>> shipped_recipes()["audio"].name
+    'audio.yaml'
+    """
+    from importlib import resources  # lazily: only naming a shipped recipe needs it
+
+    folder = resources.files("multijepa").joinpath("recipes")
+    found = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml") and entry.is_file())
+    return {name[:-len(".yaml")]: Path(str(folder.joinpath(name))) for name in found}
+
+
+def _recipe_file(path: str | Path) -> Path:
+    """The file ``load_recipe(path)`` reads: ``path`` itself where it is a file, else the shipped
+    recipe it names (``audio``, ``audio.yaml`` or ``recipes/audio.yaml``)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    shipped = shipped_recipes()
+    listed = ", ".join(shipped) or "none"
+    what = "is a folder, not a recipe file" if given.is_dir() else "recipe file not found"
+    parts = given.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "recipes"):  # a name, not a path elsewhere
+        name = given.name[:-len(".yaml")] if given.suffix == ".yaml" else given.name
+        if name in shipped:
+            return shipped[name]
+        close = difflib.get_close_matches(name, shipped, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        example = close[0] if close else next(iter(shipped), "image")
+        raise RecipeError(f"{path}: {what}, and no shipped recipe is named '{name}'{hint}. Shipped "
+                          f"recipes: {listed}; pass one by name (e.g. `multijepa pretrain {example}`) or the path "
+                          f"of a YAML recipe file")
+    raise RecipeError(f"{path}: {what}; pass the path of a YAML recipe file or the name of a shipped recipe "
+                      f"({listed})")
+
+
 def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
     """Load a YAML recipe, apply ``key.sub=value`` overrides, validate.
 
     Args:
-        path: the YAML file.
+        path: a YAML file, or the name of a recipe that ships with the package (``"audio"``,
+            ``"audio.yaml"``, or ``"recipes/audio.yaml"`` where no such file is under the working
+            directory); :func:`shipped_recipes` lists them.
         overrides: strings such as ``"train.steps=200"``.
 
     Raises:
-        RecipeError: naming the file and the dotted key that is wrong.
+        RecipeError: naming the file and the dotted key that is wrong, or, for a file that does
+            not exist, the shipped recipes.
 
-    >>> load_recipe("recipes/image.yaml", ["train.steps=5"]).train.steps  # doctest: +SKIP
+    >>> load_recipe("image", ["train.steps=5"]).train.steps
     5
     """
-    path = Path(path)
+    path = _recipe_file(path)
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found (shipped recipes live in recipes/)") from None
+    except FileNotFoundError:  # gone since _recipe_file looked
+        raise RecipeError(f"{path}: recipe file not found") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

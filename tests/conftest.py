@@ -15,7 +15,8 @@ import torch
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+# The shipped recipes are package data in multijepa/recipes/; the top-level recipes/ (the README's paths) links there.
+RECIPES = sorted((ROOT / "multijepa" / "recipes").glob("*.yaml"))
 IMAGE_RECIPE = ROOT / "recipes/image.yaml"
 AUDIO_RECIPE = ROOT / "recipes/audio.yaml"
 

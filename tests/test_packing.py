@@ -119,6 +119,15 @@ def test_packed_attention__auto_on_cpu_is_reference_and_bad_backend_raises():
         packed_attention(q, k, v, seg, backend="flash")
 
 
+def test_packed_attention_varlen__torch_without_it_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # as on torch < 2.10
+    q, _, _ = qkv(LENGTHS)
+    with pytest.raises(NotImplementedError, match="needs torch >= 2.10"):
+        packed_attention(q, q, q, Segments(LENGTHS), backend="varlen")
+
+
 @quiet_flex
 def test_packed_attention_flex__cpu_eager_forward_equals_reference():
     # Eager flex_attention on CPU has no backward in this torch, so only the forward is checked here.

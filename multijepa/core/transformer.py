@@ -193,7 +193,11 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg:
 
 
 def _varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
+    except ImportError:  # auto then falls back to flex, as for a shape varlen refuses
+        raise NotImplementedError(f"the varlen attention backend needs torch >= 2.10 (torch.nn.attention.varlen); "
+                                  f"this is torch {torch.__version__}: use backend 'flex' or 'auto'") from None
     cu = seg.cu_seqlens.to(q.device)
     return varlen_attn(q, k, v, cu, cu, seg.max_len, seg.max_len)
 
