@@ -299,3 +299,17 @@ def test_shard__then_pretrain_on_shards(tmp_path, shapes):
                                                                        "shard-000001.tar"]
     run_cli("pretrain", RECIPE, *TINY_IMAGE, "data.path=shards", "run.dir=run", "train.steps=3", cwd=tmp_path)
     assert max(losses(tmp_path / "run")) == 3
+
+
+def test_demo__writes_the_set_pretrains_embeds_and_probes_both_encoders(tmp_path, capsys):
+    """The demo's whole path at a tiny size (its figures at full size are measured in docs/results.md)."""
+    from multijepa.demo import run_demo
+
+    result = run_demo(tmp_path, steps=2, per_class=6)
+    printed = capsys.readouterr().out
+    assert len(list((tmp_path / "shapes").rglob("*.png"))) == 24 and (tmp_path / "run/last.pt").exists()
+    for name in ("jepa", "random_init"):
+        assert 0.0 <= result[name]["linear"] <= 1.0 and result[name]["n_test"] > 0
+    assert "multijepa pretrain image" in printed and "random-init encoder: linear" in printed
+    assert ("points better" in printed) == (result["jepa"]["linear"] - result["random_init"]["linear"] >= 0.10)
+    assert "docs/results.md" in printed

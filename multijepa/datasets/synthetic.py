@@ -1,7 +1,9 @@
-"""A small built-in image set for the demo and the tests: coloured shapes on textured backgrounds.
+"""A small built-in image set for the demo and the tests: shapes of four classes.
 
-Four classes (circle, square, triangle, cross), random size, position, colours and noise, written
-as PNG files in class sub-folders so it reads like any user's labelled folder.
+Four classes (circle, square, triangle, cross) of random size and position, written as PNG files in
+class sub-folders so it reads like any user's labelled folder: coloured shapes on noisy backgrounds
+of random colour (the tests), or white shapes on black (``plain``: the demo, where the class is the
+shape alone and nothing else varies but size and position).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ def _shape_mask(kind: str, size: int, cx: float, cy: float, r: float) -> np.ndar
     return ((np.abs(dx) <= r * 0.3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r * 0.3) & (np.abs(dx) <= r))
 
 
-def make_shapes(out: Union[str, Path], per_class: int = 60, size: int = 32, seed: int = 0) -> Path:
+def make_shapes(out: Union[str, Path], per_class: int = 60, size: int = 32, seed: int = 0, plain: bool = False) -> Path:
     """Write ``per_class`` PNG images of each shape under ``out/<shape>/`` and return ``out``.
+
+    ``plain``: white shapes on black, no colours and no noise.
 
     >>> make_shapes("/tmp/shapes", per_class=2)  # doctest: +SKIP
     PosixPath('/tmp/shapes')
@@ -43,6 +47,10 @@ def make_shapes(out: Union[str, Path], per_class: int = 60, size: int = 32, seed
             image += rng.normal(0, 0.08, (size, size, 3))
             r = rng.uniform(size * 0.18, size * 0.34)
             cx, cy = rng.uniform(r, size - r, 2)
+            if plain:
+                image = _shape_mask(kind, size, cx, cy, r).astype(np.uint8) * 255
+                Image.fromarray(image).convert("RGB").save(out / kind / f"{kind}_{i:04d}.png")
+                continue
             color = (background + rng.uniform(0.35, 0.65, 3)) % 1.0  # always far from the background
             image[_shape_mask(kind, size, cx, cy, r)] = color
             Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(out / kind / f"{kind}_{i:04d}.png")
