@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
 
     p = command("pretrain", "train a JEPA from a recipe (resumes from run.dir/last.pt)")
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/image.yaml")
+    shipped = ", ".join(sorted(f.stem for f in (Path(__file__).parent / "recipes").glob("*.yaml")))
+    p.add_argument("recipe", help=f"a YAML recipe file (e.g. recipes/image.yaml) or a shipped recipe's name: {shipped}")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=200")
     p.set_defaults(func=_pretrain)
 
