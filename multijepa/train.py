@@ -300,10 +300,10 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
 
 
 def _diverged(what: str, ckpt_path: Path, saved_step: int, lr: float) -> TrainingError:
-    kept = (f"The last good checkpoint, {ckpt_path}, holds step {saved_step} and was kept"
-            if ckpt_path.exists() else "No checkpoint was written")
+    kept = (f"The last good checkpoint, {ckpt_path}, holds step {saved_step} and was kept (a new run resumes "
+            f"from it)" if ckpt_path.exists() else "No checkpoint was written")
     return TrainingError(f"{what}: training diverged. {kept}; lower optim.lr (now {lr}), lengthen "
-                         f"optim.warmup_steps or set optim.grad_clip, then run the same command again to resume")
+                         f"optim.warmup_steps or set optim.grad_clip, and run again")
 
 
 def _progress(enabled: bool, total: int, initial: int):
