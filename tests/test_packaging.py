@@ -118,6 +118,9 @@ def test_wheel__installed_cli_pretrains_a_shipped_recipe_by_name(wheel, tmp_path
     run(venv / "bin" / "multijepa", "pretrain", "audio", *tiny, "data.batch_size=4", "data.path=clips",
         "run.dir=run", "train.steps=2", cwd=work)
     assert (work / "run/last.pt").is_file() and "modality: audio" in (work / "run/recipe.yaml").read_text()
+    # The demo's whole path from the installed package (what `multijepa demo` runs, at a tiny size).
+    demo = run(python, "-c", "from multijepa.demo import run_demo; run_demo('demo', steps=1, per_class=6)", cwd=work)
+    assert "random-init encoder: linear" in demo.stdout and (work / "demo/run/last.pt").is_file()
 
 
 def test_shipped_recipes__names_every_recipe_file():
