@@ -60,6 +60,7 @@ def _embed(args: argparse.Namespace) -> None:
             raise MultijepaError(f"--clips applies to video models; {checkpoint} is a "
                                  f"{'/'.join(model.modalities)} model")
         model = model.with_overrides([f"video.embed_clips={args.clips}"])
+    model = model.with_overrides(args.set)  # validated like a recipe file: a wrong key is named
     files = expand_inputs(args.files, model.modalities)  # a folder gives the files of the model's types
     # Audio and video tokens are always per window (clip): a long file has a token grid per window.
     windows = args.windows or (args.tokens and model.windowed)
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio: seconds between windows (default: the recipe's)")
     p.add_argument("--clips", type=_count(1), metavar="N",
                    help="video: clips spread evenly over each video and pooled (default: video.embed_clips)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe key that changes how files are read, over the checkpoint's recipe (repeatable), "
+                        "e.g. timeseries.npz_split=test or audio.embed_hop_seconds=0.25")
     p.add_argument("--batch-size", type=_count(1), default=64, metavar="N", help="views per forward pass")
     p.add_argument("--workers", type=_count(0), default=2, metavar="N",
                    help="DataLoader worker processes decoding files (0: decode in the main process)")

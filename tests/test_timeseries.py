@@ -540,6 +540,9 @@ def test_cli__pretrain_embed_probe_on_ucr_txt_tsv_and_npz(tmp_path, monkeypatch,
     assert (split["n_train"], split["n_test"]) == (10, 2)
     feats, names = _embed_labelled(load("npz/last.pt", "cpu"), "X_TRAIN.npz", 64, 0, npz_split="test")
     assert feats.shape == (6, 32) and names == ["1", "2"] * 3  # the test split, as --test on the same file reads it
+    assert main(["embed", "X_TRAIN.npz", "--checkpoint", "npz/last.pt", "--set", "timeseries.npz_split=test",
+                 "--out", "test.npz"]) == 0
+    assert np.load(tmp_path / "test.npz")["embeddings"] == pytest.approx(feats, abs=1e-5)  # the split chosen
     (tmp_path / "bad.txt").write_text("1 0.5 0.6\n2 0.5 oops\n")
     (tmp_path / "bad.tsv").write_text("1\t0.5\t0.6\n2\t0.5\t1,5\n")
     np.savez(tmp_path / "bad.npz", a=np.zeros(3), b=np.zeros(3))
