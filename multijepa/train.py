@@ -323,7 +323,7 @@ def _decodable(batches, recipe: Recipe, tally: dict):
         tally["bad"] += len(batch["bad"])
         tally["seen"] += batch["count"]
         for message in batch["bad"]:
-            warnings.warn(f"skipped a file that does not decode: {message}", stacklevel=2)
+            warnings.warn(f"skipped data that could not be read: {message}", stacklevel=2)
         bad, seen = tally["bad"], tally["seen"]
         if bad and seen >= 100 and bad / seen > recipe.data.max_bad_fraction:
             raise DataError(

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from multijepa.core.masking import sample_block_masks, sample_neighbourhood_masks
 from multijepa.datasets.readers import EXTENSIONS, Source, read_audio, read_image, read_points
 from multijepa.datasets.series import series_labels
+from multijepa.datasets.shards import ShardLost, shard_samples
 from multijepa.datasets.timeseries import resolve_shape, series_sample, series_views
 from multijepa.datasets.transforms import audio_transform, audio_windows, image_transform, pointcloud_transform
 from multijepa.datasets.video import read_clips
@@ -226,7 +227,8 @@ def detect_format(recipe: Recipe) -> str:
         raise DataError("data.path is not set: give it in the recipe or as data.path=FOLDER on the command line")
     if fmt != "auto":
         return fmt
-    if path.endswith(".tar") or "{" in path or "://" in path or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar"))):
+    if (path.endswith(".tar") or "{" in path or "://" in path or path.startswith("pipe:")
+            or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")))):
         return "shards"
     listish = path.lower().endswith(LIST_SUFFIXES)
     if os.path.isfile(path) and path.lower().endswith(EXTENSIONS[recipe.modality]):
@@ -354,6 +356,11 @@ class ShardDataset(IterableDataset):
     Each epoch shuffles the shard order with (seed, epoch); each (rank, worker) reads its share of
     shards and shuffles samples in a buffer. Resuming re-seeds the stream with the resume step, so
     a resumed run sees a fresh, equally distributed stream rather than the identical one.
+
+    Shards stream from local paths, http(s):// URLs or ``pipe:COMMAND``. A shard that fails (a dropped
+    connection, a 404, a failed command, a corrupt tar) is skipped for the epoch and reported as one
+    ``bad`` entry naming its URL and the samples read before the failure, so the run's warnings and
+    ``bad_files`` count it; a DataError stops the stream once every shard has failed, instead of looping.
     """
 
     def __init__(self, urls: list[str], recipe: Recipe, start_step: int = 0, rank: int = 0, world: int = 1,
@@ -361,20 +368,22 @@ class ShardDataset(IterableDataset):
         self.urls, self.recipe, self.start_step, self.rank, self.world = urls, recipe, start_step, rank, world
         self.buffer = buffer
 
-    def _samples(self, urls: list[str]) -> Iterator[tuple[str, bytes, int]]:
-        """(name, encoded bytes, label) for each sample holding a file of this modality."""
-        import webdataset as wds
-
+    def _samples(self, urls: list[str]) -> Iterator[tuple[str, Union[bytes, str], int]]:
+        """(name, encoded bytes, label) for each sample holding a file of this modality, and
+        (url, message, -1) for each shard lost."""
         exts = {e.lstrip(".") for e in EXTENSIONS[self.recipe.modality]}
-        stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-        try:
-            for sample in stream:
-                data_ext = next((k for k in sample if not k.startswith("__") and k.lower() in exts), None)
-                if data_ext is not None:
-                    label = int(sample["cls"]) if "cls" in sample else -1
-                    yield f"{sample['__url__']}:{sample['__key__']}.{data_ext}", sample[data_ext], label
-        except (OSError, ValueError, tarfile.TarError) as e:
-            raise DataError(f"cannot read the shards {', '.join(urls[:3])}: {e}") from None
+        for url in urls:
+            n = 0
+            try:
+                for sample in shard_samples(url):
+                    data_ext = next((k for k in sample if not k.startswith("__") and k in exts), None)
+                    if data_ext is not None:
+                        label = int(sample["cls"]) if "cls" in sample else -1
+                        n += 1
+                        yield f"{url}:{sample['__key__']}.{data_ext}", sample[data_ext], label
+            except ShardLost as e:
+                what = f"lost the shard after {n} {self.recipe.modality} samples" if n else "cannot read the shard"
+                yield url, f"{url}: {what} ({e})", -1
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -384,7 +393,12 @@ class ShardDataset(IterableDataset):
         seed = _mix(self.recipe.train.seed, self.start_step, reader)
         epoch, counter = 0, 0
         buffer: list[tuple[str, bytes, int]] = []
+        # Shards lost before this reader has read anything: reported once a sample proves the data
+        # readable, or raised together when every shard has failed (one DataError, not a warning per shard).
+        pending: list[tuple[str, str]] = []  # (url, message)
+        tried: set[str] = set()  # shards tried since this reader last read a sample
         g = torch.Generator().manual_seed(seed)
+        limit = self.buffer
         while True:
             order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
             urls = [self.urls[int(i)] for i in order]
@@ -393,20 +407,46 @@ class ShardDataset(IterableDataset):
             by_shard = len(urls) >= readers
             mine = urls[reader::readers] if by_shard else urls
             read = 0
-            for i, item in enumerate(self._samples(mine)):
-                read += 1
-                if not by_shard and i % readers != reader:
+            for name, data, label in self._samples(mine):
+                lost = isinstance(data, str)
+                if lost:
+                    pending.append((name, data))
+                else:
+                    read += 1
+                if read and pending:
+                    for url, message in pending:  # reported at once, so the warning comes when it happens
+                        yield self._load(url, message, -1, counter * readers + reader)
+                    pending = []
+                if lost or (not by_shard and (read - 1) % readers != reader):
                     continue
-                buffer.append(item)
-                if len(buffer) >= self.buffer:
+                buffer.append((name, data, label))
+                while len(buffer) >= limit:
                     name, data, label = buffer.pop(int(torch.randint(len(buffer), (1,), generator=g)))
                     counter += 1
                     yield self._load(name, data, label, counter * readers + reader)
-            if read == 0:
-                raise DataError(f"{', '.join(mine[:3])}: the shards hold no {self.recipe.modality} samples")
+            if read:
+                tried.clear()
+                if counter == 0:
+                    # A buffer larger than a pass would hold repeats and make a small data set read many
+                    # passes (many shard downloads) before the first sample; one pass is all it can shuffle.
+                    limit = max(1, min(limit, len(buffer)))
+            else:
+                # With whole shards per reader, this reader's share may have been only the dead ones:
+                # give up only once it has tried every shard without reading a sample.
+                tried.update(mine)
+                if len(tried) == len(set(self.urls)):
+                    if pending:
+                        failed = {url for url, _ in pending}
+                        raise DataError(f"none of the shards could be read ({len(failed)} failed): "
+                                        f"{'; '.join(m for _, m in pending[:3])}{' ...' if len(pending) > 3 else ''}; "
+                                        f"check data.path, the server or the pipe: command")
+                    raise DataError(f"{', '.join(mine[:3])}: the shards hold no {self.recipe.modality} samples")
             epoch += 1
 
-    def _load(self, name: str, data: bytes, label: int, step: int) -> dict:
+    def _load(self, name: str, data: Union[bytes, str], label: int, step: int) -> dict:
+        if isinstance(data, str):  # a lost shard: name is its URL, data what went wrong
+            return {"input": None, "label": label, "step": step, "bad": [f"{data}; skipped the rest of it this epoch"],
+                    "name": name}
         g = torch.Generator().manual_seed(_mix(self.recipe.train.seed, self.start_step, step))
         try:
             return {"input": load_input(data, self.recipe, name, g), "label": label, "step": step, "bad": [],
