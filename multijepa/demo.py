@@ -5,8 +5,9 @@ The set is 800 PNG images of 32 px: white circles, squares, triangles and crosse
 random size and position (``make_shapes(plain=True)``). Nothing but the shape tells the classes
 apart, so the probe measures what the encoder learned about shape. The run is short, so the EMA
 target encoder (the one that embeds) follows the context encoder faster than the recipe's 0.996:
-after 300 steps from 0.996 its weights would still be 55% those of the untrained encoder (0.01% from 0.95). Every seed is fixed:
-the figures are the same every time on the same machine and versions (docs/results.md has them).
+after 300 steps from 0.996 its weights would still be 55% those of the untrained encoder (0.01% from
+0.95). Every seed is fixed: the figures are the same every time on the same machine and versions
+(docs/results.md has them).
 
 >>> from multijepa.demo import run_demo
 >>> result = run_demo("demo")  # doctest: +SKIP

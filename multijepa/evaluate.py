@@ -128,7 +128,7 @@ def _embed_labelled(model, data: str, batch_size: int, num_workers: int,
     from multijepa.datasets.files import FileIndex, expand_samples, list_folder
     from multijepa.datasets.readers import EXTENSIONS
 
-    if npz_split is not None:
+    if npz_split is not None and model.recipe.modality == "timeseries":
         model = model.with_overrides([f"timeseries.npz_split={npz_split}"])
     recipe = model.recipe
     base = FileIndex([data], [-1]) if os.path.isfile(data) else list_folder(data, EXTENSIONS[recipe.modality])

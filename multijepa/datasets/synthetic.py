@@ -29,7 +29,8 @@ def _shape_mask(kind: str, size: int, cx: float, cy: float, r: float) -> np.ndar
     return ((np.abs(dx) <= r * 0.3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r * 0.3) & (np.abs(dx) <= r))
 
 
-def make_shapes(out: Union[str, Path], per_class: int = 60, size: int = 32, seed: int = 0, plain: bool = False) -> Path:
+def make_shapes(out: Union[str, Path], per_class: int = 60, size: int = 32, seed: int = 0,
+                plain: bool = False) -> Path:
     """Write ``per_class`` PNG images of each shape under ``out/<shape>/`` and return ``out``.
 
     ``plain``: white shapes on black, no colours and no noise.
@@ -47,7 +48,7 @@ def make_shapes(out: Union[str, Path], per_class: int = 60, size: int = 32, seed
             image += rng.normal(0, 0.08, (size, size, 3))
             r = rng.uniform(size * 0.18, size * 0.34)
             cx, cy = rng.uniform(r, size - r, 2)
-            if plain:
+            if plain:  # after the same draws, so a seed gives the coloured set's shapes, sizes and places
                 image = _shape_mask(kind, size, cx, cy, r).astype(np.uint8) * 255
                 Image.fromarray(image).convert("RGB").save(out / kind / f"{kind}_{i:04d}.png")
                 continue
