@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from common import ROOT, load_average, probe_scores, provenance, train_for_cpu_seconds, wait_until_quiet
 
-from multijepa.datasets.readers import read_audio
-from multijepa.datasets.transforms import crop_or_pad
+from multijepa.readers import read_audio
+from multijepa.transforms import crop_or_pad
 from multijepa.embed import Embedder, load
 from multijepa.recipe import load_recipe
 from multijepa.tokenizers.audio import LogMel

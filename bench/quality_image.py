@@ -18,7 +18,8 @@ import numpy as np
 from common import ROOT, calibrated_steps, probe_scores, provenance
 
 from multijepa.datasets.files import list_folder
-from multijepa.datasets.readers import EXTENSIONS, read_image
+from multijepa.modalities import MODALITIES
+from multijepa.readers import read_image
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import stratified_split
 from multijepa.recipe import load_recipe
@@ -38,7 +39,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    index = list_folder(args.data, EXTENSIONS["image"])
+    index = list_folder(args.data, MODALITIES["image"].extensions)
     labels = np.array(index.labels)
     train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
     filelist = out / "train.txt"

@@ -30,7 +30,7 @@ import torch
 
 from common import ROOT, probe_scores, provenance, train_for_cpu_seconds
 from multijepa.datasets.files import list_folder
-from multijepa.datasets.readers import EXTENSIONS
+from multijepa.modalities import MODALITIES
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import linear_probe_accuracy, stratified_split
 
@@ -41,7 +41,7 @@ COMMON = ["train.progress=false", "train.threads=1", "data.num_workers=0", "run.
 
 def splits(shared: Path, out: Path) -> dict:
     """Pretraining file lists and probe splits of the three data sets."""
-    images = list_folder(shared / "images/cifar10-dev", EXTENSIONS["image"])
+    images = list_folder(shared / "images/cifar10-dev", MODALITIES["image"].extensions)
     image_labels = np.array(images.labels)
     image_train, image_test = stratified_split(image_labels, 0.2, seed=0)
     audio = sorted(str(p.resolve()) for p in (shared / "audio/fsdd-dev").glob("*.wav"))

@@ -24,7 +24,7 @@ from common import (ROOT, calibrated_steps, final_step, load_average, pretrain_f
                     provenance, wait_until_quiet)
 
 from multijepa.datasets.files import list_folder
-from multijepa.datasets.readers import EXTENSIONS
+from multijepa.modalities import MODALITIES
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import stratified_split
 from multijepa.recipe import load_recipe
@@ -62,7 +62,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    index = list_folder(args.data, EXTENSIONS["pointcloud"])
+    index = list_folder(args.data, MODALITIES["pointcloud"].extensions)
     labels = np.array(index.labels)
     train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
     filelist = out / "train.txt"

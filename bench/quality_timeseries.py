@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multijepa.datasets.series import read_series
+from multijepa.readers.series import read_series
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import knn_accuracy, linear_probe_accuracy, probe_features
 from multijepa.recipe import TimeSeriesConfig, load_recipe

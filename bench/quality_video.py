@@ -39,11 +39,12 @@ import numpy as np
 import torch
 from common import ROOT, calibrated_steps, load_average, provenance
 
-from multijepa.datasets.video import open_video, read_clips
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import linear_probe_accuracy, stratified_split
+from multijepa.modalities import MODALITIES
+from multijepa.modalities.video import read_clips
+from multijepa.readers.video import open_video
 from multijepa.recipe import load_recipe
-from multijepa.tokenizers import build_tokenizer
 from multijepa.train import pretrain
 
 CANVAS, DIGIT = 64, 28
@@ -135,7 +136,7 @@ def clip_speed(files: list[str], recipe, backend: str, repeats: int = 3) -> dict
     raw = recipe_to_dict(recipe)
     raw["video"]["backend"] = backend
     recipe = recipe_from_dict(raw)
-    tokenizer = build_tokenizer(recipe).eval()
+    tokenizer = MODALITIES["video"].tokenizer(recipe.video, recipe.model.dim).eval()
     count = recipe.video.embed_clips
     with torch.no_grad():
         read_clips(files[0], recipe.video, count=count)  # warm-up

@@ -13,26 +13,12 @@ Several modalities, one model (docs/mixed.md):
 >>> vectors = mj.load(run / "last.pt").embed(["a.wav", "b.jpg"])                   # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
-from multijepa.errors import DataError, DecodeError, MultijepaError, RecipeError, TrainingError  # noqa: E402
-from multijepa.recipe import Recipe, load_recipe, shipped_recipes  # noqa: E402
-from multijepa import datasets  # noqa: E402
-
-
-def pretrain(recipe: Recipe, data=None):
-    """Train as the recipe says, on its own data or on ``data`` (a ``multijepa.datasets.Mixed``);
-    returns the run folder (see :func:`multijepa.train.pretrain`)."""
-    from multijepa.train import pretrain as _pretrain
-
-    return _pretrain(recipe, data)
-
-
-def load(path, device: str = "auto"):
-    """Load a checkpoint for embedding: ``multijepa.load(path).embed(files_or_tensors)``."""
-    from multijepa.embed import load as _load
-
-    return _load(path, device)
+from multijepa import datasets
+from multijepa._version import __version__
+from multijepa.embed import load
+from multijepa.errors import DataError, DecodeError, MultijepaError, RecipeError, TrainingError
+from multijepa.recipe import Recipe, load_recipe, shipped_recipes
+from multijepa.train import pretrain
 
 
 __all__ = ["DataError", "datasets", "DecodeError", "MultijepaError", "Recipe", "RecipeError", "TrainingError", "load",

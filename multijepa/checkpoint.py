@@ -15,14 +15,13 @@ from typing import Union
 
 import torch
 
+from multijepa._version import __version__
 from multijepa.errors import MultijepaError
 
 FORMAT = "multijepa-checkpoint-v1"
 
 
 def versions() -> dict[str, str]:
-    from multijepa import __version__
-
     return {"multijepa": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 

@@ -35,9 +35,8 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from multijepa.datasets.files import SAMPLE_LISTERS
-    from multijepa.datasets.readers import EXTENSIONS
     from multijepa.embed import check_out, expand_inputs, load, write_embeddings
+    from multijepa.modalities import MODALITIES
 
     def note(text: str) -> None:
         if not args.quiet:
@@ -46,7 +45,7 @@ def _embed(args: argparse.Namespace) -> None:
     check_out(args.out)  # before any work
     checkpoint = args.checkpoint
     if checkpoint is None:
-        checkpoint = str(_checkpoint_for(expand_inputs(args.files, list(EXTENSIONS)), args.runs))
+        checkpoint = str(_checkpoint_for(expand_inputs(args.files, list(MODALITIES)), args.runs))
         note(f"using {checkpoint}")
     model = load(checkpoint, device=args.device)
     if args.window is not None or args.hop is not None:
@@ -70,7 +69,7 @@ def _embed(args: argparse.Namespace) -> None:
                                            num_workers=args.workers, windows=windows, progress=progress)
     # Files of a modality that can hold many samples (a .ts file, a wide CSV) give one row per
     # sample, in file order; each row then also says which sample of its file it is.
-    many = any(m in SAMPLE_LISTERS for m in model.modalities)
+    many = any(MODALITIES[m].list_samples is not None for m in model.modalities)
     written = write_embeddings([files[i] for i, _ in rows], vectors, args.out,
                                index=[k for _, k in rows] if many else None,
                                window_hop_seconds=model.window_hop_seconds)
@@ -104,7 +103,7 @@ def _checkpoint_for(files: list[str], runs: str) -> Path:
     ``files`` are files, not folders or lists (``expand_inputs`` makes them); files of a type several
     modalities read (.npy, .txt) decide only when every file is of such a type.
     """
-    from multijepa.datasets.readers import modality_of, readers_of
+    from multijepa.modalities import modality_of, readers_of
     from multijepa.embed import find_latest_checkpoint
 
     readers = [readers_of(f) or [modality_of(f)] for f in files]  # modality_of raises for unknown types
@@ -143,7 +142,7 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from multijepa.datasets.files import write_shards
+    from multijepa.datasets.shards import write_shards
 
     written = write_shards(args.src, args.out, args.per_shard)
     print(f"wrote {len(written)} shards to {args.out}")

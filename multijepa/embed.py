@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,25 +24,22 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from multijepa.checkpoint import load_checkpoint
-from multijepa.core.jepa import Backbone, build_model, pool_tokens
-from multijepa.datasets.files import EMBED_VIEWS, LIST_SUFFIXES, _names_a_file, list_folder, read_filelist, valid_mask
-from multijepa.datasets.readers import EXTENSIONS, modality_of, readers_of
-from multijepa.errors import DataError, DecodeError, MultijepaError
-from multijepa.recipe import Recipe, apply_overrides, recipe_from_dict, recipe_to_dict
-from multijepa.train import resolve_device
+from multijepa.config import apply_overrides
+from multijepa.core.jepa import Backbone, pool_tokens
+from multijepa.datasets.files import expand_inputs, valid_mask
+from multijepa.errors import DecodeError, MultijepaError
+from multijepa.modalities import MODALITIES, modality_of, readers_of
+from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from multijepa.train import build_model, resolve_device
+
+__all__ = ["Embedder", "check_out", "expand_inputs", "find_latest_checkpoint", "load", "rows_file",
+           "write_embeddings"]
 
 Item = Union[str, Path, torch.Tensor]
 
-# Modalities whose files embed as several windows of one sample, and the seconds between window starts
-# (None where it differs from file to file: video clips are spread evenly over each video).
-WINDOW_HOP_SECONDS: dict[str, Callable[[Recipe], Optional[float]]] = {
-    "audio": lambda r: r.audio.window_hop_samples / r.audio.sample_rate,
-    "video": lambda r: None,
-}
-
 
 class _Views(Dataset):
-    """Per item, its samples' views (``EMBED_VIEWS``), decoded in DataLoader workers."""
+    """Per item, its samples' views (the modality's ``embed_views``), decoded in DataLoader workers."""
 
     def __init__(self, items: Sequence[Item], recipe: Recipe):
         self.items, self.recipe = items, recipe
@@ -56,8 +53,9 @@ class _Views(Dataset):
         item = self.items[i]
         name = f"input {i}" if isinstance(item, torch.Tensor) else str(item)
         try:
-            return EMBED_VIEWS[self.recipe.modality](item if isinstance(item, torch.Tensor) else str(item),
-                                                     self.recipe, name)
+            m = self.recipe.modality
+            return MODALITIES[m].embed_views(item if isinstance(item, torch.Tensor) else str(item),
+                                             self.recipe.section(m), name)
         except MultijepaError as e:
             return e
         except Exception as e:  # a decoder's own error type: still this input's problem, named
@@ -95,7 +93,7 @@ class Embedder:
 
         >>> mj.load("runs/multimodal/last.pt").for_modality("audio").embed(["a.wav"])  # doctest: +SKIP
         """
-        if self.recipe.modality == modality:
+        if self.modalities == (modality,):
             return self
         if modality not in self.modalities:
             raise MultijepaError(f"this model was trained on {', '.join(self.modalities)}, not {modality}")
@@ -159,6 +157,10 @@ class Embedder:
         return Embedder(self.encoder, recipe_from_dict(raw, f"the checkpoint's recipe with {' '.join(overrides)}"),
                         str(self.device))
 
+    def with_recipe(self, recipe: Recipe) -> "Embedder":
+        """The same encoder reading inputs as ``recipe`` says (keys that leave the weights' shapes alone)."""
+        return Embedder(self.encoder, recipe, str(self.device))
+
     @property
     def dim(self) -> int:
         return self.recipe.model.dim
@@ -197,16 +199,15 @@ class Embedder:
     @property
     def windowed(self) -> bool:
         """Whether a file may embed as several windows of one sample (audio windows, video clips)."""
-        return any(m in WINDOW_HOP_SECONDS for m in self.modalities)
+        return any(MODALITIES[m].window_hop_seconds is not None for m in self.modalities)
 
     @property
     def window_hop_seconds(self) -> Optional[float]:
         """Seconds between the starts of consecutive windows (0 for modalities without windows, None
         where it differs per file)."""
-        if self.recipe.modality == "mixed":
-            hops = {self.for_modality(m).window_hop_seconds for m in self.modalities}
-            return hops.pop() if len(hops) == 1 else None
-        return WINDOW_HOP_SECONDS[self.recipe.modality](self.recipe) if self.windowed else 0.0
+        hops = {MODALITIES[m].window_hop_seconds(self.recipe.section(m)) if MODALITIES[m].window_hop_seconds
+                else 0.0 for m in self.modalities}
+        return hops.pop() if len(hops) == 1 else None
 
     def embed_with_index(self, items: Sequence[Item], tokens: bool = False, batch_size: int = 64,
                          num_workers: int = 0, windows: bool = False, progress: bool = False
@@ -227,7 +228,7 @@ class Embedder:
     def _embed_items(self, items: list, kinds: list[str], tokens: bool, batch_size: int, num_workers: int,
                      windows: bool, bar) -> tuple[Union[np.ndarray, list[np.ndarray]], list[tuple[int, int]]]:
         """:meth:`embed_with_index` on items whose modalities are known; ``bar`` steps once per item."""
-        if self.recipe.modality == "mixed" or len(set(kinds)) > 1:
+        if len(self.modalities) > 1 or len(set(kinds)) > 1:
             return self._embed_by_modality(items, kinds, tokens, batch_size, num_workers, windows, bar)
         loader = DataLoader(_Views(items, self.recipe), batch_size=None, num_workers=min(num_workers, len(items)),
                             collate_fn=_as_is)
@@ -312,80 +313,12 @@ def find_latest_checkpoint(modalities: Union[str, Sequence[str]], runs: Union[st
         if not recipe_file.exists():
             continue
         saved = yaml.safe_load(recipe_file.read_text()) or {}
-        trained = {s.get("modality") for s in saved.get("sources") or []} if saved.get("modality") == "mixed" \
-            else {saved.get("modality")}
+        trained = {s.get("modality") for s in saved.get("sources") or []} or {saved.get("modality")}
         if not wanted <= trained:
             continue
         if best is None or ckpt.stat().st_mtime > best.stat().st_mtime:
             best = ckpt
     return best
-
-
-def _is_filelist(path: str) -> bool:
-    """Whether an existing file given to embed is a file list rather than data: a .lst (no data type)
-    always is; a .txt or .csv (also data types: series tables, point arrays) when its first entry
-    names an existing file, as ``data.path`` reads them."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in LIST_SUFFIXES:
-        return False
-    if not any(suffix in exts for exts in EXTENSIONS.values()):
-        return True
-    try:
-        return _names_a_file(path)
-    except OSError:  # unreadable: left to the reader, whose error names the file
-        return False
-
-
-def _folder_files(folder: Path, modalities: Sequence[str]) -> list[str]:
-    """The files of ``modalities``' types under ``folder``, sorted as training lists a folder."""
-    exts = sorted({e for m in modalities for e in EXTENSIONS[m]})
-    try:
-        return list_folder(folder, exts).files
-    except DataError:
-        pass
-    others = sorted({p.suffix.lower() or "(no extension)" for p in folder.rglob("*") if p.is_file()})
-    holds = "it is empty" if not others else \
-        f"it holds only {', '.join(others[:8])}{' ...' if len(others) > 8 else ''} files"
-    what = "files multijepa reads" if set(modalities) == set(EXTENSIONS) else f"{' or '.join(modalities)} files"
-    raise MultijepaError(f"{folder}: no {what} in this folder or below (looked for {', '.join(exts)}); {holds}")
-
-
-def expand_inputs(paths: Sequence[Union[str, Path]], modalities: Sequence[str]) -> list[str]:
-    """The files to embed from files, folders and file lists, mixed freely, in the order given.
-
-    A folder gives its files of ``modalities``' types (``EXTENSIONS``), recursively, in sorted order;
-    other files in it are left out. A file list (a .lst, or a .txt/.csv whose first entry names an
-    existing file: one path per line, relative to the list's folder, # comments, as ``data.path``
-    takes) gives its files in list order; labels after a path are ignored. Any other path is a
-    file and comes back as given (a .txt or .csv of numbers is data).
-
-    Args:
-        paths: files, folders and file lists.
-        modalities: the modalities whose file types a folder contributes (a model's ``modalities``).
-
-    Returns:
-        File paths, as strings.
-
-    Raises:
-        MultijepaError: naming a folder without such files, a file list that cannot be read or names a
-            missing file, or a path that does not exist and is no file type multijepa reads.
-    """
-    known = {e for exts in EXTENSIONS.values() for e in exts}
-    files: list[str] = []
-    for path in map(str, paths):
-        if os.path.isdir(path):
-            files.extend(_folder_files(Path(path), modalities))
-        elif os.path.isfile(path) and _is_filelist(path):
-            try:
-                files.extend(read_filelist(path).files)
-            except (OSError, UnicodeDecodeError) as e:
-                raise MultijepaError(f"{path}: cannot read the file list ({getattr(e, 'strerror', None) or e})") \
-                    from None
-        elif not os.path.exists(path) and Path(path).suffix.lower() not in known:
-            raise MultijepaError(f"{path}: no such file or folder")
-        else:
-            files.append(path)  # a missing file of a known type is named by its reader
-    return files
 
 
 OUT_TYPES = (".jsonl", ".npy", ".npz")

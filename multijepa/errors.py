@@ -19,3 +19,18 @@ class DataError(MultijepaError):
 
 class TrainingError(MultijepaError):
     """Training cannot go on (a NaN loss, a checkpoint that does not match the recipe)."""
+
+
+def check(cond: bool, where: str, key: str, msg: str) -> None:
+    """Raise a :class:`RecipeError` naming ``where`` and the dotted ``key`` unless ``cond``.
+
+    >>> check(True, "recipe.yaml", "train.steps", "must be positive")
+    """
+    if not cond:
+        raise RecipeError(f"{where}: '{key}' {msg}")
+
+
+def check_range(rng: tuple[float, float], where: str, key: str, lo: float, hi: float) -> None:
+    """Check that ``rng`` is ``[low, high]`` with ``lo <= low <= high <= hi``."""
+    check(lo <= rng[0] <= rng[1] <= hi, where, key,
+          f"must be [low, high] with {lo} <= low <= high <= {hi}, got {list(rng)}")

@@ -9,14 +9,18 @@ True
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from multijepa.datasets.files import FileIndex, expand_samples, list_folder
 from multijepa.errors import MultijepaError
+from multijepa.modalities import MODALITIES, readers_of
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -119,19 +123,16 @@ def probe_features(features: np.ndarray, labels: np.ndarray, test_fraction: floa
 
 
 def _embed_labelled(model, data: str, batch_size: int, num_workers: int,
-                    npz_split: Optional[str] = None) -> tuple[np.ndarray, list[str]]:
+                    test_split: bool = False) -> tuple[np.ndarray, list[str]]:
     """Features and class names of every sample of a labelled folder, or of one data file with labels
-    inside (a .ts file with class labels, a wide CSV with a label column); ``npz_split`` (train, test,
-    all) reads that split of an .npz holding X_train/X_test instead of the recipe's."""
-    import os
-
-    from multijepa.datasets.files import FileIndex, expand_samples, list_folder
-    from multijepa.datasets.readers import EXTENSIONS
-
-    if npz_split is not None and model.recipe.modality == "timeseries":
-        model = model.with_overrides([f"timeseries.npz_split={npz_split}"])
+    inside (a .ts file with class labels, a wide CSV with a label column); ``test_split``: read the
+    test split of a file that holds both (an .npz with X_train/X_test), where the modality has one."""
+    spec = MODALITIES[model.recipe.modality]
+    if test_split and spec.test_split is not None:
+        reading = spec.test_split(model.recipe.section(spec.name))
+        model = model.with_recipe(model.recipe.with_section(spec.name, reading))
     recipe = model.recipe
-    base = FileIndex([data], [-1]) if os.path.isfile(data) else list_folder(data, EXTENSIONS[recipe.modality])
+    base = FileIndex([data], [-1]) if os.path.isfile(data) else list_folder(data, spec.extensions)
     index = expand_samples(base, recipe)  # one entry per sample, files in order, samples in file order
     if min(index.labels) < 0 or len(index.classes) < 2:
         raise MultijepaError(f"{data}: probing needs labels: one sub-folder per class, or a file with class labels "
@@ -144,18 +145,13 @@ def _embed_labelled(model, data: str, batch_size: int, num_workers: int,
 
 def _modality_of_data(data: str, modalities: tuple[str, ...]) -> str:
     """Which of a model's modalities a labelled folder or data file holds (it must be exactly one)."""
-    import os
-    from pathlib import Path
-
-    from multijepa.datasets.readers import EXTENSIONS, readers_of
-
     if len(modalities) == 1:
         return modalities[0]
     if os.path.isfile(data):
         found = [m for m in readers_of(data) if m in modalities]
     else:
         suffixes = {p.suffix.lower() for p in Path(data).rglob("*") if p.is_file()}
-        found = [m for m in modalities if suffixes & set(EXTENSIONS[m])]
+        found = [m for m in modalities if suffixes & set(MODALITIES[m].extensions)]
     if len(found) != 1:
         raise MultijepaError(f"{data}: holds {' and '.join(found) or 'none'} of this model's modalities "
                              f"({', '.join(modalities)}); say which to probe with --modality")
@@ -187,7 +183,7 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
     feats, names = _embed_labelled(model, data, batch_size, num_workers)
     test_index = None
     if test_data is not None:
-        test_feats, test_names = _embed_labelled(model, test_data, batch_size, num_workers, npz_split="test")
+        test_feats, test_names = _embed_labelled(model, test_data, batch_size, num_workers, test_split=True)
         test_index = np.arange(len(names), len(names) + len(test_names))
         feats, names = np.concatenate([feats, test_feats]), names + test_names
     classes = sorted(set(names))

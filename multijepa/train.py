@@ -28,15 +28,39 @@ except ImportError:  # not POSIX
     fcntl = None
 
 from multijepa.checkpoint import load_checkpoint, save_checkpoint
-from multijepa.core.jepa import JEPA, build_model, cosine_schedule, feature_health
-from multijepa.datasets.files import build_train_loader
-from multijepa.datasets.mixed import Mixed, build_mixed_loader, resolve_mixed
-from multijepa.errors import DataError, TrainingError
-from multijepa.recipe import Recipe, recipe_to_dict, save_recipe
+from multijepa.core.jepa import JEPA, Backbone, Predictor, cosine_schedule, feature_health
+from multijepa.datasets.files import resolve_recipe
+from multijepa.datasets.mixed import Mixed, build_train_loader
+from multijepa.errors import DataError, RecipeError, TrainingError
+from multijepa.modalities import MODALITIES
+from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, save_recipe
 
 # Recipe sections that fix the model's shape: a checkpoint only resumes under the same ones. The
-# section named by the recipe's modality (image, audio) is checked too; other modalities' are not.
+# sections of the modalities it reads (image, audio) are checked too; other modalities' are not.
 ARCHITECTURE_SECTIONS = ("modality", "model")
+
+
+def build_model(recipe: Recipe) -> JEPA:
+    """The JEPA for a recipe: a tokenizer per source's modality under the shared encoder and
+    predictor, each source's loss weight and target normalisation.
+
+    >>> from multijepa.recipe import Recipe
+    >>> type(build_model(Recipe())).__name__
+    'JEPA'
+    """
+    m = recipe.model
+    sections = {s.modality: recipe.section(s.modality) for s in recipe.all_sources}
+    specs = {name: MODALITIES[name] for name in sections}
+    context = Backbone({name: specs[name].tokenizer(cfg, m.dim) for name, cfg in sections.items()}, m,
+                       {name: specs[name].pos_embed(cfg, m.dim) for name, cfg in sections.items()})
+    predictor = Predictor(m, {name: specs[name].pos_embed(cfg, m.predictor_dim) for name, cfg in sections.items()})
+    return JEPA(context, predictor, recipe.loss, {s.modality: s.loss_weight for s in recipe.all_sources},
+                {name: recipe.source(name).loss.target_norm for name in sections})
+
+
+def _sources_of(saved: dict) -> list:
+    """The modalities a saved recipe (plain data) trains on, in source order."""
+    return [s["modality"] for s in saved.get("sources") or []] or [saved.get("modality")]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -84,8 +108,13 @@ class _StopRequest:
 
 def _check_resumable(saved: dict, recipe: Recipe, path: Path) -> None:
     now = recipe_to_dict(recipe)
-    saved_modalities = [s["modality"] for s in saved.get("sources", [])] if saved.get("modality") == "mixed" else None
-    if recipe.modality == "mixed" and saved_modalities != list(recipe.modalities):
+    try:  # through the schema, so a checkpoint written before a key was added compares with its default
+        saved = recipe_to_dict(recipe_from_dict(saved, f"{path} (its saved recipe)"))
+    except RecipeError as e:
+        raise TrainingError(f"{e}; this checkpoint cannot be resumed here: use another run.dir, or "
+                            f"run.resume=false to start over") from None
+    saved_modalities = _sources_of(saved)
+    if saved_modalities != list(recipe.modalities):
         raise TrainingError(f"{path}: this checkpoint was trained on the sources {saved_modalities}, not "
                             f"{list(recipe.modalities)}; use another run.dir, or run.resume=false to start over")
     for section in ARCHITECTURE_SECTIONS + recipe.modalities:
@@ -173,7 +202,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     tensors = None
     if data is not None:
         recipe, tensors = data.apply_to(recipe), data.tensors()
-    recipe = resolve_mixed(recipe)  # settings taken from the data (timeseries.length: 0) are fixed here
+    recipe = resolve_recipe(recipe)  # settings taken from the data (timeseries.length: 0) are fixed here
     t, o = recipe.train, recipe.optim
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -206,11 +235,10 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
         save_recipe(recipe, run_dir / "recipe.yaml")
     # A mixed batch may lack a modality (data.mix: weights), leaving its tokenizer without gradients.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  find_unused_parameters=recipe.modality == "mixed") if world > 1 else model
+                                  find_unused_parameters=len(recipe.modalities) > 1) if world > 1 else model
     use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    loader = build_mixed_loader(recipe, step * o.accum_steps, rank, world, tensors) if recipe.modality == "mixed" \
-        else build_train_loader(recipe, start_step=step * o.accum_steps, rank=rank, world=world)
+    loader = build_train_loader(recipe, step * o.accum_steps, rank, world, tensors)
     tally = {"bad": 0, "seen": 0}
     batches = _decodable(iter(loader), recipe, tally)
     interval_loss = torch.zeros((), device=device)
@@ -269,7 +297,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                           "lr": lr, "weight_decay": wd, "ema_momentum": momentum,
                           "samples_per_s": interval_samples / (now - t_last),
                           "bad_files": tally["bad"]}
-                if recipe.modality == "mixed":
+                if len(recipe.modalities) > 1:
                     record.update({f"loss_prediction_{m}": total.item() / n for m, (total, n) in per_modality.items()})
                 record.update({k: v.item() for k, v in feature_health(pooled).items()})
                 if main:
@@ -325,14 +353,13 @@ def _decodable(batches, recipe: Recipe, tally: dict):
         for message in batch["bad"]:
             warnings.warn(f"skipped data that could not be read: {message}", stacklevel=2)
         bad, seen = tally["bad"], tally["seen"]
-        if bad and seen >= 100 and bad / seen > recipe.data.max_bad_fraction:
+        if bad and seen >= recipe.data.bad_check_after and bad / seen > recipe.data.max_bad_fraction:
             raise DataError(
                 f"{recipe.data.path or 'the sources'}: {bad} of {seen} files read so far failed to decode "
                 f"({bad / seen:.1%} > data.max_bad_fraction={recipe.data.max_bad_fraction}); "
                 f"the warnings above name them: fix or remove them, or raise data.max_bad_fraction")
-        parts = batch["parts"] if "parts" in batch else {recipe.modality: batch} if batch["input"] is not None else {}
-        if parts:
-            yield parts
+        if batch["parts"]:
+            yield batch["parts"]
 
 
 def _log(record: dict, metrics_path: Path, progress, recipe: Recipe) -> None:
@@ -340,7 +367,7 @@ def _log(record: dict, metrics_path: Path, progress, recipe: Recipe) -> None:
         f.write(json.dumps(record) + "\n")
     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                          erank=f"{record['target_erank']:.1f}", refresh=False)
-    if record["target_std"] < recipe.train.collapse_std or record["target_erank"] < 1.5:
+    if record["target_std"] < recipe.train.collapse_std or record["target_erank"] < recipe.train.collapse_erank:
         warnings.warn(
             f"step {record['step']}: target representations look collapsed (std {record['target_std']:.4f}, "
             f"effective rank {record['target_erank']:.2f}); try loss.regularizer=sigreg, a lower optim.lr "

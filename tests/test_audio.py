@@ -13,15 +13,17 @@ import torch.nn.functional as F
 
 from audio_files import FORMATS, chirp, dominant_hz, encoded, make_audio_folder, tone, write
 from conftest import AUDIO_RECIPE, TINY_AUDIO
-from multijepa.core.jepa import build_model
 from multijepa.core.masking import sample_block_masks
-from multijepa.datasets.files import (FileDataset, ShardDataset, build_train_loader, list_folder, load_input,
-                                      write_shards)
-from multijepa.datasets.readers import EXTENSIONS, modality_of, read_audio
-from multijepa.datasets.transforms import audio_windows, crop_or_pad_audio
+from multijepa.datasets.files import FileDataset, list_folder, load_input
+from multijepa.datasets.mixed import build_train_loader
+from multijepa.datasets.shards import ShardDataset, write_shards
 from multijepa.errors import DataError, DecodeError, RecipeError
+from multijepa.modalities import MODALITIES, modality_of
+from multijepa.readers import read_audio
 from multijepa.recipe import AudioConfig, load_recipe, token_grid
 from multijepa.tokenizers.audio import LogMel, audio_tokenizer, audio_valid_tokens, mel_filterbank
+from multijepa.train import build_model
+from multijepa.transforms import crop_or_pad, windows as cut_windows
 
 
 @pytest.fixture(scope="module")
@@ -286,27 +288,27 @@ def test_audio_recipe__documented_audioset_variant_loads_and_builds():
 
 def test_crop_or_pad__random_in_training_fixed_otherwise():
     wave = torch.arange(10.0).view(1, 10)
-    assert crop_or_pad_audio(wave, 4, None).tolist() == [[0, 1, 2, 3]]
-    assert crop_or_pad_audio(wave, 13, None).nan_to_num(-1).tolist() == [list(range(10)) + [-1, -1, -1]]
-    crops = {tuple(crop_or_pad_audio(wave, 4, torch.Generator().manual_seed(s))[0].tolist()) for s in range(30)}
+    assert crop_or_pad(wave, 4, None, pad_anywhere=True).tolist() == [[0, 1, 2, 3]]
+    assert crop_or_pad(wave, 13, None, pad_anywhere=True).nan_to_num(-1).tolist() == [list(range(10)) + [-1, -1, -1]]
+    crops = {tuple(crop_or_pad(wave, 4, torch.Generator().manual_seed(s), pad_anywhere=True)[0].tolist()) for s in range(30)}
     assert len(crops) > 3 and all(c == tuple(range(int(c[0]), int(c[0]) + 4)) for c in crops)
-    padded = crop_or_pad_audio(wave, 15, torch.Generator().manual_seed(1))
+    padded = crop_or_pad(wave, 15, torch.Generator().manual_seed(1), pad_anywhere=True)
     assert padded.shape == (1, 15) and padded.isnan().sum() == 5 and padded.nansum() == wave.sum()
 
 
 @pytest.mark.parametrize("samples,expected", [(10, 1), (11, 2), (15, 2), (16, 3), (100, 19)])
-def test_audio_windows__cover_the_whole_clip(samples, expected):
+def test_windows__audio_cover_the_whole_clip(samples, expected):
     wave = torch.arange(1.0, samples + 1).view(1, samples)
-    windows = audio_windows(wave, window=10, hop=5, unit=4)
+    windows = cut_windows(wave, 10, 5, flush=False, unit=4)
     assert windows.shape == (expected, 1, 10)
     seen = windows.flatten()
     assert set(seen[~seen.isnan()].tolist()) == set(wave.flatten().tolist())  # every sample is seen
 
 
-def test_audio_windows__short_clip_is_one_window_padded_to_whole_units():
+def test_windows__audio_short_clip_is_one_window_padded_to_whole_units():
     wave = torch.arange(1.0, 8.0).view(1, 7)
-    assert audio_windows(wave, window=10, hop=5, unit=4).nan_to_num(0).tolist() == [[[1, 2, 3, 4, 5, 6, 7, 0]]]
-    assert audio_windows(wave[:, :4], window=10, hop=5, unit=4).shape == (1, 1, 4)
+    assert cut_windows(wave, 10, 5, flush=False, unit=4).nan_to_num(0).tolist() == [[[1, 2, 3, 4, 5, 6, 7, 0]]]
+    assert cut_windows(wave[:, :4], 10, 5, flush=False, unit=4).shape == (1, 1, 4)
 
 
 def test_load_input__training_clip_and_embedding_windows(tmp_path):
@@ -322,7 +324,7 @@ def test_load_input__training_clip_and_embedding_windows(tmp_path):
 
 def test_padding__padded_audio_is_never_context_or_target_and_never_changes_real_tokens(audio_folder):
     recipe = load_recipe(AUDIO_RECIPE, TINY_AUDIO + [f"data.path={audio_folder}", "mask.full_span_axes=[0]"])
-    batch = next(iter(build_train_loader(recipe)))  # 0.3-0.9 s chirps in 0.5 s clips: some padded
+    batch = next(iter(build_train_loader(recipe)))["parts"]["audio"]  # 0.3-0.9 s chirps in 0.5 s clips: some padded
     valid = batch["valid"]
     assert valid is not None and not valid.all() and (valid.sum(1) >= 2).all()
     for b in range(len(valid)):
@@ -332,7 +334,7 @@ def test_padding__padded_audio_is_never_context_or_target_and_never_changes_real
     # A clip's real tokens come out of the encoder the same, alone or inside padding.
     encoder = build_model(recipe).target.eval()
     wave = torch.from_numpy(chirp(8000, 0.3)).view(1, 1, -1)[..., :2240]  # 7 whole time patches of 320 samples
-    padded = crop_or_pad_audio(wave[0], 4000, None)[None]
+    padded = crop_or_pad(wave[0], 4000, None, pad_anywhere=True)[None]
     real = audio_valid_tokens(padded, recipe.audio)
     assert int(real.sum()) == 4 * 7
     alone, _ = encoder(wave, "audio")
@@ -342,7 +344,7 @@ def test_padding__padded_audio_is_never_context_or_target_and_never_changes_real
 
 def test_file_dataset__audio_folder_labels_and_bad_files_skipped(tmp_path, audio_folder):
     recipe = load_recipe(AUDIO_RECIPE, TINY_AUDIO + [f"data.path={audio_folder}"])
-    index = list_folder(audio_folder, EXTENSIONS["audio"])
+    index = list_folder(audio_folder, MODALITIES["audio"].extensions)
     assert index.classes == ["high", "low"] and len(index.files) == 12
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF....WAVEjunk")
@@ -350,7 +352,7 @@ def test_file_dataset__audio_folder_labels_and_bad_files_skipped(tmp_path, audio
     index.labels.insert(0, 0)
     sample = FileDataset(index, recipe, train=True)[(0, 0)]
     assert sample["input"].shape == (1, 4000) and len(sample["bad"]) == 1 and "bad.wav" in sample["bad"][0]
-    batch = next(iter(build_train_loader(recipe)))
+    batch = next(iter(build_train_loader(recipe)))["parts"]["audio"]
     assert batch["input"].shape == (8, 1, 4000) and batch["target_idx"].shape[:2] == (8, 4)
 
 
@@ -384,11 +386,11 @@ def test_write_shards__audio_round_trip_and_training_stream(tmp_path, audio_fold
     samples = [next(stream) for _ in range(16)]
     assert all(s["input"].shape == (1, 4000) and not s["bad"] for s in samples)
     assert {s["label"] for s in samples} == {0, 1}
-    assert next(iter(build_train_loader(recipe)))["input"].shape == (8, 1, 4000)
+    assert next(iter(build_train_loader(recipe)))["parts"]["audio"]["input"].shape == (8, 1, 4000)
 
 
 def test_audio_transform__speed_perturbation_changes_length_and_pitch():
-    from multijepa.datasets.transforms import audio_transform, change_speed
+    from multijepa.transforms import audio_transform, change_speed
 
     wave = torch.from_numpy(tone(8000, 1.0, (500.0,)).T.copy())
     faster = change_speed(wave, 1.25, 8000)

@@ -15,10 +15,11 @@ import torch
 import multijepa as mj
 from audio_files import make_audio_folder
 from conftest import ROOT, TINY, check_killed_run_resumes_on_the_same_curve, run_cli, write_ts
-from multijepa.core.jepa import build_model
-from multijepa.datasets.mixed import MixedBatches, MixPlan, build_mixed_loader, resolve_mixed, step_keys
+from multijepa.datasets.files import resolve_recipe
+from multijepa.datasets.mixed import Batches, MixPlan, build_train_loader, step_keys
 from multijepa.errors import DataError, RecipeError
 from multijepa.recipe import load_recipe
+from multijepa.train import build_model
 
 MIXED_RECIPE = ROOT / "recipes/multimodal.yaml"
 # Tiny settings for every modality of recipes/multimodal.yaml: 16 px images, 0.5 s clips at 8 kHz
@@ -43,7 +44,7 @@ def three(tmp_path_factory, shapes) -> dict[str, Path]:
 
 def mixed(three: dict[str, Path], *extra: str) -> mj.Recipe:
     paths = [f"sources.{m}.path={p}" for m, p in three.items()]
-    return resolve_mixed(load_recipe(MIXED_RECIPE, TINY_MIXED + paths + list(extra)))
+    return resolve_recipe(load_recipe(MIXED_RECIPE, TINY_MIXED + paths + list(extra)))
 
 
 def tensor_recipe(*extra: str, weights: dict | None = None, mix: str = "proportion") -> mj.Recipe:
@@ -125,11 +126,11 @@ def test_step_keys__ranks_take_disjoint_shares_covering_every_sample(mix):
         assert not a & b and len(a) == len(b) == 6
 
 
-def test_mixed_batches__resume_mid_epoch_and_worker_count_give_the_same_batches(three):
+def test_batches__resume_mid_epoch_and_worker_count_give_the_same_batches(three):
     r = mixed(three, "data.num_workers=0")
-    straight = [b for _, b in zip(range(6), MixedBatches(r))]
-    resumed = [b for _, b in zip(range(3), MixedBatches(r, start_step=3))]
-    workers = [b for _, b in zip(range(6), build_mixed_loader(mixed(three, "data.num_workers=2")))]
+    straight = [b for _, b in zip(range(6), Batches(r))]
+    resumed = [b for _, b in zip(range(3), Batches(r, start_step=3))]
+    workers = [b for _, b in zip(range(6), build_train_loader(mixed(three, "data.num_workers=2")))]
     for a, b in zip(straight[3:] + straight, resumed + workers):
         assert a["step"] == b["step"] and a["parts"].keys() == b["parts"].keys() == {"audio", "image", "timeseries"}
         for m in a["parts"]:
@@ -154,7 +155,8 @@ def test_mixed__tensors_train_and_a_bad_tensor_names_itself(tmp_path):
     with pytest.raises(mj.MultijepaError, match="say which modality"):
         model.embed([torch.randn(40)])
     unsized = load_recipe(MIXED_RECIPE, TINY_MIXED + [f"run.dir={tmp_path / 'unsized'}"])  # timeseries.length: 0
-    with pytest.raises(RecipeError, match="in-memory series: set timeseries.length"):
+    with pytest.raises(DataError, match=r"in-memory timeseries samples: set timeseries.length and "
+                                        r"timeseries.channels in the recipe"):
         mj.pretrain(unsized, data=data)
     bad = mj.datasets.Mixed({"image": mj.datasets.Tensors("image", [torch.zeros(7)]),
                              "timeseries": mj.datasets.Tensors("timeseries", series)})
@@ -179,7 +181,7 @@ def test_mixed__api_errors_say_what_to_do():
 def test_backbone__encoding_modalities_together_equals_encoding_each_alone(three):
     r = mixed(three)
     model = build_model(r).eval()
-    batch = next(iter(MixedBatches(r)))["parts"]
+    batch = next(iter(Batches(r)))["parts"]
     together, segments = model.context.encode({m: (p["input"], None, p["valid"]) for m, p in batch.items()})
     assert segments is not None  # three lengths: packed
     for m, p in batch.items():
@@ -191,7 +193,7 @@ def test_backbone__encoding_modalities_together_equals_encoding_each_alone(three
 def test_jepa__mixed_loss_is_the_weighted_sum_and_every_tokenizer_learns(three):
     r = mixed(three, "sources.audio.loss_weight=0.5", "sources.image.loss_weight=2")
     model = build_model(r)
-    batch = next(iter(MixedBatches(r)))["parts"]
+    batch = next(iter(Batches(r)))["parts"]
     out = model(batch)
     expect = sum(w * out[f"prediction/{m}"] for m, w in (("audio", 0.5), ("image", 2.0), ("timeseries", 1.0)))
     assert out["prediction"] == pytest.approx(float(expect), rel=1e-5)
@@ -203,15 +205,11 @@ def test_jepa__mixed_loss_is_the_weighted_sum_and_every_tokenizer_learns(three):
         assert model.context.modality_embed[m].grad is not None
 
 
-def test_checkpoint__single_modality_keys_of_earlier_versions_still_load():
-    r = load_recipe(ROOT / "recipes/pointcloud.yaml", TINY)  # a learned position code too
-    state = build_model(r).state_dict()
-    old = {k.replace("tokenizers.pointcloud.", "tokenizer.").replace("pos.learned.pointcloud.", "pos_embed."): v
-           for k, v in state.items()}
-    assert any(k.startswith("context.tokenizer.") for k in old) and any(".pos_embed." in k for k in old)
-    fresh = build_model(r)
-    fresh.load_state_dict(old)
-    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())
+def test_build_model__each_source_normalises_its_targets_as_it_says():
+    r = load_recipe(MIXED_RECIPE, TINY_MIXED)
+    assert build_model(r).target_norms == {"audio": "instance", "image": "layer", "timeseries": "layer"}
+    r = load_recipe(MIXED_RECIPE, TINY_MIXED + ["sources.audio.target_norm=none", "loss.target_norm=instance"])
+    assert build_model(r).target_norms == {"audio": "none", "image": "instance", "timeseries": "instance"}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -260,7 +258,7 @@ def test_torchrun__mixed_run_with_random_splits_trains_on_two_processes(three, t
 
 
 def test_mixed__shards_and_a_file_list_as_sources(shapes, three, tmp_path):
-    from multijepa.datasets.files import write_shards
+    from multijepa.datasets.shards import write_shards
 
     write_shards(shapes, tmp_path / "shards", per_shard=10)
     listed = tmp_path / "audio.txt"

@@ -1,15 +1,16 @@
 """Packed (block-diagonal) attention against independent dense references.
 
 The references here never use Segments' own indices: block-diagonal masks are built from the
-lengths in the test, and the per-sequence checks run the plain dense Transformer.
+lengths in the test, the per-sequence checks run the plain dense Transformer, and the padded-batch
+check runs the Transformer's weights through a dense forward with a key mask, written here (the
+library has no masked dense path: padded batches are packed).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from multijepa.core.transformer import (Block, Segments, Transformer, pack, packed_attention, padding_waste,
-                                        unpack)
+from multijepa.core.transformer import Block, Segments, Transformer, packed_attention, padding_waste, unpack
 
 LENGTHS = [3, 7, 1, 5]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen / compiled flex need CUDA")
@@ -35,6 +36,25 @@ def dense_block_attention(q, k, v, lengths):
     return out.transpose(0, 1)
 
 
+def pack(x, real):
+    """Reference packing of a padded batch, as ``encode_batches`` does it: x [B, N, D] and real bool
+    [B, N] (a real token in every row) -> the real tokens [T, D] in row-major order and their Segments."""
+    return x[real], Segments(real.sum(1))
+
+
+def dense_masked_forward(net, x, real):
+    """Reference: ``net``'s weights on a padded batch x [B, N, D], padded keys hidden by an SDPA mask
+    from real bool [B, N]; the pre-norm blocks spelled out, no stochastic depth. Returns [B, N, D]."""
+    b, n, d = x.shape
+    for block in net.blocks:
+        attn = block.attn
+        q, k, v = attn.qkv(block.norm1(x)).view(b, n, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=real[:, None, None, :])
+        x = x + attn.proj(out.transpose(1, 2).reshape(b, n, d))
+        x = x + block.mlp(block.norm2(x))
+    return net.norm(x)
+
+
 def qkv(lengths, heads=2, head_dim=8, dtype=torch.float64, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
     shape = (sum(lengths), heads, head_dim)
@@ -47,7 +67,7 @@ def grads(out, inputs, seed=1):
     return torch.autograd.grad((out * weight.to(out)).sum(), inputs)
 
 
-# --- Segments, pack / unpack, padding_waste -------------------------------------------------------
+# --- Segments, unpack, padding_waste ------------------------------------------------------------
 
 def test_segments__offsets_ids_and_key_mask():
     seg = Segments(torch.tensor(LENGTHS))
@@ -64,14 +84,7 @@ def test_segments__rejects_empty_or_bad_lengths(bad):
         Segments(bad)
 
 
-def test_segments_from_mask__lengths_per_row_and_empty_rows_left_out():
-    real = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
-    seg = Segments.from_mask(real)
-    assert seg.seqlens.tolist() == [2, 4, 2]
-    assert seg.cu_seqlens.tolist() == [0, 2, 6, 8]
-
-
-def test_pack__round_trip_keeps_real_tokens_and_zeros_padding():
+def test_unpack__inverts_packing_keeps_real_tokens_and_zeros_padding():
     real = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     x = torch.randn(3, 5, 4)
     packed, seg = pack(x, real)
@@ -188,16 +201,9 @@ def test_transformer_packed__equals_dense_padded_path_with_key_mask():
     net = tiny_transformer()
     real = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
     x = torch.randn(3, 6, 16, dtype=torch.float64)
-    dense = net(x, real[:, None, None, :])  # the dense padded path: padded keys hidden
+    dense = dense_masked_forward(net, x, real)
     packed, seg = pack(x, real)
     torch.testing.assert_close(unpack(net(packed, segments=seg), real)[real], dense[real])
-
-
-def test_attention_packed__mask_and_segments_together_raise():
-    net = tiny_transformer()
-    with pytest.raises(ValueError, match="not both"):
-        net.blocks[0].attn(torch.randn(4, 16, dtype=torch.float64), torch.ones(1, 1, 1, 4, dtype=torch.bool),
-                           Segments([4]))
 
 
 def test_block_drop__packed_draws_once_per_segment():

@@ -10,16 +10,18 @@ import torch
 
 import multijepa
 from conftest import ROOT, TINY, run_cli
-from multijepa.core.jepa import build_model
 from multijepa.core.masking import sample_neighbourhood_masks, validate_neighbourhood_mask
-from multijepa.datasets.files import build_train_loader, detect_format, index_files, load_input, write_shards
-from multijepa.datasets.readers import PointSet, modality_of, read_points
-from multijepa.datasets.transforms import normalize_points, pointcloud_transform
+from multijepa.datasets.files import detect_format, index_files, load_input
+from multijepa.datasets.mixed import build_train_loader
+from multijepa.datasets.shards import write_shards
 from multijepa.errors import DecodeError, RecipeError
+from multijepa.modalities import modality_of
+from multijepa.readers import PointSet, read_points
 from multijepa.recipe import MaskConfig, PointCloudConfig, load_recipe
 from multijepa.tokenizers.pointcloud import (farthest_point_sample, fourier_embed, group_points, knn, morton_order,
                                              pointcloud_tokenizer)
-from multijepa.train import pretrain
+from multijepa.train import build_model, pretrain
+from multijepa.transforms import normalize_points, pointcloud_transform
 
 o3d = pytest.importorskip("open3d")
 
@@ -392,10 +394,10 @@ def test_data_path__txt_is_a_file_list_or_a_point_array_by_content(tmp_path, sha
 
 def test_train_loader__batches_hold_groups_and_neighbourhood_masks(shapes3d):
     recipe = load_recipe(RECIPE, TINY_POINTS + [f"data.path={shapes3d}", "data.batch_size=4"])
-    batch = next(iter(build_train_loader(recipe)))
+    batch = next(iter(build_train_loader(recipe)))["parts"]["pointcloud"]
     assert batch["input"].shape == (4, 16, 8, 3) and batch["target_idx"].shape[:2] == (4, 4)
     assert int(batch["context_idx"].max()) < 16
-    again = next(iter(build_train_loader(recipe)))
+    again = next(iter(build_train_loader(recipe)))["parts"]["pointcloud"]
     assert torch.equal(batch["input"], again["input"]) and torch.equal(batch["target_idx"], again["target_idx"])
     x = load_input(next(shapes3d.rglob("*.pcd")), recipe)
     assert x.shape == (128, 3) and x.norm(dim=1).max() == pytest.approx(1.0, abs=1e-4)

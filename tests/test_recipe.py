@@ -1,13 +1,14 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import IMAGE_RECIPE, RECIPES, TINY
-from multijepa.core.jepa import build_model
 from multijepa.errors import RecipeError
-from multijepa.recipe import load_recipe, recipe_to_dict, save_recipe
-from multijepa.tokenizers import TOKENIZERS
+from multijepa.modalities import MODALITIES
+from multijepa.recipe import SourceConfig, load_recipe, recipe_to_dict, save_recipe
+from multijepa.train import build_model
 
 
 def test_recipes__every_shipped_recipe_loads_and_builds():
@@ -16,7 +17,7 @@ def test_recipes__every_shipped_recipe_loads_and_builds():
         recipe = load_recipe(path, TINY)
         model = build_model(recipe)
         assert sum(p.numel() for p in model.parameters()) > 0
-    assert {load_recipe(p).modality for p in RECIPES} == set(TOKENIZERS) | {"mixed"}
+    assert {load_recipe(p).modality for p in RECIPES} == set(MODALITIES) | {"mixed"}
 
 
 def test_recipes__shipped_recipe_full_size_builds():
@@ -115,3 +116,23 @@ def test_load_recipe__integers_as_people_write_them(tmp_path):
             load_recipe(IMAGE_RECIPE, [f"train.steps={bad}"])
     with pytest.raises(RecipeError, match="'optim.lr' must be a number, got 'fast'"):
         load_recipe(IMAGE_RECIPE, ["optim.lr=fast"])
+
+
+def test_load_recipe__old_normalize_targets_key_becomes_target_norm(tmp_path):
+    off = load_recipe(write(tmp_path, "loss:\n  normalize_targets: false\n  target_norm: instance\n"))
+    assert off.loss.target_norm == "none" and not hasattr(off.loss, "normalize_targets")
+    kept = load_recipe(write(tmp_path, "loss:\n  normalize_targets: true\n  target_norm: instance\n"))
+    assert kept.loss.target_norm == "instance"
+    assert load_recipe(write(tmp_path, "loss:\n  normalize_targets: true\n")).loss.target_norm == "layer"
+    with pytest.raises(RecipeError, match="'loss.target_norm' must be one of 'none', 'layer', 'instance'"):
+        load_recipe(write(tmp_path, "loss:\n  target_norm: batch\n"))
+
+
+def test_recipe__single_modality_recipe_is_one_source():
+    r = load_recipe(IMAGE_RECIPE, ["data.path=photos/", "data.format=folder"])
+    assert r.all_sources == (SourceConfig("image", "photos/", "folder"),) and r.modalities == ("image",)
+    assert r.source("image") is r and r.section("image") is r.image
+    with pytest.raises(RecipeError, match="this recipe trains on image; it has no audio source"):
+        r.source("audio")
+    smaller = r.with_section("image", dataclasses.replace(r.image, size=16))
+    assert smaller.image.size == 16 and r.image.size != 16 and smaller.audio == r.audio

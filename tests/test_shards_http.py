@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import IMAGE_RECIPE, TINY_IMAGE
-from multijepa.datasets.files import ShardDataset, detect_format, shard_urls, write_shards
+from multijepa.datasets.files import detect_format
+from multijepa.datasets.shards import ShardDataset, shard_urls, write_shards
 from multijepa.errors import DataError
 from multijepa.recipe import load_recipe
 from multijepa.train import pretrain

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, TINY_TS, run_cli, write_ts
-from multijepa.core.jepa import build_model
 from multijepa.core.masking import sample_block_masks
-from multijepa.datasets.files import (FileDataset, build_train_loader, detect_format, index_files,
-                                      resolve_recipe, valid_mask)
-from multijepa.datasets.readers import modality_of, readers_of
-from multijepa.datasets.series import fill_missing, read_series
-from multijepa.datasets.transforms import crop_or_pad, series_windows
+from multijepa.datasets.files import FileDataset, detect_format, index_files, resolve_recipe, valid_mask
+from multijepa.datasets.mixed import build_train_loader
 from multijepa.errors import DataError, DecodeError, RecipeError
+from multijepa.modalities import modality_of, readers_of
+from multijepa.readers.series import fill_missing, read_series
 from multijepa.recipe import MaskConfig, TimeSeriesConfig, load_recipe, token_grid
 from multijepa.tokenizers.timeseries import SeriesTokenizer, instance_norm, valid_tokens
+from multijepa.train import build_model
+from multijepa.transforms import crop_or_pad, windows
 
 RECIPE = ROOT / "recipes/timeseries.yaml"
 CFG = TimeSeriesConfig()
@@ -409,6 +409,8 @@ def test_resolve_recipe__length_and_channels_from_the_data(tmp_path):
     r = resolve_recipe(recipe(f"data.path={path}"))
     longest = max(x.shape[1] for x in read_series(path, CFG).series)
     assert r.timeseries.channels == 2 and r.timeseries.length == 4 * math.ceil(longest / 4)
+    capped = resolve_recipe(recipe(f"data.path={path}", "timeseries.max_auto_length=10"))
+    assert longest > 10 and capped.timeseries.length == 12  # at most 10 samples, rounded up to whole patches
     (tmp_path / "mix").mkdir()
     write_ts(tmp_path / "mix/a.ts", waves(2, channels=1))
     write_ts(tmp_path / "mix/b.ts", waves(2, channels=3))
@@ -420,7 +422,7 @@ def test_train_loader__crops_pads_and_masks_only_real_tokens(tmp_path):
     series = waves(10, channels=2, length=40, vary=True)
     path = write_ts(tmp_path / "v.ts", series)
     r = recipe(f"data.path={path}", "timeseries.length=32", "timeseries.channels=2")
-    batch = next(iter(build_train_loader(r)))
+    batch = next(iter(build_train_loader(r)))["parts"]["timeseries"]
     assert batch["input"].shape == (8, 2, 32) and batch["valid"].shape == (8, 16)
     assert torch.equal(batch["valid"], valid_mask(batch["input"], r))
     for b in range(8):
@@ -437,8 +439,10 @@ def test_crop_or_pad_and_windows__cover_the_series():
     x = torch.arange(10.0)[None]
     crops = {tuple(crop_or_pad(x, 4, torch.Generator().manual_seed(s))[0].tolist()) for s in range(30)}
     assert len(crops) > 3 and all(c == tuple(range(int(c[0]), int(c[0]) + 4)) for c in crops)
-    wins = series_windows(x, 4, 4)
-    assert [w[0, 0].item() for w in wins] == [0, 4, 6] and torch.isnan(series_windows(x, 16, 8)[0][0, 10:]).all()
+    wins = windows(x, 4, 4, flush=True)
+    assert wins.shape == (3, 1, 4) and [w[0, 0].item() for w in wins] == [0, 4, 6]
+    short = windows(x, 16, 8, flush=True)
+    assert short.shape == (1, 1, 16) and torch.isnan(short[0][0, 10:]).all() and torch.equal(short[0, :, :10], x)
 
 
 def test_embed__one_row_per_series_and_windows_pooled(tmp_path):
@@ -538,7 +542,7 @@ def test_cli__pretrain_embed_probe_on_ucr_txt_tsv_and_npz(tmp_path, monkeypatch,
     assert (scored["n_train"], scored["n_test"]) == (12, 6) and 0 <= scored["linear"] <= 1
     split = probe("X_TRAIN.npz", "--checkpoint", "npz/last.pt")  # the recipe's npz_split: train
     assert (split["n_train"], split["n_test"]) == (10, 2)
-    feats, names = _embed_labelled(load("npz/last.pt", "cpu"), "X_TRAIN.npz", 64, 0, npz_split="test")
+    feats, names = _embed_labelled(load("npz/last.pt", "cpu"), "X_TRAIN.npz", 64, 0, test_split=True)
     assert feats.shape == (6, 32) and names == ["1", "2"] * 3  # the test split, as --test on the same file reads it
     assert main(["embed", "X_TRAIN.npz", "--checkpoint", "npz/last.pt", "--set", "timeseries.npz_split=test",
                  "--out", "test.npz"]) == 0
@@ -556,15 +560,15 @@ def test_cli__pretrain_embed_probe_on_ucr_txt_tsv_and_npz(tmp_path, monkeypatch,
 
 
 def test_shards__one_series_per_member_with_explicit_shape(tmp_path):
-    from multijepa.datasets.files import write_shards
+    from multijepa.datasets.shards import write_shards
 
     for cls in ("a", "b"):
         (tmp_path / "src" / cls).mkdir(parents=True)
         for i, x in enumerate(waves(4, channels=2, length=20, seed=ord(cls))):
             np.save(tmp_path / "src" / cls / f"{i}.npy", x[None])
     write_shards(tmp_path / "src", tmp_path / "shards", per_shard=5)
-    with pytest.raises(DataError, match="with shards, set timeseries.length"):
+    with pytest.raises(DataError, match="with shards, set timeseries.length and timeseries.channels in the recipe"):
         resolve_recipe(recipe(f"data.path={tmp_path / 'shards'}"))
     r = recipe(f"data.path={tmp_path / 'shards'}", "timeseries.length=16", "timeseries.channels=2")
-    batch = next(iter(build_train_loader(r)))
+    batch = next(iter(build_train_loader(r)))["parts"]["timeseries"]
     assert batch["input"].shape == (8, 2, 16) and batch["valid"].all()

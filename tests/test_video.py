@@ -2,6 +2,7 @@
 sampling, resize and crop, bad files, the memory bound, the tubelet tokenizer, tube masks, the recipe,
 training data, and the CLI end to end (pretrain, resume, embed with either backend)."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,18 +17,20 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run_cli
-from multijepa.core.jepa import build_model
 from multijepa.core.masking import sample_block_masks
-from multijepa.datasets import video as video_module
-from multijepa.datasets.files import (EMBED_VIEWS, FileDataset, ShardDataset, build_train_loader, list_folder,
-                                      load_input, write_shards)
-from multijepa.datasets.readers import EXTENSIONS, modality_of
-from multijepa.datasets.video import (clip_indices, clip_starts, decord_available, open_video, output_size,
-                                      read_clips, resolve_backend)
+from multijepa.datasets.files import FileDataset, list_folder, load_input
+from multijepa.datasets.mixed import build_train_loader
+from multijepa.datasets.shards import ShardDataset, write_shards
 from multijepa.embed import Embedder
 from multijepa.errors import DecodeError, MultijepaError, RecipeError
+from multijepa.modalities import MODALITIES, modality_of
+from multijepa.modalities import video as video_modality
+from multijepa.modalities.video import clip_indices, clip_starts, read_clips
+from multijepa.readers import video as video_reader
+from multijepa.readers.video import decord_available, open_video, output_size, resolve_backend
 from multijepa.recipe import VideoConfig, load_recipe, token_grid
 from multijepa.tokenizers.video import video_tokenizer
+from multijepa.train import build_model
 from video_files import CODECS, make_video_folder, pattern, write_video
 
 VIDEO_RECIPE = ROOT / "recipes/video.yaml"
@@ -255,17 +258,20 @@ def long_video(tmp_path_factory):
 def test_read_clips__long_high_resolution_video_keeps_only_the_clip_frames(long_video, monkeypatch, backend):
     path = long_video
     opened = []
+    opens = video_reader.open_video
 
-    class Recording(video_module.BACKENDS[backend]):
-        def __init__(self, *args):
-            super().__init__(*args)
-            opened.append(self)
+    @contextlib.contextmanager
+    def recording(*args, **kwargs):
+        with opens(*args, **kwargs) as video:
+            opened.append(video)
+            yield video
 
-    monkeypatch.setitem(video_module.BACKENDS, backend, Recording)
+    monkeypatch.setattr(video_modality, "open_video", recording)  # the name read_clips opens videos by
     cfg = VideoConfig(frames=8, frame_stride=2, size=32, patch_size=8, backend=backend)
     out = read_clips(path, cfg, count=4)
     assert len(out) == 4 and out[0].shape == (3, 8, 32, 32)
     v = opened[0]
+    assert isinstance(v.reader, video_reader.BACKENDS[backend])
     assert v.size == (57, 32)  # decoded at the short side the clip needs, not 640 x 360
     assert v.peak_frames_held <= 8  # one clip's frames at a time
     # PyAV decodes from the key frame before each clip (GOP 24) up to the clip's last frame; decord
@@ -288,7 +294,7 @@ def test_backend__auto_falls_back_to_pyav_where_decord_is_missing(monkeypatch, c
 
 def test_video_extensions__are_read_as_video():
     assert all(modality_of(f"x.{ext}") == "video" for ext in CODECS)
-    assert ".mov" in EXTENSIONS["video"]
+    assert ".mov" in MODALITIES["video"].extensions
 
 
 # --------------------------------------------------------------------------- tokenizer, masks, recipe
@@ -361,7 +367,7 @@ def test_video_model__forward_backward_on_the_tiny_recipe():
 
 def test_file_dataset__video_folder_labels_and_bad_files_skipped(tmp_path, folder):
     recipe = load_recipe(VIDEO_RECIPE, TINY_VIDEO + [f"data.path={folder}", "data.batch_size=4"])
-    index = list_folder(folder, EXTENSIONS["video"])
+    index = list_folder(folder, MODALITIES["video"].extensions)
     assert index.classes == ["left", "right"] and len(index.files) == 8
     bad = tmp_path / "bad.avi"
     bad.write_bytes(Path(index.files[1]).read_bytes()[:2000])
@@ -371,10 +377,10 @@ def test_file_dataset__video_folder_labels_and_bad_files_skipped(tmp_path, folde
     assert sample["input"].shape == (3, 4, 32, 32) and len(sample["bad"]) == 1 and "bad.avi" in sample["bad"][0]
     with pytest.raises(DecodeError, match="bad.avi"):
         FileDataset(index, recipe, train=False)[0]
-    batch = next(iter(build_train_loader(recipe)))
+    batch = next(iter(build_train_loader(recipe)))["parts"]["video"]
     assert batch["input"].shape == (4, 3, 4, 32, 32) and batch["target_idx"].shape[:2] == (4, 4)
     assert load_input(index.files[1], recipe).shape == (3, 4, 32, 32)
-    assert [v.shape for v in EMBED_VIEWS["video"](index.files[1], recipe, "x")[0]] == [(3, 4, 32, 32)] * 3
+    assert [v.shape for v in MODALITIES["video"].embed_views(index.files[1], recipe.video, "x")[0]] == [(3, 4, 32, 32)] * 3
 
 
 def test_write_shards__video_round_trip_and_training_stream(tmp_path, folder):
@@ -383,7 +389,7 @@ def test_write_shards__video_round_trip_and_training_stream(tmp_path, folder):
     stream = iter(ShardDataset(urls, recipe, buffer=2))
     samples = [next(stream) for _ in range(6)]
     assert all(s["input"].shape == (3, 4, 32, 32) and not s["bad"] for s in samples)
-    assert next(iter(build_train_loader(recipe)))["input"].shape == (4, 3, 4, 32, 32)
+    assert next(iter(build_train_loader(recipe)))["parts"]["video"]["input"].shape == (4, 3, 4, 32, 32)
 
 
 def test_pretrain__bad_videos_are_skipped_and_counted(tmp_path, folder):

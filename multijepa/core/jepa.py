@@ -1,24 +1,69 @@
 """The modality-agnostic JEPA: context encoder, EMA target encoder, predictor, latent loss.
 
 The core never branches on modality: it sees a tokenizer's ``tokens [B, N, D]`` and
-``coords [B, N, C]`` and index tensors from the mask sampler.
+``coords [B, N, C]`` and index tensors from the mask sampler. The recipe sections that configure
+it (``model``, ``loss``) are defined here, beside what they configure.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
-from typing import TYPE_CHECKING, Callable, Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multijepa.core.transformer import Segments, Transformer, init_weights, padding_waste, unpack
+from multijepa.core.transformer import (PosEmbed, Segments, Transformer, init_weights, masked_moments, padding_waste,
+                                        unpack)
+from multijepa.errors import check
 
-if TYPE_CHECKING:  # recipe.py imports the mask validator from core at load time
-    from multijepa.recipe import LossConfig, ModelConfig, Recipe
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shared transformer core: context/target encoder and the narrow predictor (``model`` section)."""
+
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    predictor_dim: int = 96
+    predictor_depth: int = 3
+    predictor_heads: int = 3
+
+
+TargetNorm = Literal["none", "layer", "instance"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Latent prediction loss and the optional second collapse guard (``loss`` section)."""
+
+    type: Literal["l1", "l2", "smooth_l1"] = "smooth_l1"
+    # How target features are normalised before the loss. layer: each token's features (I-JEPA);
+    # instance: each feature over a sample's real tokens, which removes what is constant across the
+    # sample (a speaker, a recording), as data2vec does for speech; none: as the target encoder gives them
+    target_norm: TargetNorm = "layer"
+    regularizer: Literal["none", "sigreg", "vicreg"] = "none"
+    regularizer_weight: float = 0.05
+    sigreg_directions: int = 256
+
+
+def validate_model(mo: ModelConfig, where: str) -> None:
+    check(mo.dim % mo.heads == 0 and (mo.dim // mo.heads) % 2 == 0, where, "model.heads",
+          f"must divide model.dim={mo.dim} into even-sized heads, got {mo.heads}")
+    check(mo.predictor_dim % mo.predictor_heads == 0, where, "model.predictor_heads",
+          f"must divide model.predictor_dim={mo.predictor_dim}")
+    check(mo.depth > 0 and mo.predictor_depth > 0, where, "model.depth", "depths must be positive")
+    check(0 <= mo.drop_path < 1, where, "model.drop_path", "must be in [0, 1)")
+
+
+def validate_loss(loss: LossConfig, where: str) -> None:
+    check(loss.regularizer_weight >= 0, where, "loss.regularizer_weight", "must be 0 or more")
+    check(loss.sigreg_directions >= 1, where, "loss.sigreg_directions", "must be at least 1")
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -56,9 +101,6 @@ def encode_batches(transformer: Transformer, xs: list[torch.Tensor], reals: list
     return [unpack(o, r) for o, r in zip(outs, reals)], segments
 
 
-PosEmbed = Callable[[torch.Tensor, int], torch.Tensor]
-
-
 class PositionCodes(nn.Module):
     """Each modality's ``pos_embed(coords, dim)``: fixed functions (sin-cos on grids) or learned
     modules (an MLP on point-cloud xyz), the modules registered so they train and save."""
@@ -79,15 +121,6 @@ def _modality_embeddings(modalities: list[str], dim: int) -> Optional[nn.Paramet
         return None
     return nn.ParameterDict({m: nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
                              for m in modalities})
-
-
-def _rename_single_modality_keys(state_dict: dict, prefix: str, modality: str, renames: dict[str, str]) -> None:
-    """Checkpoints written before the mixed-modality core kept one tokenizer / position code per
-    model (``tokenizer.``, ``pos_embed.``); they load into the dicts under their modality's name."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        for old, new in renames.items():
-            if key.startswith(prefix + old):
-                state_dict[prefix + new + f"{modality}." + key[len(prefix + old):]] = state_dict.pop(key)
 
 
 class Backbone(nn.Module):
@@ -111,14 +144,6 @@ class Backbone(nn.Module):
         self.modality_embed = _modality_embeddings(list(tokenizers), cfg.dim)
         self.dim = cfg.dim
         self.encoder = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
-        if len(tokenizers) == 1:
-            self._register_load_state_dict_pre_hook(functools.partial(
-                self._legacy_keys, modality=next(iter(tokenizers))))
-
-    @staticmethod
-    def _legacy_keys(state_dict, prefix, *args, modality: str) -> None:
-        _rename_single_modality_keys(state_dict, prefix, modality, {"tokenizer.": "tokenizers.",
-                                                                     "pos_embed.": "pos.learned."})
 
     def embed(self, inputs: torch.Tensor, modality: str, keep_idx: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,13 +200,6 @@ class Predictor(nn.Module):
         init_weights(self.embed)
         init_weights(self.out)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        if len(pos_embeds) == 1:
-            self._register_load_state_dict_pre_hook(functools.partial(
-                self._legacy_keys, modality=next(iter(pos_embeds))))
-
-    @staticmethod
-    def _legacy_keys(state_dict, prefix, *args, modality: str) -> None:
-        _rename_single_modality_keys(state_dict, prefix, modality, {"pos_embed.": "pos.learned."})
 
     def _sequences(self, modality: str, context: torch.Tensor, context_coords: torch.Tensor,
                    target_coords: torch.Tensor, context_real: Optional[torch.Tensor],
@@ -228,16 +246,17 @@ class Predictor(nn.Module):
 
 def normalize_targets(feats: torch.Tensor, how: str, valid: Optional[torch.Tensor] = None,
                       eps: float = 1e-5) -> torch.Tensor:
-    """Target features [B, N, D] normalised per token (``layer``) or per sample and feature over the
-    sample's real tokens (``instance``; ``valid`` [B, N] marks them, padding comes out as zeros)."""
+    """Target features [B, N, D] as they are (``none``), normalised per token (``layer``) or per sample
+    and feature over the sample's real tokens (``instance``; ``valid`` [B, N] marks them, padding
+    comes out as zeros)."""
+    if how == "none":
+        return feats
     if how == "layer":
         return F.layer_norm(feats, feats.shape[-1:])
     if how != "instance":
-        raise ValueError(f"target normalisation {how!r}: expected 'layer' or 'instance' (loss.target_norm)")
+        raise ValueError(f"target normalisation {how!r}: expected none, layer or instance (loss.target_norm)")
     w = torch.ones_like(feats[..., :1]) if valid is None else valid.to(feats.dtype).unsqueeze(-1)
-    n = w.sum(1, keepdim=True).clamp_min(1.0)
-    mean = (feats * w).sum(1, keepdim=True) / n
-    var = (((feats - mean) * w) ** 2).sum(1, keepdim=True) / n
+    mean, var = masked_moments(feats, w, (1,))
     return (feats - mean) * torch.rsqrt(var + eps) * w
 
 
@@ -288,19 +307,29 @@ class JEPA(nn.Module):
     One model serves one modality or several: a batch is a dict of homogeneous sub-batches, one per
     modality, encoded together and scored by the weighted sum of their losses.
 
+    Args:
+        context: the context encoder (its copy becomes the EMA target encoder).
+        predictor: the predictor.
+        loss: the loss section (distance, regulariser).
+        loss_weights: {modality: weight of its loss in the sum}; 1 for each when omitted.
+        target_norms: {modality: how its targets are normalised}; ``loss.target_norm`` when omitted.
+
+    >>> from multijepa.train import build_model
     >>> from multijepa.recipe import Recipe
-    >>> model = build_model(Recipe())
+    >>> type(build_model(Recipe())).__name__
+    'JEPA'
     """
 
     def __init__(self, context: Backbone, predictor: Predictor, loss: LossConfig,
-                 loss_weights: Optional[dict[str, float]] = None):
+                 loss_weights: Optional[dict[str, float]] = None, target_norms: Optional[dict[str, str]] = None):
         super().__init__()
         self.context = context
         self.predictor = predictor
         self.target = copy.deepcopy(context)
         self.target.requires_grad_(False)
         self.loss_cfg = loss
-        self.loss_weights = loss_weights or {m: 1.0 for m in context.tokenizers}
+        self.loss_weights = {m: 1.0 for m in context.tokenizers} | dict(loss_weights or {})
+        self.target_norms = {m: loss.target_norm for m in context.tokenizers} | dict(target_norms or {})
 
     def forward(self, parts: dict[str, dict]) -> dict[str, torch.Tensor]:
         """parts: {modality: {"input": a batch of that modality, "context_idx" [B, Nc], "target_idx"
@@ -327,8 +356,7 @@ class JEPA(nn.Module):
             pooled, targets, target_coords = [], {}, {}
             for m, (feats, coords) in encoded.items():
                 pooled.append(pool_tokens(feats, parts[m].get("valid")))
-                if self.loss_cfg.normalize_targets:
-                    feats = normalize_targets(feats, self.loss_cfg.target_norm, parts[m].get("valid"))
+                feats = normalize_targets(feats, self.target_norms[m], parts[m].get("valid"))
                 b, k, nt = tgt_idx[m].shape
                 flat_idx = tgt_idx[m].reshape(b, k * nt)
                 targets[m] = gather_tokens(feats, flat_idx).reshape(b, k, nt, -1)
@@ -394,21 +422,3 @@ def cosine_schedule(step: int, total: int, start: float, end: float, warmup: int
         return start * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_model(recipe: Recipe) -> JEPA:
-    """The JEPA for a recipe: a tokenizer per modality under the shared encoder and predictor.
-
-    >>> from multijepa.recipe import Recipe
-    >>> type(build_model(Recipe())).__name__
-    'JEPA'
-    """
-    from multijepa.tokenizers import build_pos_embed, build_tokenizer
-
-    m, modalities = recipe.model, recipe.modalities
-    sources = {name: recipe.source(name) for name in modalities}
-    context = Backbone({name: build_tokenizer(r) for name, r in sources.items()}, m,
-                       {name: build_pos_embed(r, m.dim) for name, r in sources.items()})
-    predictor = Predictor(m, {name: build_pos_embed(r, m.predictor_dim) for name, r in sources.items()})
-    weights = {s.modality: s.loss_weight for s in recipe.sources} if recipe.modality == "mixed" else None
-    return JEPA(context, predictor, recipe.loss, weights)

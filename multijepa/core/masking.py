@@ -14,15 +14,28 @@ same number of target tokens; context sets are cut to the batch's smallest so te
 from __future__ import annotations
 
 import math
-
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-from multijepa.errors import RecipeError
+from multijepa.errors import check, check_range
 
-if TYPE_CHECKING:
-    from multijepa.recipe import MaskConfig
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Multi-block masking on the token grid (I-JEPA defaults): the recipe's ``mask`` section.
+
+    Point clouds have no grid: there a block is the ``scale`` share of group centres nearest a random
+    seed centre, and the aspect and full-span settings do not apply.
+    """
+
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid covered by each target block
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    context_aspect: tuple[float, float] = (1.0, 1.0)
+    min_context: int = 4  # fewest context tokens a sample may keep
+    full_span_axes: tuple[int, ...] = ()  # grid axes every block spans entirely (video tubes, audio time spans)
 
 
 def _uniform(rng: tuple[float, float], g: torch.Generator) -> float:
@@ -91,7 +104,6 @@ def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, 
         context_idx: [B, Nc] long, sorted, disjoint from that sample's targets (-1 = padding, only with ``valid``).
         target_idx: [B, M, Nt] long, M = cfg.num_targets blocks of Nt tokens each (likewise).
 
-    >>> from multijepa.recipe import MaskConfig
     >>> c, t = sample_block_masks((8, 8), MaskConfig(), 2, torch.Generator().manual_seed(0))
     >>> t.shape[:2]
     torch.Size([2, 4])
@@ -168,7 +180,6 @@ def sample_neighbourhood_masks(coords: torch.Tensor, cfg: MaskConfig, g: torch.G
         context_idx: [B, Nc] long, sorted, disjoint from that sample's targets.
         target_idx: [B, M, Nt] long, each block sorted, M = cfg.num_targets.
 
-    >>> from multijepa.recipe import MaskConfig
     >>> c, t = sample_neighbourhood_masks(torch.rand(2, 64, 3), MaskConfig(), torch.Generator().manual_seed(0))
     >>> t.shape[:2], bool(c.shape[1] >= 4)
     (torch.Size([2, 4]), True)
@@ -200,17 +211,6 @@ def sample_neighbourhood_masks(coords: torch.Tensor, cfg: MaskConfig, g: torch.G
         contexts.append(context.nonzero().squeeze(1))
         targets.append(blocks.sort(dim=-1).values)
     return _cut_to_smallest(contexts, g), torch.stack(targets)
-
-
-def check(cond: bool, where: str, key: str, msg: str) -> None:
-    """Raise a :class:`RecipeError` naming ``where`` and the dotted ``key`` unless ``cond``."""
-    if not cond:
-        raise RecipeError(f"{where}: '{key}' {msg}")
-
-
-def check_range(rng: tuple[float, float], where: str, key: str, lo: float, hi: float) -> None:
-    check(lo <= rng[0] <= rng[1] <= hi, where, key,
-          f"must be [low, high] with {lo} <= low <= high <= {hi}, got {list(rng)}")
 
 
 def validate_mask(m: MaskConfig, grid: tuple[int, ...], where: str) -> None:

@@ -2,10 +2,11 @@
 
 SDPA picks the fused kernel (flash / memory-efficient) on CUDA and the math path on CPU.
 
-Besides padded dense batches ([B, N, D] plus a key mask), the transformer runs on *packed* batches:
-S sequences of different lengths laid end to end as [T, D], described by one :class:`Segments`,
-with block-diagonal attention (``varlen_attn`` or FlexAttention on CUDA, a padded SDPA reference
-on CPU). The dense path is untouched and stays the fast path when lengths are (nearly) equal.
+The transformer runs on dense batches [B, N, D] in which every token is real, and on *packed*
+batches: S sequences of different lengths laid end to end as [T, D], described by one
+:class:`Segments`, with block-diagonal attention (``varlen_attn`` or FlexAttention on CUDA, a padded
+SDPA reference on CPU). A padded batch is packed by keeping its real tokens (``x[real]``) and
+restored with :func:`unpack`; the dense path stays the fast path when no sequence is padded.
 """
 
 from __future__ import annotations
@@ -19,8 +20,40 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def sincos_codes(coords: torch.Tensor, dim: int, freqs: torch.Tensor) -> torch.Tensor:
+    """sin and cos of every coordinate at every frequency, axis by axis, zero-padded to ``dim``.
+
+    The one body of the fixed position codes: :func:`sincos_embed` (geometric frequencies, for grids)
+    and the point clouds' ``fourier_embed`` (octaves of pi, for xyz) differ only in ``freqs``.
+
+    Args:
+        coords: [B, N, C] positions, of any real dtype (computed in float32).
+        dim: output width, at least ``2 * C * F``.
+        freqs: float32 [F] angular frequencies, the same for every axis.
+
+    Returns:
+        float32 [B, N, dim]: for axis c, channels ``2cF .. 2cF + F`` hold the sines and the next F
+        the cosines; the last ``dim - 2CF`` channels are zero.
+
+    >>> sincos_codes(torch.tensor([[[0.0, 1.0]]]), 6, torch.tensor([1.0]))
+    tensor([[[0.0000, 1.0000, 0.8415, 0.5403, 0.0000, 0.0000]]])
+    """
+    b, n, c = coords.shape
+    width = c * 2 * freqs.numel()  # spelled out: reshape cannot infer a -1 when F is 0
+    if width > dim:
+        raise ValueError(f"{c} axes x {freqs.numel()} frequencies need {width} channels, more than dim={dim}")
+    angles = coords.float().unsqueeze(-1) * freqs  # [B, N, C, F]
+    out = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(b, n, width)
+    if width < dim:
+        out = F.pad(out, (0, dim - width))
+    return out
+
+
+PosEmbed = Callable[[torch.Tensor, int], torch.Tensor]  # pos_embed(coords [B, N, C], width) -> [B, N, width]
+
+
 def sincos_embed(coords: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Fixed sin-cos codes from coordinates, one band per axis.
+    """Fixed sin-cos codes from coordinates, one band per axis, frequencies ``base^(-k / F)``.
 
     Args:
         coords: [B, N, C] positions (grid indices or continuous values).
@@ -32,14 +65,27 @@ def sincos_embed(coords: torch.Tensor, dim: int, base: float = 10000.0) -> torch
     >>> sincos_embed(torch.zeros(1, 4, 2), 8).shape
     torch.Size([1, 4, 8])
     """
-    b, n, c = coords.shape
-    per_axis = dim // (2 * c)
+    per_axis = dim // (2 * coords.shape[-1])
     freqs = base ** (-torch.arange(per_axis, device=coords.device, dtype=torch.float32) / max(per_axis, 1))
-    angles = coords.float().unsqueeze(-1) * freqs  # [B, N, C, per_axis]
-    out = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(b, n, c * 2 * per_axis)
-    if out.shape[-1] < dim:
-        out = F.pad(out, (0, dim - out.shape[-1]))
-    return out
+    return sincos_codes(coords, dim, freqs)
+
+
+def masked_moments(x: torch.Tensor, keep: Optional[torch.Tensor], dims: tuple[int, ...]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of ``x`` over ``dims``, counting only entries where ``keep`` is set.
+
+    ``keep`` is a bool or 0/1 tensor that broadcasts against ``x`` (None: every entry counts). Both
+    results keep the reduced dims (size 1); an all-excluded slice has mean and variance 0.
+
+    >>> m, v = masked_moments(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[True, True, False]]), (1,))
+    >>> m.item(), v.item()
+    (2.0, 1.0)
+    """
+    w = torch.ones_like(x) if keep is None else keep.to(x.dtype).expand_as(x)
+    count = w.sum(dims, keepdim=True).clamp_min(1.0)
+    mean = (x * w).sum(dims, keepdim=True) / count
+    var = ((x - mean).square() * w).sum(dims, keepdim=True) / count
+    return mean, var
 
 
 class Segments:
@@ -73,18 +119,6 @@ class Segments:
         self.total = int(lengths.sum())
         self.max_len = int(lengths.max())
         self._block_masks: Dict[Tuple[torch.device, int], Any] = {}
-
-    @classmethod
-    def from_mask(cls, real: torch.Tensor) -> "Segments":
-        """Segments of a padded batch: one per row of ``real`` (bool [B, N], True = a real token).
-
-        Rows with no real token are left out (they contribute no token to :func:`pack` either).
-
-        >>> Segments.from_mask(torch.tensor([[True, True, False], [True, False, False]])).seqlens.tolist()
-        [2, 1]
-        """
-        seqlens = real.sum(1)
-        return cls(seqlens[seqlens > 0])
 
     @cached_property
     def cu_seqlens(self) -> torch.Tensor:
@@ -137,20 +171,11 @@ def padding_waste(*packs: Segments) -> float:
     return 1.0 - sum(s.total for s in packs) / dense if dense else 0.0
 
 
-def pack(x: torch.Tensor, real: torch.Tensor) -> Tuple[torch.Tensor, Segments]:
-    """Drop the padding of a dense batch: x [B, N, D], real bool [B, N] -> ([T, D], Segments).
-
-    Tokens keep their row-major order, so each row's real tokens form one contiguous segment.
-
-    >>> packed, seg = pack(torch.randn(2, 3, 4), torch.tensor([[True, True, False], [True, True, True]]))
-    >>> packed.shape, seg.seqlens.tolist()
-    (torch.Size([5, 4]), [2, 3])
-    """
-    return x[real], Segments.from_mask(real)
-
-
 def unpack(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack`: packed [T, D], real bool [B, N] -> [B, N, D] with zeros at padding.
+    """Re-pad a packed batch: packed [T, D], real bool [B, N] -> [B, N, D] with zeros at padding.
+
+    The inverse of packing by ``x[real]``: the T = ``real.sum()`` tokens are the real ones in
+    row-major order, so each row's tokens are one contiguous segment of the pack.
 
     >>> real = torch.tensor([[True, False], [True, True]])
     >>> unpack(torch.ones(3, 2), real)[0, 1].tolist()
@@ -262,21 +287,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                segments: Optional[Segments] = None) -> torch.Tensor:
-        """x: [B, N, D]; attn_mask: bool [B, 1, N, N] or [B, 1, 1, N], True where attention is allowed.
-
-        With ``segments``, x is a packed [T, D] batch and attention stays within each segment.
-        """
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None) -> torch.Tensor:
+        """x: [B, N, D], every token attending to every other; or, with ``segments``, a packed
+        [T, D] batch whose attention stays within each segment. Returns the shape of x."""
         if segments is not None:
-            if attn_mask is not None:
-                raise ValueError("give attn_mask (dense batch) or segments (packed batch), not both")
             t, d = x.shape
             q, k, v = self.qkv(x).view(t, 3, self.heads, d // self.heads).unbind(1)
             return self.proj(packed_attention(q, k, v, segments).reshape(t, d))
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -303,18 +323,17 @@ class Block(nn.Module):
         mask = y.new_empty(y.shape[0], 1, 1).bernoulli_(keep)
         return y * mask / keep
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                segments: Optional[Segments] = None) -> torch.Tensor:
-        """x: [B, N, D] (with optional attn_mask) or packed [T, D] with ``segments``."""
-        x = x + self._drop(self.attn(self.norm1(x), attn_mask, segments), segments)
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None) -> torch.Tensor:
+        """x: [B, N, D], or packed [T, D] with ``segments``."""
+        x = x + self._drop(self.attn(self.norm1(x), segments), segments)
         return x + self._drop(self.mlp(self.norm2(x)), segments)
 
 
 class Transformer(nn.Module):
     """A stack of :class:`Block` followed by a final LayerNorm.
 
-    Runs on a dense batch [B, N, D] (optionally with an attention mask) or on a packed batch
-    [T, D] with its :class:`Segments` (see :func:`pack`).
+    Runs on a dense batch [B, N, D] or on a packed batch [T, D] with its :class:`Segments` (a
+    padded batch's real tokens ``x[real]``, restored by :func:`unpack`).
 
     >>> Transformer(16, depth=2, heads=2)(torch.randn(3, 5, 16)).shape
     torch.Size([3, 5, 16])
@@ -333,11 +352,10 @@ class Transformer(nn.Module):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             blk.mlp[2].weight.data.div_(math.sqrt(2.0 * (i + 1)))
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                segments: Optional[Segments] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None) -> torch.Tensor:
         """x: [B, N, D] -> [B, N, D], or packed x: [T, D] with ``segments`` -> [T, D]."""
         for block in self.blocks:
-            x = block(x, attn_mask, segments)
+            x = block(x, segments)
         return self.norm(x)
 
 

@@ -1,19 +1,16 @@
-"""Data sets for every modality: folders, file lists, webdataset shards, one data file.
+"""Data sets for every modality: folders, file lists, webdataset shards, one data file, in-memory tensors.
 
 Lives at ``multijepa.datasets`` (not a top-level ``datasets``) so it never shadows Hugging Face's
-widely installed ``datasets`` package.
+widely installed ``datasets`` package. Decoders: ``multijepa.readers``.
 """
 
-from multijepa.datasets.files import (FileDataset, FileIndex, ShardDataset, StepBatchSampler, build_train_loader,
-                                      expand_samples, index_files, list_folder, load_input, read_filelist,
-                                      resolve_recipe, write_shards)
+from multijepa.datasets.files import (FileDataset, FileIndex, expand_inputs, expand_samples, index_files, list_folder,
+                                      load_input, read_filelist, resolve_recipe)
 from multijepa.datasets.mixed import (AudioFolder, Files, ImageFolder, Mixed, PointCloudFolder, Source, Tensors,
-                                      TimeSeriesFolder, VideoFolder)
-from multijepa.datasets.readers import EXTENSIONS, PointSet, modality_of, read_audio, read_image, read_points
-from multijepa.datasets.series import read_series
+                                      TimeSeriesFolder, VideoFolder, build_train_loader)
+from multijepa.datasets.shards import ShardDataset, write_shards
 
 __all__ = ["AudioFolder", "Files", "ImageFolder", "Mixed", "PointCloudFolder", "Source", "Tensors",
-           "TimeSeriesFolder", "VideoFolder", "EXTENSIONS", "FileDataset", "FileIndex", "PointSet", "ShardDataset",
-           "StepBatchSampler", "build_train_loader", "expand_samples", "index_files", "list_folder", "load_input",
-           "modality_of", "read_audio", "read_filelist", "read_image", "read_points", "read_series", "resolve_recipe",
-           "write_shards"]
+           "TimeSeriesFolder", "VideoFolder", "FileDataset", "FileIndex", "ShardDataset", "build_train_loader",
+           "expand_inputs", "expand_samples", "index_files", "list_folder", "load_input", "read_filelist",
+           "resolve_recipe", "write_shards"]

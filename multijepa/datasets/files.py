@@ -1,100 +1,26 @@
-"""Data sets from a folder, a file list or webdataset shards, and the training loader around them.
+"""Samples from a folder, a file list or one data file: listing, decoding, the map-style data set.
 
-Training order is a function of (seed, step) alone: a step-indexed batch sampler walks an endless
-chain of per-epoch permutations, every sample's augmentation is seeded by (seed, step, index) and
-every batch's masks by (seed, step, rank). A resumed run therefore sees exactly the batches an
-uninterrupted run would have, for any worker count. Shards stream instead (see ShardDataset).
+A sample is a whole file, or one sample of a file that holds many (a .ts file). What a file of a
+modality holds, and how it becomes a model input, is the modality table's word
+(``multijepa.modalities``); this module only finds the files. Shards: ``multijepa.datasets.shards``;
+training batches from one source or several: ``multijepa.datasets.mixed``.
 """
 
 from __future__ import annotations
 
-import functools
 import glob
-import io
-import json
 import os
-import tarfile
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset
 
-from multijepa.core.masking import sample_block_masks, sample_neighbourhood_masks
-from multijepa.datasets.readers import EXTENSIONS, Source, read_audio, read_image, read_points
-from multijepa.datasets.series import series_labels
-from multijepa.datasets.shards import ShardLost, shard_samples
-from multijepa.datasets.timeseries import resolve_shape, series_sample, series_views
-from multijepa.datasets.transforms import audio_transform, audio_windows, image_transform, pointcloud_transform
-from multijepa.datasets.video import read_clips
 from multijepa.errors import DataError, DecodeError
-from multijepa.recipe import MaskConfig, PointCloudConfig, Recipe, patch_stride, shape_from_data, token_grid
-from multijepa.tokenizers.audio import audio_valid_tokens
-from multijepa.tokenizers.pointcloud import group_points
-from multijepa.tokenizers.timeseries import valid_tokens
-
-
-def _points(src: Source, r: Recipe, name: str, g: Optional[torch.Generator]) -> torch.Tensor:
-    p = r.pointcloud
-    return pointcloud_transform(read_points(src, name, p.num_points, p.mesh_sampling), p, g, name)
-
-
-# How a recipe turns one sample into a model input: (file path or bytes, recipe, name for errors,
-# part = which sample of a many-sample file or None for a one-sample file, generator or None for
-# deterministic) -> tensor.
-LOADERS: dict[str, Callable[[Source, Recipe, str, Optional[int], Optional[torch.Generator]], torch.Tensor]] = {
-    "image": lambda src, r, name, part, g: image_transform(read_image(src, r.image.channels, name), r.image, g),
-    "timeseries": series_sample,
-    "audio": lambda src, r, name, part, g: audio_transform(
-        read_audio(src, r.audio.sample_rate, r.audio.model_channels, name), r.audio, g),
-    "pointcloud": lambda src, r, name, part, g: _points(src, r, name, g),
-    "video": lambda src, r, name, part, g: read_clips(src, r.video, name, g)[0],
-}
-
-# How a recipe turns one file (or a tensor) into embedding inputs: per sample in file order, its
-# views (crops, windows), whose features are pooled into the sample's one vector. Tensors are taken
-# as model inputs (an image [C, H, W], a cloud [P, 3 + F]), except raw series and waveforms.
-EMBED_VIEWS: dict[str, Callable[[Union[Source, torch.Tensor], Recipe, str], list[list[torch.Tensor]]]] = {
-    "image": lambda item, r, name: [[item if isinstance(item, torch.Tensor) else
-                                     image_transform(read_image(item, r.image.channels, name), r.image, None)]],
-    "timeseries": series_views,
-    "audio": lambda item, r, name: [list(_audio_windows(item, r) if isinstance(item, torch.Tensor) else
-                                         audio_transform(read_audio(item, r.audio.sample_rate, r.audio.model_channels,
-                                                                    name), r.audio, None))],
-    "pointcloud": lambda item, r, name: [[item if isinstance(item, torch.Tensor) else _points(item, r, name, None)]],
-    # A video: clips spread evenly over it (video.embed_clips); a tensor is one clip [C, T, H, W] or
-    # several [K, C, T, H, W].
-    "video": lambda item, r, name: [list(item if item.ndim == 5 else item[None]) if isinstance(item, torch.Tensor)
-                                    else read_clips(item, r.video, name, None, r.video.embed_clips)],
-}
-
-
-def _audio_windows(x: torch.Tensor, r: Recipe) -> torch.Tensor:
-    """An audio tensor as embedding windows: a waveform [C, S] is cut like a file; [W, C, L] is taken as is."""
-    if x.ndim == 3:
-        return x
-    return audio_windows(x, r.audio.window_samples, r.audio.window_hop_samples, r.audio.hop_length * r.audio.patch_size[1])
-
-
-# Modalities whose files can hold many samples (a .ts file, a wide CSV, a 2-D .npy): path ->
-# each sample's in-file label (None where the file has none), in file order.
-SAMPLE_LISTERS: dict[str, Callable[[str, Recipe], list[Optional[str]]]] = {
-    "timeseries": lambda path, r: series_labels(path, r.timeseries),
-}
-
-# Modalities whose inputs can hold padding: a stacked batch of inputs -> valid tokens bool [B, N].
-VALID_TOKENS: dict[str, Callable[[torch.Tensor, Recipe], torch.Tensor]] = {
-    "timeseries": lambda x, r: valid_tokens(x, r.timeseries.patch_size, patch_stride(r.timeseries),
-                                            r.timeseries.channel_mode == "independent"),
-    "audio": lambda x, r: audio_valid_tokens(x, r.audio),
-}
-
-# Modalities with settings taken from the data (0 = from the data): (recipe, index) -> resolved recipe.
-RESOLVERS: dict[str, Callable[[Recipe, "FileIndex"], Recipe]] = {
-    "timeseries": lambda r, index: resolve_shape(r, index.files, r.data.path) if shape_from_data(r) else r,
-}
+from multijepa.modalities import MODALITIES, all_extensions
+from multijepa.readers import Source
+from multijepa.recipe import Recipe, validate
 
 
 def load_input(src: Source, recipe: Recipe, name: str = "", g: Optional[torch.Generator] = None,
@@ -104,13 +30,13 @@ def load_input(src: Source, recipe: Recipe, name: str = "", g: Optional[torch.Ge
     ``part`` picks one sample of a file that holds many (a series of a .ts file); None means the
     file is one sample.
     """
-    return LOADERS[recipe.modality](src, recipe, name or str(src), part, g)
+    return MODALITIES[recipe.modality].load(src, recipe.section(recipe.modality), name or str(src), part, g)
 
 
 def valid_mask(inputs: torch.Tensor, recipe: Recipe) -> Optional[torch.Tensor]:
     """Valid tokens bool [B, N] of a stacked batch, or None for modalities without padding."""
-    fn = VALID_TOKENS.get(recipe.modality)
-    return fn(inputs, recipe) if fn is not None else None
+    fn = MODALITIES[recipe.modality].valid_tokens
+    return fn(inputs, recipe.section(recipe.modality)) if fn is not None else None
 
 
 def _mix(*values: int) -> int:
@@ -186,29 +112,10 @@ def read_filelist(path: Union[str, Path]) -> FileIndex:
     return FileIndex(files, [index[n] if n is not None else -1 for n in names], classes)
 
 
-def shard_urls(path: str) -> list[str]:
-    """Shard files from a folder of .tar files, a glob, a brace pattern or one .tar."""
-    if "://" in path or path.startswith("pipe:"):  # remote: webdataset opens these itself
-        import braceexpand
-
-        return list(braceexpand.braceexpand(path))
-    if os.path.isdir(path):
-        urls = sorted(glob.glob(os.path.join(path, "*.tar")))
-    elif "{" in path:
-        import braceexpand
-
-        urls = list(braceexpand.braceexpand(path))
-    else:
-        urls = sorted(glob.glob(path))
-    if not urls:
-        raise DataError(f"{path}: no webdataset shards (.tar) found")
-    return urls
-
-
 LIST_SUFFIXES = (".txt", ".lst", ".csv")
 
 
-def _names_a_file(path: str) -> bool:
+def names_a_file(path: str) -> bool:
     """Whether the first entry of a possible file list (``path [label]``; # comments) is an existing file.
 
     A data file's first line (a row of numbers, however long) names no file: os.path.isfile is False for it.
@@ -231,9 +138,9 @@ def detect_format(recipe: Recipe) -> str:
             or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")))):
         return "shards"
     listish = path.lower().endswith(LIST_SUFFIXES)
-    if os.path.isfile(path) and path.lower().endswith(EXTENSIONS[recipe.modality]):
+    if os.path.isfile(path) and path.lower().endswith(MODALITIES[recipe.modality].extensions):
         # Also a list type (a time-series .csv, a point-cloud .txt): a list names files on its first line.
-        return "filelist" if listish and _names_a_file(path) else "file"
+        return "filelist" if listish and names_a_file(path) else "file"
     if os.path.isfile(path) and listish:
         return "filelist"
     if os.path.isdir(path):
@@ -247,7 +154,7 @@ def index_files(recipe: Recipe) -> FileIndex:
     if fmt == "filelist":
         index = read_filelist(recipe.data.path)
     elif fmt == "folder":
-        index = list_folder(recipe.data.path, EXTENSIONS[recipe.modality])
+        index = list_folder(recipe.data.path, MODALITIES[recipe.modality].extensions)
     elif fmt == "file":
         if not os.path.isfile(recipe.data.path):
             raise DataError(f"{recipe.data.path}: no such file (data.format=file)")
@@ -263,13 +170,13 @@ def expand_samples(index: FileIndex, recipe: Recipe) -> FileIndex:
     A sample's label is its in-file label (a .ts class label, a wide CSV's label column, an .npz's
     ``y``) where it has one, else its file's (the class sub-folder or the file list's label).
     """
-    lister = SAMPLE_LISTERS.get(recipe.modality)
+    lister = MODALITIES[recipe.modality].list_samples
     if lister is None:
         return index
     files, parts, names = [], [], []
     for f, label in zip(index.files, index.labels):
         outer = index.classes[label] if label >= 0 else None
-        for k, inner in enumerate(lister(f, recipe)):
+        for k, inner in enumerate(lister(f, recipe.section(recipe.modality))):
             files.append(f)
             parts.append(k)
             names.append(inner if inner is not None else outer)
@@ -279,17 +186,97 @@ def expand_samples(index: FileIndex, recipe: Recipe) -> FileIndex:
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
-    """The recipe with its from-the-data settings filled in (``timeseries.length: 0``); unchanged otherwise."""
-    resolver = RESOLVERS.get(recipe.modality)
-    if resolver is None or not shape_from_data(recipe):
-        return recipe
-    if detect_format(recipe) == "shards":
-        raise DataError(f"{recipe.data.path}: with shards, set timeseries.length and timeseries.channels in the "
-                        f"recipe (they cannot be read from a stream)")
-    return resolver(recipe, index_files(recipe))
+    """The recipe with every source's from-the-data settings filled in (``timeseries.length: 0``),
+    read from its training files and validated; unchanged where nothing waits for the data."""
+    for src in recipe.all_sources:
+        spec, source = MODALITIES[src.modality], recipe.source(src.modality)
+        cfg = recipe.section(src.modality)
+        waiting = " and ".join(spec.waits_for_data(cfg))
+        if spec.from_data is None or not waiting:
+            continue
+        if source.data.path == IN_MEMORY:
+            raise DataError(f"in-memory {src.modality} samples: set {waiting} in the recipe (left at 0 they are "
+                            f"read from the training files, and these samples are no files)")
+        if detect_format(source) == "shards":
+            raise DataError(f"{source.data.path}: with shards, set {waiting} in the recipe (left at 0 they are read "
+                            f"from the training files, which a stream cannot list)")
+        resolved = spec.from_data(cfg, index_files(source).files, source.data.path)
+        recipe = recipe.with_section(src.modality, resolved)
+        validate(recipe, f"{source.data.path} (the {src.modality} settings taken from the data)")
+    return recipe
 
 
-# --------------------------------------------------------------------------- map-style training data
+IN_MEMORY = "<in-memory tensors>"  # the path a tensor source is recorded under in the run's recipe
+
+
+def _is_filelist(path: str) -> bool:
+    """Whether an existing file given to embed is a file list rather than data: a .lst (no data type)
+    always is; a .txt or .csv (also data types: series tables, point arrays) when its first entry
+    names an existing file, as ``data.path`` reads them."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in LIST_SUFFIXES:
+        return False
+    if suffix not in all_extensions():
+        return True
+    try:
+        return names_a_file(path)
+    except OSError:  # unreadable: left to the reader, whose error names the file
+        return False
+
+
+def _folder_files(folder: Path, modalities: Sequence[str]) -> list[str]:
+    """The files of ``modalities``' types under ``folder``, sorted as training lists a folder."""
+    exts = sorted({e for m in modalities for e in MODALITIES[m].extensions})
+    try:
+        return list_folder(folder, exts).files
+    except DataError:
+        pass
+    others = sorted({p.suffix.lower() or "(no extension)" for p in folder.rglob("*") if p.is_file()})
+    holds = "it is empty" if not others else \
+        f"it holds only {', '.join(others[:8])}{' ...' if len(others) > 8 else ''} files"
+    what = "files multijepa reads" if set(modalities) == set(MODALITIES) else f"{' or '.join(modalities)} files"
+    raise DataError(f"{folder}: no {what} in this folder or below (looked for {', '.join(exts)}); {holds}")
+
+
+def expand_inputs(paths: Sequence[Union[str, Path]], modalities: Sequence[str]) -> list[str]:
+    """The files to embed from files, folders and file lists, mixed freely, in the order given.
+
+    A folder gives its files of ``modalities``' types (their specs' extensions), recursively, in sorted order;
+    other files in it are left out. A file list (a .lst, or a .txt/.csv whose first entry names an
+    existing file: one path per line, relative to the list's folder, # comments, as ``data.path``
+    takes) gives its files in list order; labels after a path are ignored. Any other path is a
+    file and comes back as given (a .txt or .csv of numbers is data).
+
+    Args:
+        paths: files, folders and file lists.
+        modalities: the modalities whose file types a folder contributes (a model's ``modalities``).
+
+    Returns:
+        File paths, as strings.
+
+    Raises:
+        DataError: naming a folder without such files, a file list that cannot be read or names a
+            missing file, or a path that does not exist and is no file type multijepa reads.
+    """
+    known = set(all_extensions())
+    files: list[str] = []
+    for path in map(str, paths):
+        if os.path.isdir(path):
+            files.extend(_folder_files(Path(path), modalities))
+        elif os.path.isfile(path) and _is_filelist(path):
+            try:
+                files.extend(read_filelist(path).files)
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}: cannot read the file list ({getattr(e, 'strerror', None) or e})") \
+                    from None
+        elif not os.path.exists(path) and Path(path).suffix.lower() not in known:
+            raise DataError(f"{path}: no such file or folder")
+        else:
+            files.append(path)  # a missing file of a known type is named by its reader
+    return files
+
+
+# --------------------------------------------------------------------------- map-style data
 
 
 class FileDataset(Dataset):
@@ -323,241 +310,3 @@ class FileDataset(Dataset):
         raise DataError(f"{self.recipe.data.path}: no file in the data set could be decoded; first error: {bad[0]}")
 
 
-class StepBatchSampler:
-    """Endless batches of ``(step, index)``: step s, rank r takes positions
-    ``[(s*W + r)*B, (s*W + r + 1)*B)`` of a chain of per-epoch permutations seeded by (seed, epoch).
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.start_step, self.rank, self.world = start_step, rank, world
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))}
-        return int(self._perms[epoch][offset])
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step = self.start_step
-        while True:
-            first = (step * self.world + self.rank) * self.batch_size
-            yield [(step, self._at(p)) for p in range(first, first + self.batch_size)]
-            step += 1
-
-
-# --------------------------------------------------------------------------- shards
-
-
-class ShardDataset(IterableDataset):
-    """Endless stream of samples from webdataset shards, split across ranks and workers.
-
-    Each epoch shuffles the shard order with (seed, epoch); each (rank, worker) reads its share of
-    shards and shuffles samples in a buffer. Resuming re-seeds the stream with the resume step, so
-    a resumed run sees a fresh, equally distributed stream rather than the identical one.
-
-    Shards stream from local paths, http(s):// URLs or ``pipe:COMMAND``. A shard that fails (a dropped
-    connection, a 404, a failed command, a corrupt tar) is skipped for the epoch and reported as one
-    ``bad`` entry naming its URL and the samples read before the failure, so the run's warnings and
-    ``bad_files`` count it; a DataError stops the stream once every shard has failed, instead of looping.
-    """
-
-    def __init__(self, urls: list[str], recipe: Recipe, start_step: int = 0, rank: int = 0, world: int = 1,
-                 buffer: int = 1000):
-        self.urls, self.recipe, self.start_step, self.rank, self.world = urls, recipe, start_step, rank, world
-        self.buffer = buffer
-
-    def _samples(self, urls: list[str]) -> Iterator[tuple[str, Union[bytes, str], int]]:
-        """(name, encoded bytes, label) for each sample holding a file of this modality, and
-        (url, message, -1) for each shard lost."""
-        exts = {e.lstrip(".") for e in EXTENSIONS[self.recipe.modality]}
-        for url in urls:
-            n = 0
-            try:
-                for sample in shard_samples(url):
-                    data_ext = next((k for k in sample if not k.startswith("__") and k in exts), None)
-                    if data_ext is not None:
-                        label = int(sample["cls"]) if "cls" in sample else -1
-                        n += 1
-                        yield f"{url}:{sample['__key__']}.{data_ext}", sample[data_ext], label
-            except ShardLost as e:
-                what = f"lost the shard after {n} {self.recipe.modality} samples" if n else "cannot read the shard"
-                yield url, f"{url}: {what} ({e})", -1
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = self.rank * workers + worker
-        readers = self.world * workers
-        seed = _mix(self.recipe.train.seed, self.start_step, reader)
-        epoch, counter = 0, 0
-        buffer: list[tuple[str, bytes, int]] = []
-        # Shards lost before this reader has read anything: reported once a sample proves the data
-        # readable, or raised together when every shard has failed (one DataError, not a warning per shard).
-        pending: list[tuple[str, str]] = []  # (url, message)
-        tried: set[str] = set()  # shards tried since this reader last read a sample
-        g = torch.Generator().manual_seed(seed)
-        limit = self.buffer
-        while True:
-            order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
-            urls = [self.urls[int(i)] for i in order]
-            # Enough shards: each reader takes whole shards. Fewer shards than readers: every reader
-            # reads them all and keeps every readers-th sample, so shares stay disjoint.
-            by_shard = len(urls) >= readers
-            mine = urls[reader::readers] if by_shard else urls
-            read = 0
-            for name, data, label in self._samples(mine):
-                lost = isinstance(data, str)
-                if lost:
-                    pending.append((name, data))
-                else:
-                    read += 1
-                if read and pending:
-                    for url, message in pending:  # reported at once, so the warning comes when it happens
-                        yield self._load(url, message, -1, counter * readers + reader)
-                    pending = []
-                if lost or (not by_shard and (read - 1) % readers != reader):
-                    continue
-                buffer.append((name, data, label))
-                while len(buffer) >= limit:
-                    name, data, label = buffer.pop(int(torch.randint(len(buffer), (1,), generator=g)))
-                    counter += 1
-                    yield self._load(name, data, label, counter * readers + reader)
-            if read:
-                tried.clear()
-                if counter == 0:
-                    # A buffer larger than a pass would hold repeats and make a small data set read many
-                    # passes (many shard downloads) before the first sample; one pass is all it can shuffle.
-                    limit = max(1, min(limit, len(buffer)))
-            else:
-                # With whole shards per reader, this reader's share may have been only the dead ones:
-                # give up only once it has tried every shard without reading a sample.
-                tried.update(mine)
-                if len(tried) == len(set(self.urls)):
-                    if pending:
-                        failed = {url for url, _ in pending}
-                        raise DataError(f"none of the shards could be read ({len(failed)} failed): "
-                                        f"{'; '.join(m for _, m in pending[:3])}{' ...' if len(pending) > 3 else ''}; "
-                                        f"check data.path, the server or the pipe: command")
-                    raise DataError(f"{', '.join(mine[:3])}: the shards hold no {self.recipe.modality} samples")
-            epoch += 1
-
-    def _load(self, name: str, data: Union[bytes, str], label: int, step: int) -> dict:
-        if isinstance(data, str):  # a lost shard: name is its URL, data what went wrong
-            return {"input": None, "label": label, "step": step, "bad": [f"{data}; skipped the rest of it this epoch"],
-                    "name": name}
-        g = torch.Generator().manual_seed(_mix(self.recipe.train.seed, self.start_step, step))
-        try:
-            return {"input": load_input(data, self.recipe, name, g), "label": label, "step": step, "bad": [],
-                    "name": name}
-        except DecodeError as e:
-            return {"input": None, "label": label, "step": step, "bad": [str(e)], "name": name}
-
-
-def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: int = 1000) -> list[str]:
-    """Pack every readable-type file under ``src`` into webdataset tar shards.
-
-    Each sample is ``{key}.{ext}`` (the file's bytes), ``{key}.cls`` (class index, from the first
-    sub-folder) and ``{key}.path`` (the original relative path). ``classes.json`` lists class names.
-    Shards are written under a temporary name and renamed, so a killed run leaves no half shard.
-
-    Returns:
-        The shard paths written.
-    """
-    all_exts = [e for exts in EXTENSIONS.values() for e in exts]
-    index = list_folder(src, all_exts)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for start in range(0, len(index.files), per_shard):
-        name = out_dir / f"shard-{start // per_shard:06d}.tar"
-        tmp = name.with_suffix(".tar.tmp")
-        with tarfile.open(tmp, "w") as tar:
-            for k in range(start, min(start + per_shard, len(index.files))):
-                path = Path(index.files[k])
-                key = f"{k:09d}"
-                # The relative path goes under "path", not "txt": .txt is a data type (xyz point arrays).
-                members = {path.suffix.lower().lstrip("."): path.read_bytes(),
-                           "path": str(path.relative_to(src)).encode()}
-                if index.labels[k] >= 0:
-                    members["cls"] = str(index.labels[k]).encode()
-                for ext, data in members.items():
-                    ti = tarfile.TarInfo(f"{key}.{ext}")
-                    ti.size = len(data)
-                    tar.addfile(ti, io.BytesIO(data))
-        os.replace(tmp, name)
-        written.append(str(name))
-    (out_dir / "classes.json").write_text(json.dumps(index.classes))
-    return written
-
-
-# --------------------------------------------------------------------------- loader
-
-
-def grid_batch(grid: tuple[int, ...], mask: MaskConfig, inputs: torch.Tensor, g: torch.Generator,
-               valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs on a token grid: unchanged, with multi-block masks on the grid (padding-aware with ``valid``)."""
-    return (inputs, *sample_block_masks(grid, mask, len(inputs), g, valid=valid))
-
-
-def point_group_batch(cfg: PointCloudConfig, mask: MaskConfig, inputs: torch.Tensor, g: torch.Generator,
-                      valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clouds [B, P, C] -> groups [B, G, K, C] (centres exist only after FPS), with neighbourhood masks
-    on the centres. The tokenizer takes the groups as they are, so FPS runs once per sample."""
-    assert valid is None, "point clouds have no padded tokens"
-    groups = group_points(inputs, cfg.num_groups, cfg.group_size)
-    return (groups, *sample_neighbourhood_masks(groups[:, :, 0, :3], mask, g))
-
-
-# How a stacked batch (and its valid tokens) becomes model inputs plus context/target indices, in
-# DataLoader workers.
-# Modalities not listed tokenize onto the grid that ``token_grid`` gives them.
-BATCH_MASKERS: dict[str, Callable[[Recipe], Callable[[torch.Tensor, torch.Generator], tuple]]] = {
-    "pointcloud": lambda r: functools.partial(point_group_batch, r.pointcloud, r.mask),
-}
-
-
-class MaskCollate:
-    """Stacks samples and samples the batch's masks (runs in DataLoader workers)."""
-
-    def __init__(self, recipe: Recipe, rank: int = 0):
-        self.recipe, self.rank, self.seed = recipe, rank, recipe.train.seed
-        self.masker = (BATCH_MASKERS[recipe.modality](recipe) if recipe.modality in BATCH_MASKERS
-                       else functools.partial(grid_batch, token_grid(recipe), recipe.mask))
-
-    def __call__(self, samples: list[dict]) -> dict:
-        """Returns input, label, context_idx, target_idx, valid (bool [B, N], or None where the
-        modality has no padding; with it, index sets are padded with -1), bad and count."""
-        bad = [b for s in samples for b in s["bad"]]
-        good = [s for s in samples if s["input"] is not None]
-        if not good:
-            return {"input": None, "bad": bad, "count": len(bad)}
-        g = torch.Generator().manual_seed(_mix(self.seed, samples[0]["step"], self.rank, 7))
-        inputs = torch.stack([s["input"] for s in good])
-        valid = valid_mask(inputs, self.recipe)
-        inputs, context_idx, target_idx = self.masker(inputs, g, valid)
-        return {"input": inputs, "label": torch.tensor([s["label"] for s in good]),
-                "context_idx": context_idx, "target_idx": target_idx, "valid": valid,
-                "bad": bad, "count": len(good) + len(bad)}  # files tried, decoded or not
-
-
-def build_train_loader(recipe: Recipe, start_step: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
-    """The endless training loader for ``recipe.data``; each batch carries its masks."""
-    fmt = detect_format(recipe)
-    collate = MaskCollate(recipe, rank)
-    d = recipe.data
-    # An own generator: worker seeding must not draw from the global RNG, whose state a checkpoint restores.
-    kwargs = dict(num_workers=d.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                  generator=torch.Generator().manual_seed(_mix(recipe.train.seed, start_step, rank)))
-    if d.num_workers > 0:
-        kwargs["prefetch_factor"] = 4
-    if fmt == "shards":
-        dataset = ShardDataset(shard_urls(d.path), recipe, start_step, rank, world)
-        return DataLoader(dataset, batch_size=d.batch_size, **kwargs)
-    index = index_files(recipe)
-    if len(index.files) < d.batch_size * world:
-        warnings.warn(f"{d.path}: {len(index.files)} files is fewer than one global batch "
-                      f"({d.batch_size} x {world}); samples repeat within a step", stacklevel=2)
-    sampler = StepBatchSampler(len(index.files), d.batch_size, recipe.train.seed, start_step, rank, world)
-    return DataLoader(FileDataset(index, recipe, train=True), batch_sampler=sampler, **kwargs)

@@ -1,4 +1,4 @@
-"""Mixed-modality training data: several sources, one per modality, drawn into each batch by weight.
+"""Training batches: from one source (a single-modality recipe) or several, one per modality, by weight.
 
 >>> import multijepa as mj
 >>> data = mj.datasets.Mixed({"audio": mj.datasets.AudioFolder("speech/"),
@@ -6,7 +6,8 @@
 ...                          weights={"audio": 2, "image": 1})  # doctest: +SKIP
 >>> mj.pretrain(mj.load_recipe("recipes/multimodal.yaml"), data=data)  # doctest: +SKIP
 
-A batch holds one homogeneous sub-batch per modality drawn for it. How many samples each source
+Every run trains through :func:`build_train_loader`: a single-modality recipe is one source. A batch
+holds one homogeneous sub-batch per modality drawn for it. How many samples each source
 gives a step is a function of (seed, step) alone (``data.mix``: a fixed proportion of every batch,
 or each sample's source drawn by weight), and which samples, of (seed, step, rank): every source
 walks its own chain of per-epoch permutations, and under ``torchrun`` rank r takes its own share
@@ -17,21 +18,18 @@ uninterrupted run would have, mid-epoch included. Shard sources stream instead (
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from multijepa.datasets.files import (FileDataset, MaskCollate, ShardDataset, _mix, detect_format, index_files,
-                                      resolve_recipe, shard_urls)
-from multijepa.datasets.readers import PointSet
-from multijepa.datasets.series import finish_series
-from multijepa.datasets.transforms import audio_transform, crop_or_pad, image_transform, pointcloud_transform
+from multijepa.datasets.files import IN_MEMORY, FileDataset, _mix, detect_format, index_files, valid_mask
+from multijepa.datasets.shards import ShardDataset, shard_urls
 from multijepa.errors import DataError, DecodeError, RecipeError
-from multijepa.recipe import Recipe, SourceConfig, recipe_from_dict, recipe_to_dict, shape_from_data, source_counts
-
-IN_MEMORY = "<in-memory tensors>"  # the path a tensor source is recorded under in the run's recipe
+from multijepa.modalities import MODALITIES
+from multijepa.recipe import Recipe, SourceConfig, recipe_from_dict, recipe_to_dict, source_counts
 
 
 @dataclass(frozen=True)
@@ -120,8 +118,7 @@ class Mixed:
         """The recipe training on these sources: their paths, weights and mix; loss weights and masks
         stay those of the recipe's source of the same modality (a single-modality recipe counts as
         one source, with its mask section)."""
-        own = {s.modality: s for s in recipe.sources} if recipe.modality == "mixed" else \
-            {recipe.modality: SourceConfig(recipe.modality)}
+        own = {s.modality: s for s in recipe.all_sources}
         missing = [m for m in self.sources if m not in own and recipe.modality != "mixed"]
         if missing:
             raise RecipeError(f"the data has {', '.join(missing)} but this is a {recipe.modality} recipe; "
@@ -151,9 +148,9 @@ class MixPlan:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.fixed = source_counts(recipe) if recipe.data.mix == "proportion" else None
-        weights = torch.tensor([s.weight for s in recipe.sources], dtype=torch.float64)
+        weights = torch.tensor([s.weight for s in recipe.all_sources], dtype=torch.float64)
         self.probs = weights / weights.sum()
-        self._cursor_step, self._cursor = 0, [0] * len(recipe.sources)
+        self._cursor_step, self._cursor = 0, [0] * len(weights)
 
     def counts(self, step: int) -> list[int]:
         if self.fixed is not None:
@@ -211,33 +208,6 @@ def step_keys(plan: MixPlan, sizes: list[int], step: int, rank: int = 0, world: 
 # --------------------------------------------------------------------------- reading
 
 
-def _image_tensor(x: torch.Tensor, r: Recipe, g: Optional[torch.Generator]) -> torch.Tensor:
-    if x.is_floating_point():
-        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    return image_transform(x, r.image, g)
-
-
-def _series_tensor(x: torch.Tensor, r: Recipe, g: Optional[torch.Generator]) -> torch.Tensor:
-    x = x.detach().cpu().double().numpy()
-    series = finish_series([x[None] if x.ndim == 1 else x], [None], r.timeseries, "a tensor").series[0]
-    return crop_or_pad(torch.as_tensor(series, dtype=torch.float32), r.timeseries.length, g)
-
-
-def _points_tensor(x: torch.Tensor, r: Recipe, g: Optional[torch.Generator]) -> torch.Tensor:
-    extra = {f: x[:, 3 + 3 * i:6 + 3 * i] for i, f in enumerate(r.pointcloud.features)}
-    return pointcloud_transform(PointSet(x[:, :3].float(), extra.get("normals"), extra.get("colors")), r.pointcloud, g)
-
-
-# How a raw in-memory sample becomes a training input (the file loaders' work after decoding).
-TENSOR_LOADERS = {
-    "image": _image_tensor,
-    "audio": lambda x, r, g: audio_transform(x[None] if x.ndim == 1 else x.float(), r.audio, g),
-    "timeseries": _series_tensor,
-    "pointcloud": _points_tensor,
-    "video": lambda x, r, g: x.float(),
-}
-
-
 class _TensorSamples:
     """In-memory samples indexed like FileDataset: ``(step, i)`` -> a sample dict."""
 
@@ -251,7 +221,8 @@ class _TensorSamples:
         step, i = key
         g = torch.Generator().manual_seed(_mix(self.recipe.train.seed, step, i))
         try:
-            x = TENSOR_LOADERS[self.recipe.modality](torch.as_tensor(self.tensors[i]), self.recipe, g)
+            m = self.recipe.modality
+            x = MODALITIES[m].from_tensor(torch.as_tensor(self.tensors[i]), self.recipe.section(m), g)
         except (DecodeError, RuntimeError, IndexError, ValueError) as e:
             raise DataError(f"{self.recipe.modality} tensor {i}: cannot be used as a sample ({e}); see "
                             f"multijepa.datasets.Source for the shapes each modality takes") from None
@@ -265,24 +236,30 @@ def source_recipes(recipe: Recipe) -> list[Recipe]:
             for k, r in enumerate(recipe.source(m) for m in recipe.modalities)]
 
 
-def resolve_mixed(recipe: Recipe) -> Recipe:
-    """A mixed recipe with its sources' from-the-data settings filled in (``timeseries.length: 0``)."""
-    if recipe.modality != "mixed":
-        return resolve_recipe(recipe)
-    for m in recipe.modalities:
-        source = recipe.source(m)
-        if source.data.path == IN_MEMORY:
-            if shape_from_data(source):
-                raise RecipeError("in-memory series: set timeseries.length and timeseries.channels in the recipe "
-                                  "(they are read from files only)")
-            continue
-        resolved = resolve_recipe(source)
-        if resolved is not source:
-            recipe = dataclasses.replace(recipe, **{m: getattr(resolved, m)})
-    return recipe
+class MaskCollate:
+    """Stacks samples and samples the batch's masks (runs in DataLoader workers)."""
+
+    def __init__(self, recipe: Recipe, rank: int = 0):
+        self.recipe, self.rank, self.seed = recipe, rank, recipe.train.seed
+        self.masker = MODALITIES[recipe.modality].masker(recipe.section(recipe.modality), recipe.mask)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        """Returns input, label, context_idx, target_idx, valid (bool [B, N], or None where the
+        modality has no padding; with it, index sets are padded with -1), bad and count."""
+        bad = [b for s in samples for b in s["bad"]]
+        good = [s for s in samples if s["input"] is not None]
+        if not good:
+            return {"input": None, "bad": bad, "count": len(bad)}
+        g = torch.Generator().manual_seed(_mix(self.seed, samples[0]["step"], self.rank, 7))
+        inputs = torch.stack([s["input"] for s in good])
+        valid = valid_mask(inputs, self.recipe)
+        inputs, context_idx, target_idx = self.masker(inputs, g, valid)
+        return {"input": inputs, "label": torch.tensor([s["label"] for s in good]),
+                "context_idx": context_idx, "target_idx": target_idx, "valid": valid,
+                "bad": bad, "count": len(good) + len(bad)}  # files tried, decoded or not
 
 
-class MixedBatches(IterableDataset):
+class Batches(IterableDataset):
     """Endless collated batches ``{"parts": {modality: sub-batch}, "bad", "count", "step"}``.
 
     DataLoader worker w of W makes the batches of steps start + w, start + w + W, ...; the loader
@@ -306,6 +283,11 @@ class MixedBatches(IterableDataset):
                 self.samples.append(ShardDataset(shard_urls(sub.data.path), sub, start_step, rank, world))
             else:
                 self.samples.append(FileDataset(index_files(sub), sub, train=True))
+        if recipe.data.mix == "proportion":
+            for sub, samples, count in zip(self.subs, self.samples, source_counts(recipe)):
+                if isinstance(samples, FileDataset) and len(samples) < count * world:
+                    warnings.warn(f"{sub.data.path}: {len(samples)} samples is fewer than the {count} x {world} a "
+                                  f"step takes from it; samples repeat within a step", stacklevel=3)
         self.collates = [MaskCollate(sub, rank) for sub in self.subs]
 
     def __iter__(self) -> Iterator[dict]:
@@ -335,13 +317,14 @@ class MixedBatches(IterableDataset):
             step += workers
 
 
-def build_mixed_loader(recipe: Recipe, start_step: int = 0, rank: int = 0, world: int = 1,
+def build_train_loader(recipe: Recipe, start_step: int = 0, rank: int = 0, world: int = 1,
                        tensors: Optional[dict[str, Sequence[torch.Tensor]]] = None) -> DataLoader:
-    """The endless training loader of a mixed recipe (see :class:`MixedBatches`)."""
+    """The endless training loader of any recipe, one source or several (see :class:`Batches`); each
+    batch carries its masks."""
     d = recipe.data
     # An own generator: worker seeding must not draw from the global RNG, whose state a checkpoint restores.
     kwargs = dict(num_workers=d.num_workers, batch_size=None, pin_memory=torch.cuda.is_available(),
                   generator=torch.Generator().manual_seed(_mix(recipe.train.seed, start_step, rank)))
     if d.num_workers > 0:
         kwargs["prefetch_factor"] = 4
-    return DataLoader(MixedBatches(recipe, start_step, rank, world, tensors), **kwargs)
+    return DataLoader(Batches(recipe, start_step, rank, world, tensors), **kwargs)

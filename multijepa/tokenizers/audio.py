@@ -4,7 +4,7 @@ The log-mel runs inside the model, batched, on the model's device (a GPU when th
 data loader only decodes, resamples and crops waveforms. ``LogMel`` is usable on its own (the
 audio bench's mean-log-mel baseline and its speed measurement use it).
 
->>> from multijepa.recipe import AudioConfig
+>>> from multijepa.modalities.audio import AudioConfig
 >>> tokens, coords = audio_tokenizer(AudioConfig(), dim=32)(torch.zeros(2, 1, 16000))
 >>> tokens.shape, coords.shape
 (torch.Size([2, 24, 32]), torch.Size([2, 24, 2]))
@@ -18,8 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from multijepa.core.masking import check
-from multijepa.recipe import AudioConfig
+from multijepa.core.transformer import masked_moments
 from multijepa.tokenizers.image import grid_tokens, patch_conv
 
 
@@ -64,13 +63,13 @@ class LogMel(nn.Module):
     ``bin_means``: each bin minus its mean over the clip's real frames, in units of 10 dB).
     Runs in float32 even under bf16 autocast: the log of small energies needs the precision.
 
+    >>> from multijepa.modalities.audio import AudioConfig
     >>> LogMel.from_config(AudioConfig(sample_rate=8000))(torch.zeros(3, 1, 8000)).shape
     torch.Size([3, 1, 64, 101])
     """
 
     def __init__(self, sample_rate: int, win_length: int, hop_length: int, n_fft: int, n_mels: int,
-                 f_min: float, f_max: float, top_db: float = 80.0, normalize: str = "fixed",
-                 norm_mean: float = 0.0, norm_std: float = 1.0):
+                 f_min: float, f_max: float, top_db: float, normalize: str, norm_mean: float, norm_std: float):
         super().__init__()
         self.win_length, self.hop_length, self.n_fft = win_length, hop_length, n_fft
         self.top_db, self.normalize, self.norm_mean, self.norm_std = top_db, normalize, norm_mean, norm_std
@@ -80,7 +79,8 @@ class LogMel(nn.Module):
                              persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: AudioConfig) -> "LogMel":
+    def from_config(cls, cfg) -> "LogMel":
+        """The log-mel of an ``audio`` recipe section (``multijepa.modalities.audio.AudioConfig``)."""
         return cls(cfg.sample_rate, cfg.win_length, cfg.hop_length, cfg.fft_size, cfg.n_mels, cfg.f_min,
                    cfg.max_freq, cfg.top_db, cfg.normalize, cfg.norm_mean, cfg.norm_std)
 
@@ -119,12 +119,10 @@ class LogMel(nn.Module):
         floor gives each mel bin its own statistics over the real frames (``normalize: bins``);
         ``scale=False`` only subtracts the mean (``bin_means``).
         """
-        keep = ((db > floor) & real if floor is not None else real.expand_as(db)).float()
-        count = keep.sum(dims, keepdim=True).clamp_min(1.0)
-        mean = (db * keep).sum(dims, keepdim=True) / count
+        keep = (db > floor) & real if floor is not None else real
+        mean, var = masked_moments(db, keep, dims)
         if not scale:
             return db - mean
-        var = ((db - mean).square() * keep).sum(dims, keepdim=True) / count
         return (db - mean) / var.sqrt().clamp_min(1e-5)
 
 
@@ -157,12 +155,13 @@ def real_frames(wave: torch.Tensor, hop: int) -> torch.Tensor:
     return real[:, centres.clamp_max(s - 1)] & inside
 
 
-def audio_valid_tokens(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
-    """Waveforms [B, C, S] (NaN = padding) -> bool [B, N]: the tokens that hold sound.
+def audio_valid_tokens(wave: torch.Tensor, cfg) -> torch.Tensor:
+    """Waveforms [B, C, S] (NaN = padding) -> bool [B, N]: the tokens that hold sound (``cfg``: the ``audio`` section).
 
     A time patch is real when at least half of its frames are (``real_frames``); every frequency
     band of a real time patch is real (tokens in freq-major order).
 
+    >>> from multijepa.modalities.audio import AudioConfig
     >>> cfg = AudioConfig(sample_rate=8000, clip_seconds=0.5, n_mels=16, patch_size=(8, 4))
     >>> wave = torch.zeros(1, 1, 4000); wave[..., 2000:] = float("nan")
     >>> audio_valid_tokens(wave, cfg).reshape(2, -1).sum(1).tolist()  # 25 of 50 frames: 6 of 12 patches
@@ -176,40 +175,6 @@ def audio_valid_tokens(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     return patches.unsqueeze(1).expand(b, bands, patches.shape[1]).reshape(b, -1)
 
 
-def audio_tokenizer(cfg: AudioConfig, dim: int) -> SpectrogramPatchTokenizer:
+def audio_tokenizer(cfg, dim: int) -> SpectrogramPatchTokenizer:
     """The recipe's audio tokenizer: ``LogMel.from_config(cfg)`` under ``cfg.patch_size`` patches of width ``dim``."""
     return SpectrogramPatchTokenizer(LogMel.from_config(cfg), cfg.model_channels, cfg.patch_size, dim)
-
-
-def validate_audio(a: AudioConfig, where: str) -> None:
-    """Reject audio settings that cannot give a log-mel patch grid (recipe.validate runs it for every recipe)."""
-    check(a.sample_rate >= 1000, where, "audio.sample_rate", f"must be at least 1000 Hz, got {a.sample_rate}")
-    check(a.clip_seconds > 0, where, "audio.clip_seconds", "must be positive")
-    check(a.keep_channels >= 1, where, "audio.keep_channels", "must be at least 1")
-    check(a.win_ms > 0 and a.win_length >= 2, where, "audio.win_ms",
-          f"must give a window of at least 2 samples at {a.sample_rate} Hz, got {a.win_ms} ms")
-    check(a.hop_ms > 0, where, "audio.hop_ms", "must be positive")
-    check(a.n_fft == 0 or a.n_fft >= a.win_length, where, "audio.n_fft",
-          f"must be 0 (auto) or at least the window length ({a.win_length} samples)")
-    check(0 <= a.f_min < a.max_freq <= a.sample_rate / 2, where, "audio.f_max",
-          f"needs 0 <= audio.f_min < audio.f_max <= sample_rate / 2 = {a.sample_rate / 2:g} Hz "
-          f"(f_max 0 means sample_rate / 2); got f_min={a.f_min:g}, f_max={a.f_max:g}")
-    check(a.top_db >= 0, where, "audio.top_db", "must be 0 (off) or positive")
-    check(a.norm_std > 0, where, "audio.norm_std", "must be positive")
-    check(0.5 <= a.speed_perturb[0] <= a.speed_perturb[1] <= 2.0, where, "audio.speed_perturb",
-          f"must be [low, high] with 0.5 <= low <= high <= 2 (1 = unchanged), got {list(a.speed_perturb)}")
-    check(a.embed_window_seconds >= 0 and a.embed_hop_seconds >= 0, where, "audio.embed_window_seconds",
-          "embed_window_seconds and embed_hop_seconds must be 0 (automatic) or positive")
-    pf, pt = a.patch_size
-    check(pf >= 1 and pt >= 1, where, "audio.patch_size", f"must be positive, got {list(a.patch_size)}")
-    check(a.n_mels >= 1 and a.n_mels % pf == 0, where, "audio.n_mels",
-          f"must be a multiple of audio.patch_size[0]={pf}, got {a.n_mels}")
-    for key, samples in (("audio.clip_seconds", a.clip_samples), ("audio.embed_window_seconds", a.window_samples)):
-        check(a.frames(samples) >= pt, where, key,
-              f"gives {a.frames(samples)} frames at hop {a.hop_ms:g} ms, fewer than audio.patch_size[1]={pt}: "
-              f"lengthen the clip or use a smaller time patch")
-    fb = mel_filterbank(a.fft_size // 2 + 1, a.sample_rate, a.n_mels, a.f_min, a.max_freq)
-    empty = int((fb.sum(0) == 0).sum())
-    check(empty == 0, where, "audio.n_mels",
-          f"leaves {empty} of {a.n_mels} mel filters without any FFT bin (n_fft={a.fft_size}, "
-          f"{a.f_min:g}-{a.max_freq:g} Hz): lower n_mels, raise f_min or use a larger n_fft / win_ms")

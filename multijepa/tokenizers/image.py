@@ -47,5 +47,5 @@ class PatchTokenizer2d(nn.Module):
         return grid_tokens(self.proj(images))  # coords (row, col)
 
 
-def image_tokenizer(channels: int = 3, patch_size: int = 16, dim: int = 384) -> PatchTokenizer2d:
+def image_tokenizer(channels: int, patch_size: int, dim: int) -> PatchTokenizer2d:
     return PatchTokenizer2d(channels, patch_size, dim)

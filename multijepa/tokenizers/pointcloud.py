@@ -10,12 +10,12 @@ the centres) and on the model's device when the tokenizer is given raw clouds (e
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from multijepa.core.transformer import init_weights
+from multijepa.core.transformer import PosEmbed, init_weights, sincos_codes
 
 
 def farthest_point_sample(xyz: torch.Tensor, num: int) -> torch.Tensor:
@@ -153,8 +153,7 @@ class PointGroupTokenizer(nn.Module):
         return self.second(h).amax(dim=2), centres.squeeze(2)
 
 
-def pointcloud_tokenizer(in_channels: int = 3, dim: int = 384, num_groups: int = 64, group_size: int = 32,
-                         width: int = 128) -> PointGroupTokenizer:
+def pointcloud_tokenizer(in_channels: int, dim: int, num_groups: int, group_size: int, width: int) -> PointGroupTokenizer:
     return PointGroupTokenizer(in_channels, dim, num_groups, group_size, width)
 
 
@@ -183,20 +182,15 @@ def fourier_embed(coords: torch.Tensor, dim: int, max_log2: float = 6.0) -> torc
     """Fixed Fourier features of continuous coords: sin/cos of pi * 2^f * x, f in [0, max_log2] per axis.
 
     Suits coords of order 1 (clouds in the unit sphere): the slowest band spans the cloud, the
-    fastest resolves about 1/64 of it. [B, N, C] -> [B, N, dim], zero-padded like ``sincos_embed``.
+    fastest resolves about 1/64 of it. [B, N, C] -> [B, N, dim], laid out and zero-padded as by
+    ``sincos_embed`` (the same :func:`~multijepa.core.transformer.sincos_codes`, other frequencies).
 
     >>> fourier_embed(torch.zeros(1, 4, 3), 32).shape
     torch.Size([1, 4, 32])
     """
-    b, n, c = coords.shape
-    per_axis = dim // (2 * c)
+    per_axis = dim // (2 * coords.shape[-1])
     freqs = math.pi * 2.0 ** torch.linspace(0.0, max_log2, per_axis, device=coords.device)
-    angles = coords.float().unsqueeze(-1) * freqs  # [B, N, C, per_axis]
-    out = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(b, n, c * 2 * per_axis)
-    return nn.functional.pad(out, (0, dim - out.shape[-1]))
-
-
-PosEmbed = Callable[[torch.Tensor, int], torch.Tensor]
+    return sincos_codes(coords, dim, freqs)
 
 
 def point_pos_embed(kind: str, dim: int) -> Union[MlpPosEmbed, PosEmbed]:

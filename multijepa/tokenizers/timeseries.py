@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from multijepa.errors import RecipeError
+from multijepa.core.transformer import masked_moments
+
 
 
 def patch_count(length: int, patch_size: int, stride: int) -> int:
@@ -50,9 +51,7 @@ def instance_norm(series: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """
     real = ~torch.isnan(series)
     x = torch.nan_to_num(series, nan=0.0)
-    count = real.sum(-1, keepdim=True).clamp_min(1)
-    mean = x.sum(-1, keepdim=True) / count
-    var = ((x - mean) * real).pow(2).sum(-1, keepdim=True) / count
+    mean, var = masked_moments(x, real, (-1,))
     return ((x - mean) / torch.sqrt(var + eps)) * real
 
 
@@ -108,13 +107,3 @@ class SeriesTokenizer(nn.Module):
             coords = t.reshape(1, p, 1)
         tokens = self.norm(self.proj(self.convs(flat).flatten(1))).reshape(b, coords.shape[1], -1)
         return tokens, coords.expand(b, -1, -1)
-
-
-def timeseries_tokenizer(channels: int = 1, patch_size: int = 4, stride: int = 4, dim: int = 192,
-                         widths: Sequence[int] = (32, 32), kernel_size: int = 3, channel_mode: str = "independent",
-                         normalize: bool = True) -> SeriesTokenizer:
-    if channel_mode == "mixed" and channels < 1:
-        raise RecipeError("'timeseries.channels' is 0 (taken from the data when pretraining starts), but a mixed-channel "
-                          "tokenizer needs it to be built; set timeseries.channels, or pretrain first")
-    return SeriesTokenizer(channels, patch_size, stride, dim, widths, kernel_size, channel_mode == "independent",
-                           normalize)

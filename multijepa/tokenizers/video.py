@@ -34,5 +34,5 @@ class TubeletTokenizer(nn.Module):
         return grid_tokens(self.proj(clips))  # coords (t, row, col)
 
 
-def video_tokenizer(channels: int = 3, tubelet_size: int = 2, patch_size: int = 16, dim: int = 384) -> TubeletTokenizer:
+def video_tokenizer(channels: int, tubelet_size: int, patch_size: int, dim: int) -> TubeletTokenizer:
     return TubeletTokenizer(channels, tubelet_size, patch_size, dim)

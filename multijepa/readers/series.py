@@ -47,9 +47,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from multijepa.datasets.readers import Source, read_bytes
+from multijepa.readers import Source, read_bytes
 from multijepa.errors import DecodeError
-from multijepa.recipe import TimeSeriesConfig
+
+# .txt/.tsv are UCR-archive tables (.txt and .npy are also point arrays: the model decides).
+SERIES_EXTENSIONS = (".ts", ".csv", ".tsv", ".txt", ".npy", ".npz")
 
 MISSING = {"", "?"}  # besides NaN in any spelling float() accepts
 
@@ -359,7 +361,7 @@ def fill_missing(x: np.ndarray, policy: str, where: Optional[Callable[[int, int]
     return x.astype(np.float32)
 
 
-def finish_series(raw: list[np.ndarray], labels: list[Optional[str]], cfg: TimeSeriesConfig, name: str,
+def finish_series(raw: list[np.ndarray], labels: list[Optional[str]], cfg: Reading, name: str,
                   locates: Optional[list[Locate]] = None) -> SeriesFile:
     """Parsed series [C, L] with NaN -> a SeriesFile: trailing all-missing steps dropped, the rest
     handled by ``cfg.missing``; ``locates[k](channel, step)`` names a value of series k in errors."""
@@ -374,7 +376,7 @@ def finish_series(raw: list[np.ndarray], labels: list[Optional[str]], cfg: TimeS
     return SeriesFile(out, labels)
 
 
-def _parse(data: bytes, name: str, cfg: TimeSeriesConfig) -> SeriesFile:
+def _parse(data: bytes, name: str, cfg: Reading) -> SeriesFile:
     suffix = Path(name).suffix.lower()
     if suffix in (".npy", ".npz"):
         parsed = _parse_array(data, name, cfg.npz_split)
@@ -391,12 +393,22 @@ def _parse(data: bytes, name: str, cfg: TimeSeriesConfig) -> SeriesFile:
     return finish_series(series, labels, cfg, name, locates)
 
 
+@dataclass(frozen=True)
+class Reading:
+    """The keys of the ``timeseries`` section that say how a file is read (and key its cached parse)."""
+
+    missing: str
+    csv_layout: str
+    csv_label_column: str
+    npz_split: str
+
+
 @functools.lru_cache(maxsize=16)
-def _parse_path(path: str, stamp: tuple[int, int], reading: TimeSeriesConfig) -> SeriesFile:
+def _parse_path(path: str, stamp: tuple[int, int], reading: Reading) -> SeriesFile:
     return _parse(read_bytes(path, path), path, reading)
 
 
-def read_series(src: Source, cfg: TimeSeriesConfig, name: str = "") -> SeriesFile:
+def read_series(src: Source, cfg: Reading, name: str = "") -> SeriesFile:
     """Every series in a file, in file order, missing values handled as ``cfg.missing`` says.
 
     A file path's parse is cached (per process, keyed by path, size and modification time), so
@@ -404,8 +416,8 @@ def read_series(src: Source, cfg: TimeSeriesConfig, name: str = "") -> SeriesFil
 
     Args:
         src: a path, or the file's bytes (then ``name``, with the extension, is used).
-        cfg: the recipe's ``timeseries`` section (missing-value policy, CSV layout and label column,
-            .npz split).
+        cfg: the recipe's ``timeseries`` section, or a :class:`Reading` (missing-value policy, CSV
+            layout and label column, .npz split).
 
     Raises:
         DecodeError: naming the file and, in text formats, the line.
@@ -422,12 +434,11 @@ def read_series(src: Source, cfg: TimeSeriesConfig, name: str = "") -> SeriesFil
         read_bytes(path, name or path)  # raises the usual "no such file" / "is a folder" error
         raise
     # Keyed by the reading keys alone: the parse is shared before and after length/channels are resolved.
-    reading = TimeSeriesConfig(missing=cfg.missing, csv_layout=cfg.csv_layout, csv_label_column=cfg.csv_label_column,
-                               npz_split=cfg.npz_split)
+    reading = Reading(cfg.missing, cfg.csv_layout, cfg.csv_label_column, cfg.npz_split)
     return _parse_path(path, (st.st_size, st.st_mtime_ns), reading)
 
 
-def series_labels(path: str, cfg: TimeSeriesConfig) -> list[Optional[str]]:
+def series_labels(path: str, cfg: Reading) -> list[Optional[str]]:
     """Each series' in-file label (None where the file has none), in file order; one entry per series.
 
     A long-layout CSV holds one series, so it is not read here (a bad one is reported when trained on).

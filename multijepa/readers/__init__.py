@@ -1,6 +1,8 @@
 """Decoders: file or bytes -> tensor, raising :class:`DecodeError` that names the file.
 
-Each modality lists its file extensions here; ``modality_of`` picks the modality of a path.
+Each reader names the file types it takes (``IMAGE_EXTENSIONS`` ...); the modality table
+(``multijepa.modalities``) says which modality reads which. Time series: ``multijepa.readers.series``;
+video: ``multijepa.readers.video``.
 """
 
 from __future__ import annotations
@@ -19,48 +21,12 @@ import torch
 
 from multijepa.errors import DecodeError
 
-EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
-    # Read by multijepa.datasets.series; .txt/.tsv are UCR-archive tables (.txt and .npy: also point arrays).
-    "timeseries": (".ts", ".csv", ".tsv", ".txt", ".npy", ".npz"),
-    "audio": (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif"),
-    # Point files, meshes sampled to points (.ply holds either), and plain xyz arrays.
-    # Read through decord or PyAV by multijepa.datasets.video.
-    "video": (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".wmv", ".flv", ".3gp"),
-    "pointcloud": (".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts", ".off", ".obj", ".stl", ".npy", ".txt"),
-}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
+# Point files, meshes sampled to points (.ply holds either), and plain xyz arrays.
+POINT_EXTENSIONS = (".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts", ".off", ".obj", ".stl", ".npy", ".txt")
 
 Source = Union[str, Path, bytes]
-
-
-def modality_of(path: Union[str, Path]) -> str:
-    """The modality a file belongs to, from its extension.
-
-    Raises DecodeError for an unknown extension, and for one that several modalities read (a
-    ``.npy`` array can be a point cloud or another modality's data): then a checkpoint decides.
-
-    >>> modality_of("cat.JPG"), modality_of("chair.off")
-    ('image', 'pointcloud')
-    """
-    suffix = Path(path).suffix.lower()
-    found = readers_of(path)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise DecodeError(f"{path}: a {suffix} file can be {' or '.join(found)} data; pass --checkpoint "
-                          f"to say which model reads it")
-    known = ", ".join(dict.fromkeys(e for exts in EXTENSIONS.values() for e in exts))
-    raise DecodeError(f"{path}: unknown file type {suffix or '(no extension)'!r}; multijepa reads {known}")
-
-
-def readers_of(path: Union[str, Path]) -> list[str]:
-    """Every modality that reads a file of this extension (none, one, or several for ``.npy``).
-
-    >>> readers_of("a.npy"), readers_of("a.wav"), readers_of("a.doc")
-    (['timeseries', 'pointcloud'], ['audio'], [])
-    """
-    suffix = Path(path).suffix.lower()
-    return [modality for modality, exts in EXTENSIONS.items() if suffix in exts]
 
 
 def read_bytes(src: Source, name: str) -> bytes:
@@ -162,7 +128,7 @@ def _decode_audio(data: bytes, name: str):
     except (sf.SoundFileError, RuntimeError, ValueError, EOFError) as e:
         reason = str(e).replace(" <_io.BytesIO object at ", " <").split(": ", 1)[-1]
         raise DecodeError(f"{name}: cannot decode as audio ({reason}); the file is corrupt, truncated or not "
-                          f"audio (multijepa reads {', '.join(EXTENSIONS['audio'])} through libsndfile): "
+                          f"audio (multijepa reads {', '.join(AUDIO_EXTENSIONS)} through libsndfile): "
                           f"remove it or re-export it") from None
     # Most formats (FLAC, AIFF, MP3 with a Xing/Info frame) state their length: a cut file decodes short.
     if declared > 0 and len(samples) < declared and (kind != "MP3" or _mp3_declares_length(data)):
@@ -360,8 +326,8 @@ def read_points(src: Source, name: str = "", mesh_points: int = 1024,
     """
     name = name or str(src)
     suffix = Path(name).suffix.lower()
-    if suffix not in EXTENSIONS["pointcloud"]:
-        raise DecodeError(f"{name}: not a point-cloud or mesh file type ({', '.join(EXTENSIONS['pointcloud'])})")
+    if suffix not in POINT_EXTENSIONS:
+        raise DecodeError(f"{name}: not a point-cloud or mesh file type ({', '.join(POINT_EXTENSIONS)})")
     data = read_bytes(src, name)
     if suffix in (".npy", ".txt"):
         return _read_array(data, suffix, name)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,16 +28,14 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 
-from multijepa.datasets.transforms import crop_and_resize
 from multijepa.errors import DecodeError, MultijepaError
-from multijepa.recipe import VideoConfig
+from multijepa.readers import Source
 
 if TYPE_CHECKING:
     import av  # imported where used: the module loads without it
 
-Source = Union[str, Path, bytes]
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".wmv", ".flv", ".3gp")
 _FIX = ("the file is corrupt, truncated or not a video: remove it or re-encode it "
         "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
 
@@ -154,87 +151,99 @@ class VideoFile:
     """An opened video: frame ``timestamps`` (seconds from the first frame, presentation order) and
     ``read(indices)`` -> uint8 [T, H, W, 3] with the short side at ``short_side`` (0: native).
 
-    ``frames_decoded`` and ``peak_frames_held`` count work and memory (the memory-bound test reads them).
+    The header is read here, frames by ``reader``: the :data:`BACKENDS` entry named ``backend``. A
+    reader may decline a read (decord, where it would return wrong frames or cannot copy them out):
+    those frames then come from ``fallback``, a :class:`PyAVReader` of the same file opened on first
+    need. ``frames_decoded`` and ``peak_frames_held`` count work and memory over both (the
+    memory-bound test reads them).
     """
 
-    def __init__(self, path: str, name: str, short_side: int):
+    def __init__(self, path: str, name: str, backend: str, short_side: int):
         self.path, self.name = path, name
         self.header = _header(path, name)
         self.size = output_size(self.header.width, self.header.height, short_side)
-        self.frames_decoded = 0
-        self.peak_frames_held = 0
-        self.timestamps = self._timestamps()
+        self.reader: Reader = BACKENDS[backend](path, name, self.size, self.header.declared_seconds)
+        self.fallback: Optional[PyAVReader] = None
+        self.timestamps = self.reader.timestamps
         _check_complete(name, self.header, self.timestamps)
 
     @property
     def num_frames(self) -> int:
         return len(self.timestamps)
 
-    def _timestamps(self) -> np.ndarray:
-        raise NotImplementedError
+    @property
+    def frames_decoded(self) -> int:
+        return sum(r.frames_decoded for r in self._readers())
+
+    @property
+    def peak_frames_held(self) -> int:
+        return max(r.peak_frames_held for r in self._readers())
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
-        raise NotImplementedError
+        frames = self.reader.read(indices)
+        if frames is None:
+            if self.fallback is None:
+                self.fallback = PyAVReader(self.path, self.name, self.size, self.header.declared_seconds)
+                # PyAV counts the frames itself; a file it finds short is refused, as on opening.
+                _check_complete(self.name, self.header, self.fallback.timestamps)
+            frames = self.fallback.read(indices)
+        return frames
 
     def close(self) -> None:
-        pass
+        for reader in self._readers():
+            reader.close()
+
+    def _readers(self) -> list[Reader]:
+        return [self.reader] if self.fallback is None else [self.reader, self.fallback]
 
 
-class DecordVideo(VideoFile):
+class DecordReader:
     """decord: frame counts and timestamps from its index, ``get_batch`` with a decoder-side resize.
 
     decord seeks by its frame timestamps: where they are missing (AV_NOPTS_VALUE: H.264 AVI, MPEG
-    with B-frames) it returns wrong frames after a seek (tested), so such files' frames come from PyAV.
+    with B-frames) it returns wrong frames after a seek (tested), so it declines to read such files
+    and their frames come from PyAV.
     """
 
-    def _timestamps(self) -> np.ndarray:
+    def __init__(self, path: str, name: str, size: tuple[int, int], declared_seconds: float):
         import decord
 
-        w, h = self.size
+        self.name = name
+        self.frames_decoded = 0
+        self.peak_frames_held = 0
+        w, h = size
         try:
-            self.reader = decord.VideoReader(self.path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
-            n = len(self.reader)
-            stamps = self.reader.get_frame_timestamp(np.arange(n))[:, 0] if n else np.zeros(0)
-            rate = self.reader.get_avg_fps()
+            self.decoder = decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
+            n = len(self.decoder)
+            stamps = self.decoder.get_frame_timestamp(np.arange(n))[:, 0] if n else np.zeros(0)
+            rate = self.decoder.get_avg_fps()
         except Exception as e:  # decord raises its own DECORDError / RuntimeError
-            raise DecodeError(f"{self.name}: decord cannot read the video ({str(e).splitlines()[0][:200]}); "
+            raise DecodeError(f"{name}: decord cannot read the video ({str(e).splitlines()[0][:200]}); "
                               f"{_FIX}") from None
-        times, self.own_times = _frame_times(self.name, stamps, rate, self.header.declared_seconds)
-        return times
+        self.timestamps, self.own_times = _frame_times(name, stamps, rate, declared_seconds)
 
-    def read(self, indices: Sequence[int]) -> np.ndarray:
+    def read(self, indices: Sequence[int]) -> Optional[np.ndarray]:
+        """uint8 [T, H, W, 3], or None where these frames must come from PyAV."""
         if not self.own_times:
-            return self._read_with_pyav(indices)
+            return None
         try:
-            frames = self.reader.get_batch(list(indices)).asnumpy()
+            frames = self.decoder.get_batch(list(indices)).asnumpy()
         except Exception as e:
             if "DECORDArrayCopyFromTo" in str(e):
                 # decord 0.6 fails to copy out frames of some widths (8, 12, 16, 24, 48, 72 px, ...):
-                # a decord bug, not a bad file, so read this file with PyAV instead.
-                return self._read_with_pyav(indices)
+                # a decord bug, not a bad file, so PyAV reads these frames instead.
+                return None
             raise DecodeError(f"{self.name}: cannot decode frames {min(indices)}-{max(indices)} "
                               f"({str(e).splitlines()[0][:200]}); {_FIX}") from None
         self.frames_decoded += len(indices)
         self.peak_frames_held = max(self.peak_frames_held, len(indices))
         return frames
 
-    def _read_with_pyav(self, indices: Sequence[int]) -> np.ndarray:
-        if getattr(self, "fallback", None) is None:
-            self.fallback = PyAVVideo(self.path, self.name, 0)
-            self.fallback.size = self.size
-        before = self.fallback.frames_decoded
-        frames = self.fallback.read(indices)
-        self.frames_decoded += self.fallback.frames_decoded - before
-        self.peak_frames_held = max(self.peak_frames_held, self.fallback.peak_frames_held)
-        return frames
-
     def close(self) -> None:
-        self.reader = None
-        if getattr(self, "fallback", None) is not None:
-            self.fallback.close()
+        self.decoder = None
 
 
-class PyAVVideo(VideoFile):
+class PyAVReader:
     """PyAV: timestamps from the packets (no decoding); frames by seeking to the key frame at or before
     the first wanted one and decoding forward, keeping only wanted frames, each resized as it arrives.
 
@@ -244,21 +253,17 @@ class PyAVVideo(VideoFile):
     frames are counted from the key frame decoding starts at, found by its byte position.
     """
 
-    def _open(self) -> None:
+    def __init__(self, path: str, name: str, size: tuple[int, int], declared_seconds: float):
         import av
 
-        self.container = av.open(self.path)
-        self.stream = self.container.streams.video[0]
-        self.stream.thread_count = 1
-
-    def _timestamps(self) -> np.ndarray:
-        import av
-
+        self.path, self.name, self.size = path, name, size
+        self.frames_decoded = 0
+        self.peak_frames_held = 0
         try:
             self._open()
             packets = [(p.pts, p.dts, p.pos, p.is_keyframe) for p in self.container.demux(self.stream) if p.size > 0]
         except av.error.FFmpegError as e:
-            raise DecodeError(f"{self.name}: cannot read the video's packets ({e.strerror or e}); {_FIX}") from None
+            raise DecodeError(f"{name}: cannot read the video's packets ({e.strerror or e}); {_FIX}") from None
         n = len(packets)
         pts = np.array([np.nan if p[0] is None else p[0] for p in packets], dtype=np.float64)
         self.by_pts = bool(np.isfinite(pts).all() and len(np.unique(pts)) == n and (np.diff(pts) < 0).any())
@@ -273,7 +278,14 @@ class PyAVVideo(VideoFile):
         self.start_index = [k for k, _ in self.starts]
         tb = float(self.stream.time_base) if self.stream.time_base else 1.0
         rate = self.stream.average_rate or self.stream.guessed_rate
-        return _frame_times(self.name, np.sort(pts) * tb, rate, self.header.declared_seconds)[0]
+        self.timestamps = _frame_times(name, np.sort(pts) * tb, rate, declared_seconds)[0]
+
+    def _open(self) -> None:
+        import av
+
+        self.container = av.open(self.path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_count = 1
 
     def _decoded(self, start: int) -> Iterator[tuple[int, av.VideoFrame]]:
         """(presentation index, frame) for each frame decoded from the current position, where the
@@ -330,7 +342,11 @@ class PyAVVideo(VideoFile):
         self.container.close()
 
 
-BACKENDS = {"decord": DecordVideo, "pyav": PyAVVideo}
+# The readers a VideoFile is built on, by ``video.backend``. Each opens from (path, name, output size
+# (width, height), declared seconds) and has ``timestamps``, ``read(indices)``, ``close()`` and the
+# counters ``frames_decoded`` and ``peak_frames_held``.
+BACKENDS = {"decord": DecordReader, "pyav": PyAVReader}
+Reader = Union[DecordReader, PyAVReader]
 
 
 @contextlib.contextmanager
@@ -350,7 +366,7 @@ def open_video(src: Source, name: str = "", backend: str = "auto", short_side: i
     (3, 64, 85, 3)
     """
     name = name or str(src)
-    cls = BACKENDS[resolve_backend(backend)]
+    backend = resolve_backend(backend)
     with contextlib.ExitStack() as stack:
         if isinstance(src, bytes):
             if not src:
@@ -367,93 +383,8 @@ def open_video(src: Source, name: str = "", backend: str = "auto", short_side: i
                 raise DecodeError(f"{name}: is a folder, not a video file")
             if os.path.getsize(path) == 0:
                 raise DecodeError(f"{name}: the file is empty (0 bytes); remove it or replace it with a valid file")
-        video = cls(path, name, short_side)
+        video = VideoFile(path, name, backend, short_side)
         try:
             yield video
         finally:
             video.close()
-
-
-# --------------------------------------------------------------------------- clip sampling
-
-
-def clip_span(cfg: VideoConfig) -> float:
-    """A clip's length: in frames (frame_stride mode) or in seconds (fps mode)."""
-    return (cfg.frames - 1) / cfg.fps if cfg.fps > 0 else float((cfg.frames - 1) * cfg.frame_stride + 1)
-
-
-def clip_indices(timestamps: np.ndarray, cfg: VideoConfig, start: float) -> list[int]:
-    """The ``cfg.frames`` frame indices of a clip starting at frame ``start`` (stride mode) or at
-    ``start`` seconds (fps mode: the frame shown at each sampling time, so variable frame rates work).
-    Past the end of the video the last frame repeats.
-
-    >>> from multijepa.recipe import VideoConfig
-    >>> clip_indices(np.arange(10) / 25, VideoConfig(frames=4, frame_stride=3), 2)
-    [2, 5, 8, 9]
-    >>> clip_indices(np.array([0, .04, .12, .16, .24]), VideoConfig(frames=4, fps=10), 0.0)
-    [0, 1, 3, 4]
-    """
-    n = len(timestamps)
-    if cfg.fps > 0:
-        times = start + np.arange(cfg.frames) / cfg.fps
-        idx = np.searchsorted(timestamps, times + 1e-6, side="right") - 1
-        return [int(i) for i in np.clip(idx, 0, n - 1)]
-    return [min(int(start) + k * cfg.frame_stride, n - 1) for k in range(cfg.frames)]
-
-
-def clip_starts(timestamps: np.ndarray, cfg: VideoConfig, count: int,
-                g: Optional[torch.Generator] = None) -> list[float]:
-    """Clip starts: one uniformly random start with a generator (training), else up to ``count``
-    evenly spread starts covering the video from its first to its last frame (embedding)."""
-    if cfg.fps > 0:
-        last = max(0.0, float(timestamps[-1]) - clip_span(cfg))
-    else:
-        last = float(max(0, len(timestamps) - int(clip_span(cfg))))
-    if g is not None:
-        if cfg.fps > 0:
-            return [last * torch.rand((), generator=g).item()]
-        return [float(torch.randint(0, int(last) + 1, (1,), generator=g))]
-    if last == 0:
-        return [0.0]
-    starts = np.linspace(0.0, last, count)
-    return list(dict.fromkeys(starts.tolist() if cfg.fps > 0 else np.round(starts).tolist()))
-
-
-# --------------------------------------------------------------------------- transform
-
-
-def decode_short_side(cfg: VideoConfig, train: bool) -> int:
-    """The short side frames are decoded at: ``size`` for embedding; in training enough that the
-    smallest random crop still has ``size`` pixels (frames are never decoded at full 1080p)."""
-    return math.ceil(cfg.size / math.sqrt(cfg.crop_scale[0])) if train else cfg.size
-
-
-def clip_transform(frames: np.ndarray, cfg: VideoConfig, g: Optional[torch.Generator]) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> normalised float [C, T, size, size].
-
-    With a generator: one random resized crop and flip for every frame of the clip (training).
-    Without: resize the short side to ``size`` and centre-crop.
-    """
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, 3, H, W]
-    if cfg.channels == 1:
-        x = TF.rgb_to_grayscale(x)
-    x = crop_and_resize(x, cfg.size, cfg.crop_scale, cfg.hflip, g)  # one geometry for the whole clip
-    x = TF.normalize(x.float().div_(255.0), list(cfg.mean), list(cfg.std))
-    return x.transpose(0, 1).contiguous()  # [C, T, size, size]
-
-
-def read_clips(src: Source, cfg: VideoConfig, name: str = "", g: Optional[torch.Generator] = None,
-               count: int = 1) -> list[torch.Tensor]:
-    """Decode and transform clips of one video: one random clip with a generator (training), else
-    up to ``count`` evenly spread clips (embedding), each float [C, frames, size, size].
-
-    Frames are decoded one clip at a time and only those the clip samples, so memory is bounded by
-    one clip whatever the length or resolution of the video.
-
-    >>> [c.shape for c in read_clips("clip.mp4", VideoConfig(), count=2)]  # doctest: +SKIP
-    [torch.Size([3, 8, 64, 64]), torch.Size([3, 8, 64, 64])]
-    """
-    name = name or str(src)
-    with open_video(src, name, cfg.backend, decode_short_side(cfg, g is not None)) as video:
-        return [clip_transform(video.read(clip_indices(video.timestamps, cfg, s)), cfg, g)
-                for s in clip_starts(video.timestamps, cfg, count, g)]

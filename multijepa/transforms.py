@@ -1,24 +1,21 @@
-"""Per-modality preprocessing: decoded sample -> model input, random in training, fixed for embedding.
+"""Preprocessing: decoded sample -> model input, random in training, fixed for embedding.
 
 Randomness comes from an explicit ``torch.Generator`` seeded per (step, index), so a resumed
 run sees exactly the crops an uninterrupted run would have seen, whatever the worker count.
+Functions that take ``cfg`` take the modality's recipe section (``multijepa.modalities.<name>``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+import platform
+from typing import Any, Optional, Sequence
 
 import torch
-import torchvision.transforms.v2.functional as TF
-
 import torch.nn.functional as F
 
 from multijepa.errors import DecodeError
-from multijepa.recipe import AudioConfig, ImageConfig, PointCloudConfig
-
-if TYPE_CHECKING:
-    from multijepa.datasets.readers import PointSet
+from multijepa.readers import PointSet
 
 
 def _random_resized_crop_box(h: int, w: int, scale: tuple[float, float], g: torch.Generator,
@@ -38,6 +35,45 @@ def _random_resized_crop_box(h: int, w: int, scale: tuple[float, float], g: torc
     return (h - side) // 2, (w - side) // 2, side, side
 
 
+def _native_uint8_resize() -> bool:
+    # Where the CPU has the vector units for it, torch resizes uint8 images natively; elsewhere
+    # through float32 (torchvision's rule, kept so that both give the same pixels).
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
+def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of images [..., C, H, W] (uint8 or float) to [..., C, height, width].
+
+    The same pixels as torchvision's ``v2.functional.resize`` (tested equal), without importing
+    torchvision, whose import costs every process about 1.5 s.
+    """
+    shape = x.shape
+    if tuple(shape[-2:]) == (height, width):
+        return x
+    c, h, w = shape[-3:]
+    flat = x.reshape(-1, c, h, w)
+    native = flat.is_floating_point() or (flat.dtype == torch.uint8 and flat.device.type == "cpu"
+                                          and _native_uint8_resize())
+    out = F.interpolate(flat if native else flat.float(), size=[height, width], mode="bilinear",
+                        align_corners=False, antialias=True)
+    if not native:
+        out = out.round_().to(x.dtype)
+    return out.reshape(shape[:-2] + (height, width))
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """float [..., C, H, W] -> (x - mean) / std per channel."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] -> [..., 1, H, W] of the same dtype, ITU-R 601 luma (0.2989 R + 0.587 G + 0.114 B)."""
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).to(x.dtype)
+
+
 def crop_and_resize(x: torch.Tensor, size: int, crop_scale: tuple[float, float], hflip: bool,
                     g: Optional[torch.Generator]) -> torch.Tensor:
     """[..., H, W] -> [..., size, size], one geometry for every leading index (a video's frames).
@@ -48,85 +84,70 @@ def crop_and_resize(x: torch.Tensor, size: int, crop_scale: tuple[float, float],
     h, w = x.shape[-2:]
     if g is not None:
         top, left, ch, cw = _random_resized_crop_box(h, w, crop_scale, g)
-        x = TF.resized_crop(x, top, left, ch, cw, [size, size], antialias=True)
+        x = resize(x[..., top:top + ch, left:left + cw], size, size)
         if hflip and torch.rand((), generator=g).item() < 0.5:
-            x = TF.horizontal_flip(x)
+            x = x.flip(-1)
         return x
-    if min(h, w) != size:
-        x = TF.resize(x, [size], antialias=True)
-    return TF.center_crop(x, [size, size])
+    if min(h, w) != size:  # the short side to size, the long one in proportion (truncated)
+        x = resize(x, size, int(size * w / h)) if h <= w else resize(x, int(size * h / w), size)
+    h, w = x.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
 
 
-def image_transform(image: torch.Tensor, cfg: ImageConfig, g: Optional[torch.Generator]) -> torch.Tensor:
-    """uint8 [C, H, W] -> normalised float [C, size, size] (random crop and flip with a generator)."""
+def image_transform(image: torch.Tensor, cfg: Any, g: Optional[torch.Generator]) -> torch.Tensor:
+    """uint8 [C, H, W] -> normalised float [C, size, size] (random crop and flip with a generator; ``cfg``:
+    the ``image`` section)."""
     out = crop_and_resize(image, cfg.size, cfg.crop_scale, cfg.hflip, g).float().div_(255.0)
-    return TF.normalize(out, list(cfg.mean), list(cfg.std))
+    return normalize(out, cfg.mean, cfg.std)
 
 
-def crop_or_pad(series: torch.Tensor, length: int, g: Optional[torch.Generator]) -> torch.Tensor:
-    """float [C, L] -> [C, length]: a window of a longer series (random with a generator, else the
-    start), or a shorter one padded with NaN at the end (NaN marks padding for the tokenizer).
+def crop_or_pad(x: torch.Tensor, length: int, g: Optional[torch.Generator], pad_anywhere: bool = False
+                ) -> torch.Tensor:
+    """[C, S] -> [C, length] along the last axis: a window of a longer series or clip, or a shorter one
+    padded with NaN (NaN marks padding: its tokens are left out of masks, attention and the loss).
+
+    With a generator the window starts at random (training), else at 0. Padding goes at the end, or,
+    with ``pad_anywhere`` and a generator, around the sample at a random offset (audio clips).
 
     >>> crop_or_pad(torch.ones(1, 3), 5, None).tolist()
     [[1.0, 1.0, 1.0, nan, nan]]
     """
-    c, n = series.shape
-    if n >= length:
-        start = int(torch.randint(0, n - length + 1, (1,), generator=g)) if g is not None else 0
-        return series[:, start:start + length]
-    return torch.cat([series, series.new_full((c, length - n), float("nan"))], dim=1)
-
-
-def series_windows(series: torch.Tensor, length: int, hop: int) -> list[torch.Tensor]:
-    """All windows [C, length] of a series [C, L], every ``hop`` samples, the last one flush with the
-    end so the tail is covered; one NaN-padded window when the series is not longer than ``length``.
-
-    >>> [w[0, 0].item() for w in series_windows(torch.arange(10.0)[None], 4, 3)]
-    [0.0, 3.0, 6.0]
-    """
-    n = series.shape[1]
-    if n <= length:
-        return [crop_or_pad(series, length, None)]
-    starts = list(range(0, n - length + 1, hop))
-    if starts[-1] != n - length:
-        starts.append(n - length)
-    return [series[:, s:s + length] for s in starts]
-
-
-def crop_or_pad_audio(wave: torch.Tensor, length: int, g: Optional[torch.Generator]) -> torch.Tensor:
-    """[C, S] -> [C, length]: a crop of a longer clip or a shorter one padded with NaN (NaN marks
-    padding: its tokens are left out of masks, attention and the loss, see ``audio_valid_tokens``).
-
-    With a generator the crop, or the clip's place inside the padding, is uniformly random
-    (training); without one the crop starts at 0 and padding goes at the end.
-
-    >>> crop_or_pad_audio(torch.ones(1, 2), 3, None).tolist()
-    [[1.0, 1.0, nan]]
-    """
-    s = wave.shape[1]
+    s = x.shape[1]
     if s == length:
-        return wave
-    offset = int(torch.randint(0, abs(s - length) + 1, (1,), generator=g)) if g is not None else 0
+        return x
+    random = g is not None and (s > length or pad_anywhere)
+    offset = int(torch.randint(0, abs(s - length) + 1, (1,), generator=g)) if random else 0
     if s > length:
-        return wave[:, offset:offset + length]
-    return F.pad(wave, (offset, length - s - offset), value=float("nan"))
+        return x[:, offset:offset + length]
+    return F.pad(x, (offset, length - s - offset), value=float("nan"))
 
 
-def audio_windows(wave: torch.Tensor, window: int, hop: int, unit: int = 1) -> torch.Tensor:
-    """[C, S] -> [W, C, L]: windows every ``hop`` samples covering the whole clip.
+def windows(x: torch.Tensor, length: int, hop: int, flush: bool, unit: int = 0) -> torch.Tensor:
+    """[C, S] -> [W, C, length]: windows every ``hop`` samples covering the whole of ``x``.
 
-    A clip of at least one window gives W = 1 + ceil((S - window) / hop) windows of L = ``window``
-    samples, the end padded (NaN) so the last window reaches past the last sample. A shorter clip
-    gives one window of its own length, padded only up to a multiple of ``unit`` samples (a whole
-    time patch). Padding tokens are left out of the pooled embedding.
+    The last window ends flush with the last sample (``flush``: it overlaps its neighbour more) or
+    reaches past it, NaN-padded. A sample shorter than ``length`` is one window: NaN-padded to
+    ``length``, or, with ``unit`` > 0, only up to a whole multiple of ``unit`` samples (a time patch).
+
+    >>> [w[0, 0].item() for w in windows(torch.arange(10.0)[None], 4, 4, flush=True)]
+    [0.0, 4.0, 6.0]
+    >>> windows(torch.arange(10.0)[None], 4, 4, flush=False)[-1, 0].tolist()
+    [8.0, 9.0, nan, nan]
     """
-    s = wave.shape[1]
-    if s < window:
-        return F.pad(wave, (0, -(-s // unit) * unit - s), value=float("nan")).unsqueeze(0)
-    count = 1 + math.ceil((s - window) / hop)
-    total = window + (count - 1) * hop
-    padded = F.pad(wave, (0, total - s), value=float("nan")) if total > s else wave
-    return padded.unfold(1, window, hop).permute(1, 0, 2)  # a view: no copy of long files
+    s = x.shape[1]
+    if s < length:
+        padded = -(-s // unit) * unit if unit > 0 else length
+        return F.pad(x, (0, padded - s), value=float("nan")).unsqueeze(0)
+    if flush:
+        starts = list(range(0, s - length + 1, hop))
+        if starts[-1] != s - length:
+            starts.append(s - length)
+        return torch.stack([x[:, a:a + length] for a in starts])
+    count = 1 + math.ceil((s - length) / hop)
+    total = length + (count - 1) * hop
+    padded = F.pad(x, (0, total - s), value=float("nan")) if total > s else x
+    return padded.unfold(1, length, hop).permute(1, 0, 2)  # a view: no copy of long files
 
 
 def change_speed(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.Tensor:
@@ -138,8 +159,8 @@ def change_speed(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.T
     return torch.from_numpy(np.ascontiguousarray(out.T, dtype=np.float32))
 
 
-def audio_transform(wave: torch.Tensor, cfg: AudioConfig, g: Optional[torch.Generator]) -> torch.Tensor:
-    """float [C, S] at cfg.sample_rate -> a model input.
+def audio_transform(wave: torch.Tensor, cfg: Any, g: Optional[torch.Generator]) -> torch.Tensor:
+    """float [C, S] at cfg.sample_rate -> a model input (``cfg``: the ``audio`` section).
 
     With a generator (training): speed perturbation by a factor drawn from ``speed_perturb``, then a
     random crop or padding to ``clip_seconds``, [C, clip_samples].
@@ -156,8 +177,9 @@ def audio_transform(wave: torch.Tensor, cfg: AudioConfig, g: Optional[torch.Gene
         shortest = min(2 * cfg.hop_length * cfg.patch_size[1], cfg.clip_samples)
         if wave.shape[1] < shortest:
             wave = F.pad(wave, (0, shortest - wave.shape[1]))
-        return crop_or_pad_audio(wave, cfg.clip_samples, g)
-    return audio_windows(wave, cfg.window_samples, cfg.window_hop_samples, cfg.hop_length * cfg.patch_size[1])
+        return crop_or_pad(wave, cfg.clip_samples, g, pad_anywhere=True)
+    return windows(wave, cfg.window_samples, cfg.window_hop_samples, flush=False,
+                   unit=cfg.hop_length * cfg.patch_size[1])
 # --------------------------------------------------------------------------- point clouds
 
 
@@ -192,7 +214,7 @@ def up_axis_rotation(angle: float, up: int) -> torch.Tensor:
     return rot
 
 
-def pointcloud_transform(points: PointSet, cfg: PointCloudConfig, g: Optional[torch.Generator],
+def pointcloud_transform(points: PointSet, cfg: Any, g: Optional[torch.Generator],
                          name: str = "") -> torch.Tensor:
     """Points read from a file -> the model input [num_points, 3 + F]: xyz, then the kept features.
 
