@@ -23,21 +23,25 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from multijepa._version import __version__
+from multijepa.datasets.shards import write_shards
+from multijepa.demo import run_demo
+from multijepa.embed import check_out, expand_inputs, find_latest_checkpoint, load, write_embeddings
 from multijepa.errors import MultijepaError
+from multijepa.evaluate import probe
+from multijepa.modalities import MODALITIES, modality_of, readers_of
+from multijepa.recipe import load_recipe
+from multijepa.train import pretrain
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from multijepa.recipe import load_recipe
-    from multijepa.train import pretrain
-
     run = pretrain(load_recipe(args.recipe, args.overrides))
     print(f"checkpoint: {run / 'last.pt'}")
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from multijepa.embed import check_out, expand_inputs, load, write_embeddings
-    from multijepa.modalities import MODALITIES
-
     def note(text: str) -> None:
         if not args.quiet:
             print(text, file=sys.stderr)
@@ -90,8 +94,6 @@ PROGRESS_FROM = 8  # embed shows a progress bar for more files than this (on a t
 
 
 def _npz_keys(path: str) -> list[str]:
-    import numpy as np
-
     with np.load(path) as saved:
         return list(saved.files)
 
@@ -103,8 +105,6 @@ def _checkpoint_for(files: list[str], runs: str) -> Path:
     ``files`` are files, not folders or lists (``expand_inputs`` makes them); files of a type several
     modalities read (.npy, .txt) decide only when every file is of such a type.
     """
-    from multijepa.modalities import modality_of, readers_of
-    from multijepa.embed import find_latest_checkpoint
 
     readers = [readers_of(f) or [modality_of(f)] for f in files]  # modality_of raises for unknown types
     shared = [m for m in readers[0] if all(m in r for r in readers)]  # modalities that read every file
@@ -129,8 +129,6 @@ def _checkpoint_for(files: list[str], runs: str) -> Path:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from multijepa.evaluate import probe
-
     result = probe(args.data, args.checkpoint, args.random_init, args.test_fraction, args.folds, args.seed,
                    args.device, args.batch_size, args.workers, test_data=args.test, modality=args.modality)
     what = "random-init encoder" if args.random_init else "JEPA encoder"
@@ -142,15 +140,11 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from multijepa.datasets.shards import write_shards
-
     written = write_shards(args.src, args.out, args.per_shard)
     print(f"wrote {len(written)} shards to {args.out}")
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from multijepa.demo import run_demo
-
     run_demo(args.dir, args.steps)
 
 
@@ -182,8 +176,6 @@ def _count(least: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from multijepa import __version__
-
     parser = argparse.ArgumentParser(prog="multijepa", description="JEPA pretraining for every modality.",
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"multijepa {__version__}")

@@ -21,6 +21,12 @@ import time
 from pathlib import Path
 from typing import Union
 
+from multijepa.datasets.synthetic import make_shapes
+from multijepa.embed import load
+from multijepa.evaluate import probe
+from multijepa.recipe import load_recipe
+from multijepa.train import pretrain
+
 # On top of recipes/image.yaml; the command line the demo prints says the same.
 DEMO_OVERRIDES = ["data.batch_size=64", "model.depth=4", "model.predictor_depth=2", "optim.warmup_steps=30",
                   "ema.momentum_start=0.95", "ema.momentum_end=0.99", "train.log_every=25",
@@ -36,12 +42,6 @@ def run_demo(out: Union[str, Path] = "demo", steps: int = 300, per_class: int = 
     Returns:
         {"jepa": probe result, "random_init": probe result, "seconds": wall-clock seconds}.
     """
-    from multijepa.datasets.synthetic import make_shapes
-    from multijepa.embed import load
-    from multijepa.evaluate import probe
-    from multijepa.recipe import load_recipe
-    from multijepa.train import pretrain
-
     t0 = time.perf_counter()
     root = Path(out)
     data = root / "shapes"

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from multijepa.datasets.files import FileIndex, expand_samples, list_folder
+from multijepa.embed import Embedder, load
 from multijepa.errors import MultijepaError
 from multijepa.modalities import MODALITIES, readers_of
 
@@ -171,8 +172,6 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
     Returns:
         {"linear": acc, "knn": acc, "n_train", "n_test", "seconds_embedding"}.
     """
-    from multijepa.embed import Embedder, load
-
     if checkpoint is None:
         raise MultijepaError("probe needs --checkpoint PATH (with --random-init it uses that checkpoint's recipe)")
     model = load(checkpoint, device)
