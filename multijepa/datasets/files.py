@@ -185,6 +185,9 @@ def expand_samples(index: FileIndex, recipe: Recipe) -> FileIndex:
     return FileIndex(files, [number[n] if n is not None else -1 for n in names], classes, parts)
 
 
+IN_MEMORY = "<in-memory tensors>"  # the path a tensor source is recorded under in the run's recipe
+
+
 def resolve_recipe(recipe: Recipe) -> Recipe:
     """The recipe with every source's from-the-data settings filled in (``timeseries.length: 0``),
     read from its training files and validated; unchanged where nothing waits for the data."""
@@ -204,9 +207,6 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
         recipe = recipe.with_section(src.modality, resolved)
         validate(recipe, f"{source.data.path} (the {src.modality} settings taken from the data)")
     return recipe
-
-
-IN_MEMORY = "<in-memory tensors>"  # the path a tensor source is recorded under in the run's recipe
 
 
 def _is_filelist(path: str) -> bool:
