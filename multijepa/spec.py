@@ -21,6 +21,7 @@ from torch import nn
 from multijepa.core.masking import MaskConfig, sample_block_masks, validate_mask
 from multijepa.core.transformer import PosEmbed, sincos_embed
 from multijepa.readers import Source
+
 # (stacked inputs, generator, valid tokens bool [B, N] or None) -> (model inputs, context_idx [B, Nc],
 # target_idx [B, M, Nt]); runs in DataLoader workers.
 Masker = Callable[[torch.Tensor, torch.Generator, Optional[torch.Tensor]], tuple]
@@ -30,7 +31,7 @@ def _sincos(cfg: Any, dim: int) -> PosEmbed:
     return sincos_embed
 
 
-def _never(cfg: Any) -> tuple[str, ...]:
+def _nothing_from_data(cfg: Any) -> tuple[str, ...]:
     return ()
 
 
@@ -93,7 +94,7 @@ class ModalitySpec:
     pos_embed: Callable[[Any, int], PosEmbed] = _sincos
     valid_tokens: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None
     list_samples: Optional[Callable[[str, Any], list]] = None
-    waits_for_data: Callable[[Any], tuple[str, ...]] = _never
+    waits_for_data: Callable[[Any], tuple[str, ...]] = _nothing_from_data
     from_data: Optional[Callable[[Any, list, str], Any]] = None
     window_hop_seconds: Optional[Callable[[Any], Optional[float]]] = None
     test_split: Optional[Callable[[Any], Any]] = None
