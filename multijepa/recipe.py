@@ -146,6 +146,10 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     sections: Mapping[str, Any] = field(default_factory=_default_sections)  # modality name -> its section
 
+    def __hash__(self) -> int:  # the sections dict is not hashable by itself; its values are
+        return hash((*(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"),
+                     tuple(self.sections.items())))
+
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections", {})
         if name in sections:

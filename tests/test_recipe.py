@@ -136,3 +136,10 @@ def test_recipe__single_modality_recipe_is_one_source():
         r.source("audio")
     smaller = r.with_section("image", dataclasses.replace(r.image, size=16))
     assert smaller.image.size == 16 and r.image.size != 16 and smaller.audio == r.audio
+
+
+def test_recipe__equal_recipes_hash_equal_and_sections_count():
+    a, b = load_recipe("image"), load_recipe("image")
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    c = load_recipe("image", ["image.patch_size=8"])  # a difference inside a modality's section
+    assert c != a and len({a, c}) == 2
