@@ -29,7 +29,7 @@ from multijepa.core.jepa import Backbone, pool_tokens
 from multijepa.datasets.files import expand_inputs, valid_mask
 from multijepa.errors import DecodeError, MultijepaError
 from multijepa.modalities import MODALITIES, modality_of, readers_of
-from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, saved_modalities
 from multijepa.train import build_model, resolve_device
 
 __all__ = ["Embedder", "check_out", "expand_inputs", "find_latest_checkpoint", "load", "rows_file",
@@ -154,8 +154,7 @@ class Embedder:
         if not overrides:
             return self
         raw = apply_overrides(recipe_to_dict(self.recipe), list(overrides))
-        return Embedder(self.encoder, recipe_from_dict(raw, f"the checkpoint's recipe with {' '.join(overrides)}"),
-                        str(self.device))
+        return self.with_recipe(recipe_from_dict(raw, f"the checkpoint's recipe with {' '.join(overrides)}"))
 
     def with_recipe(self, recipe: Recipe) -> "Embedder":
         """The same encoder reading inputs as ``recipe`` says (keys that leave the weights' shapes alone)."""
@@ -313,7 +312,7 @@ def find_latest_checkpoint(modalities: Union[str, Sequence[str]], runs: Union[st
         if not recipe_file.exists():
             continue
         saved = yaml.safe_load(recipe_file.read_text()) or {}
-        trained = {s.get("modality") for s in saved.get("sources") or []} or {saved.get("modality")}
+        trained = set(saved_modalities(saved))
         if not wanted <= trained:
             continue
         if best is None or ckpt.stat().st_mtime > best.stat().st_mtime:

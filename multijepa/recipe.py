@@ -208,6 +208,15 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return out
 
 
+def saved_modalities(raw: dict) -> list:
+    """The modalities a recipe in plain data (a run's recipe.yaml, a checkpoint's) trains on, in source order.
+
+    >>> saved_modalities({"modality": "mixed", "sources": [{"modality": "audio"}, {"modality": "image"}]})
+    ['audio', 'image']
+    """
+    return [s.get("modality") for s in raw.get("sources") or []] or [raw.get("modality")]
+
+
 def _upgrade(raw: dict) -> dict:
     """Recipes written before one key was made of two: ``loss.normalize_targets: false`` is
     ``loss.target_norm: none``; ``true`` kept ``loss.target_norm`` (checkpoints hold such recipes)."""

@@ -33,7 +33,7 @@ from multijepa.datasets.files import resolve_recipe
 from multijepa.datasets.mixed import Mixed, build_train_loader
 from multijepa.errors import DataError, RecipeError, TrainingError
 from multijepa.modalities import MODALITIES
-from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, save_recipe
+from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, save_recipe, saved_modalities
 
 # Recipe sections that fix the model's shape: a checkpoint only resumes under the same ones. The
 # sections of the modalities it reads (image, audio) are checked too; other modalities' are not.
@@ -56,11 +56,6 @@ def build_model(recipe: Recipe) -> JEPA:
     predictor = Predictor(m, {name: specs[name].pos_embed(cfg, m.predictor_dim) for name, cfg in sections.items()})
     return JEPA(context, predictor, recipe.loss, {s.modality: s.loss_weight for s in recipe.all_sources},
                 {name: recipe.source(name).loss.target_norm for name in sections})
-
-
-def _sources_of(saved: dict) -> list:
-    """The modalities a saved recipe (plain data) trains on, in source order."""
-    return [s["modality"] for s in saved.get("sources") or []] or [saved.get("modality")]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -113,9 +108,9 @@ def _check_resumable(saved: dict, recipe: Recipe, path: Path) -> None:
     except RecipeError as e:
         raise TrainingError(f"{e}; this checkpoint cannot be resumed here: use another run.dir, or "
                             f"run.resume=false to start over") from None
-    saved_modalities = _sources_of(saved)
-    if saved_modalities != list(recipe.modalities):
-        raise TrainingError(f"{path}: this checkpoint was trained on the sources {saved_modalities}, not "
+    trained = saved_modalities(saved)
+    if trained != list(recipe.modalities):
+        raise TrainingError(f"{path}: this checkpoint was trained on the sources {trained}, not "
                             f"{list(recipe.modalities)}; use another run.dir, or run.resume=false to start over")
     for section in ARCHITECTURE_SECTIONS + recipe.modalities:
         if saved.get(section) != now[section]:

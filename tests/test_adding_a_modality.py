@@ -65,7 +65,7 @@ def test_adding_a_modality__page_trains_embeds_and_probes(walkthrough, tmp_path)
     assert scores["n_train"] + scores["n_test"] == 24
     # Peak left or right is plain in the tokens' positions: even two steps' encoder separates the
     # classes under the linear probe (0.83 here, every seed fixed; chance is 0.5).
-    assert scores["linear"] > 0.7 and 0.0 <= scores["knn"] <= 1.0
+    assert scores["linear"] > 0.7
     # The checkpoint alone rebuilds the model: the same vectors again, and a tensor embeds like its file.
     import multijepa as mj
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from multijepa.errors import DecodeError, MultijepaError
 from multijepa.readers import Source
