@@ -51,7 +51,7 @@ def _embed(args: argparse.Namespace) -> None:
     if checkpoint is None:
         checkpoint = str(_checkpoint_for(expand_inputs(args.files, list(MODALITIES)), args.runs))
         note(f"using {checkpoint}")
-    model = load(checkpoint, device=args.device)
+    model = load(checkpoint, device=args.device, precision=args.precision)
     if args.window is not None or args.hop is not None:
         if "audio" not in model.modalities:
             raise MultijepaError(f"--window and --hop apply to audio models; {checkpoint} is a "
@@ -130,7 +130,8 @@ def _checkpoint_for(files: list[str], runs: str) -> Path:
 
 def _probe(args: argparse.Namespace) -> None:
     result = probe(args.data, args.checkpoint, args.random_init, args.test_fraction, args.folds, args.seed,
-                   args.device, args.batch_size, args.workers, test_data=args.test, modality=args.modality)
+                   args.device, args.batch_size, args.workers, test_data=args.test, modality=args.modality,
+                   precision=args.precision)
     what = "random-init encoder" if args.random_init else "JEPA encoder"
     split = f"{args.folds}-fold" if args.folds > 1 and not args.test else \
         f"{result['n_train']} train / {result['n_test']} test"
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_count(0), default=2, metavar="N",
                    help="DataLoader worker processes decoding files (0: decode in the main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 where the GPU or CPU has bf16 matrix units (as pretrain), else fp32")
     p.add_argument("--quiet", action="store_true",
                    help=f"no progress bar (shown on a terminal for more than {PROGRESS_FROM} files) and no notes on "
                         f"stderr; errors still print")
@@ -239,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_count(0), default=2, metavar="N",
                    help="DataLoader worker processes decoding files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 where the GPU or CPU has bf16 matrix units (as pretrain), else fp32")
     p.add_argument("--modality", help="with a model of several modalities: the one to probe (default: the "
                                       "one whose files DATA holds)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")

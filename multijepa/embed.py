@@ -30,7 +30,7 @@ from multijepa.datasets.files import expand_inputs, valid_mask
 from multijepa.errors import DecodeError, MultijepaError
 from multijepa.modalities import MODALITIES, modality_of, readers_of
 from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, saved_modalities
-from multijepa.train import build_model, resolve_device
+from multijepa.train import autocast, build_model, resolve_device, resolve_precision
 
 __all__ = ["Embedder", "check_out", "expand_inputs", "find_latest_checkpoint", "load", "rows_file",
            "write_embeddings"]
@@ -73,14 +73,17 @@ class Embedder:
         encoder: the target (EMA) encoder of a JEPA.
         recipe: the resolved recipe it was trained with.
         device: "auto", "cpu" or "cuda[:N]".
+        precision: "auto" (bf16 autocast where the device has native bf16 matrix products, as in
+            training), "bf16" or "fp32"; the embeddings come out as float32 either way.
     """
 
-    def __init__(self, encoder: Backbone, recipe: Recipe, device: str = "auto"):
+    def __init__(self, encoder: Backbone, recipe: Recipe, device: str = "auto", precision: str = "auto"):
         self.recipe = recipe
         try:
             self.device = resolve_device(device)
         except RuntimeError as e:  # torch's word on a malformed name ("cuda:x", "gpu")
             raise MultijepaError(f"device {device!r}: {e}; use auto, cpu, cuda or cuda:N") from None
+        self.precision, self.precision_reason = resolve_precision(precision, self.device)
         self.encoder = encoder.to(self.device).eval()
 
     @property
@@ -97,7 +100,7 @@ class Embedder:
             return self
         if modality not in self.modalities:
             raise MultijepaError(f"this model was trained on {', '.join(self.modalities)}, not {modality}")
-        return Embedder(self.encoder, self.recipe.source(modality), str(self.device))
+        return Embedder(self.encoder, self.recipe.source(modality), str(self.device), self.precision)
 
     def modality_for(self, item: Item) -> str:
         """The modality of this model that reads ``item`` (a tensor: the model's only modality)."""
@@ -119,7 +122,7 @@ class Embedder:
         return mine[0]
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto") -> "Embedder":
+    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", precision: str = "auto") -> "Embedder":
         if os.path.isdir(path):
             last = Path(path) / "last.pt"
             raise MultijepaError(f"{path}: a folder, not a checkpoint" + (f"; pass {last}" if last.is_file() else ""))
@@ -135,13 +138,13 @@ class Embedder:
             first = str(e).strip().splitlines()[:3]
             raise MultijepaError(f"{path}: its weights do not fit the model its recipe builds "
                                  f"({' '.join(line.strip() for line in first)[:300]})") from None
-        return cls(model.target, recipe, device)
+        return cls(model.target, recipe, device, precision)
 
     @classmethod
-    def random_init(cls, recipe: Recipe, seed: int = 0, device: str = "auto") -> "Embedder":
+    def random_init(cls, recipe: Recipe, seed: int = 0, device: str = "auto", precision: str = "auto") -> "Embedder":
         """The same architecture at initialisation: the baseline a probe compares against."""
         torch.manual_seed(seed)
-        return cls(build_model(recipe).target, recipe, device)
+        return cls(build_model(recipe).target, recipe, device, precision)
 
     def with_overrides(self, overrides: Sequence[str]) -> "Embedder":
         """The same encoder reading inputs with some recipe keys changed, e.g. other audio windows.
@@ -158,7 +161,7 @@ class Embedder:
 
     def with_recipe(self, recipe: Recipe) -> "Embedder":
         """The same encoder reading inputs as ``recipe`` says (keys that leave the weights' shapes alone)."""
-        return Embedder(self.encoder, recipe, str(self.device))
+        return Embedder(self.encoder, recipe, str(self.device), self.precision)
 
     @property
     def dim(self) -> int:
@@ -238,7 +241,8 @@ class Embedder:
         def forward(chunk: list[tuple[int, torch.Tensor]]) -> None:
             x = torch.stack([v for _, v in chunk]).to(self.device)
             valid = valid_mask(x, self.recipe)
-            feats, _ = self.encoder(x, self.recipe.modality, real=valid)
+            with autocast(self.precision, self.device):
+                feats, _ = self.encoder(x, self.recipe.modality, real=valid)
             if tokens:
                 out = feats if valid is None else feats.masked_fill(~valid.unsqueeze(-1), float("nan"))
             else:
@@ -297,9 +301,9 @@ class Embedder:
         return np.stack([found[r] for r in rows]), rows
 
 
-def load(path: Union[str, Path], device: str = "auto") -> Embedder:
+def load(path: Union[str, Path], device: str = "auto", precision: str = "auto") -> Embedder:
     """Load a checkpoint for embedding (the Python API's ``multijepa.load``)."""
-    return Embedder.from_checkpoint(path, device)
+    return Embedder.from_checkpoint(path, device, precision)
 
 
 def find_latest_checkpoint(modalities: Union[str, Sequence[str]], runs: Union[str, Path] = "runs") -> Optional[Path]:

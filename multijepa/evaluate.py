@@ -161,7 +161,8 @@ def _modality_of_data(data: str, modalities: tuple[str, ...]) -> str:
 
 def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False, test_fraction: float = 0.2,
           folds: int = 0, seed: int = 0, device: str = "auto", batch_size: int = 256,
-          num_workers: int = 2, test_data: Optional[str] = None, modality: Optional[str] = None) -> dict:
+          num_workers: int = 2, test_data: Optional[str] = None, modality: Optional[str] = None,
+          precision: str = "auto") -> dict:
     """Embed labelled data with a checkpoint's encoder (or the same encoder at random init) and probe it.
 
     ``data`` is a folder with one sub-folder per class, or a data file with labels inside (a .ts
@@ -174,9 +175,9 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
     """
     if checkpoint is None:
         raise MultijepaError("probe needs --checkpoint PATH (with --random-init it uses that checkpoint's recipe)")
-    model = load(checkpoint, device)
+    model = load(checkpoint, device, precision)
     if random_init:
-        model = Embedder.random_init(model.recipe, seed=seed, device=device)
+        model = Embedder.random_init(model.recipe, seed=seed, device=device, precision=precision)
     model = model.for_modality(modality or _modality_of_data(data, model.modalities))
     t0 = time.perf_counter()
     feats, names = _embed_labelled(model, data, batch_size, num_workers)
@@ -189,4 +190,5 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
     labels = np.array([classes.index(n) for n in names])
     result = probe_features(feats, labels, test_fraction=test_fraction, folds=folds, seed=seed, test_index=test_index)
     result["seconds_embedding"] = round(time.perf_counter() - t0, 2)
+    result["precision"] = model.precision
     return result

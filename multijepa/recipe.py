@@ -108,8 +108,9 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU or CPU has bf16 matrix units
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    compile: bool = False  # torch.compile the encoders and the predictor (docs/results.md: when it pays)
     collapse_std: float = 0.01  # warn when target feature std falls below this
     collapse_erank: float = 1.5  # ... or their effective rank (1 = every sample alike) falls below this
     progress: bool = True

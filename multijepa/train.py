@@ -66,6 +66,37 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> Optional[str]:
+    """What gives ``device`` native bf16 matrix products (a CUDA GPU that supports bf16, or a CPU with
+    AMX-BF16 or AVX512-BF16 instructions), or None where bf16 would be emulated and slow."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu":
+        return None
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # torch >= 2.6
+    found = [name for name in ("amx_bf16", "avx512_bf16") if capabilities.get(name)]
+    return f"the CPU has {found[0]}" if found else None
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``("bf16" | "fp32", why)`` for ``train.precision`` (or ``--precision``) on ``device``: ``auto``
+    is bf16 where :func:`native_bf16` finds the hardware for it, fp32 elsewhere."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise RecipeError(f"precision {precision!r}: use auto, fp32 or bf16")
+    why = native_bf16(device)
+    if precision == "bf16" and not why:
+        return "bf16", f"as set, though {device.type} has no native bf16 matrix products: expect it slower than fp32"
+    if precision != "auto":
+        return precision, "as set"
+    return ("bf16", f"auto: {why}") if why else ("fp32", f"auto: no native bf16 matrix products on {device.type}")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a resolved precision: bf16 matrix products (weights, optimizer state
+    and the loss stay float32), or nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 def param_groups(model: JEPA, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases, norms and the mask token are not decayed."""
     decay, no_decay = [], []
@@ -206,7 +237,8 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     main = rank == 0
     torch.manual_seed(t.seed)
     model = build_model(recipe).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for every parameter
     step = saved_step = 0
     if recipe.run.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
@@ -218,7 +250,6 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         if main:
-            print(f"resuming {run_dir} from step {step}", file=sys.stderr)
             _truncate_metrics(metrics_path, step)
     if step >= t.steps:
         if main:
@@ -231,8 +262,13 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     # A mixed batch may lack a modality (data.mix: weights), leaving its tokenizer without gradients.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   find_unused_parameters=len(recipe.modalities) > 1) if world > 1 else model
-    use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    if t.compile:  # in place, so parameter names (and checkpoints) stay those of the eager model
+        for transformer in (model.context.encoder, model.target.encoder, model.predictor.transformer):
+            transformer.compile(dynamic=True)
+    precision, why = resolve_precision(t.precision, device)
+    mixed_precision = autocast(precision, device)
+    if main:
+        print(_startup_line(recipe, model, device, precision, why, step), file=sys.stderr)
     loader = build_train_loader(recipe, step * o.accum_steps, rank, world, tensors)
     tally = {"bad": 0, "seen": 0}
     batches = _decodable(iter(loader), recipe, tally)
@@ -241,6 +277,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     interval_parts = torch.zeros(3, device=device)  # prediction, regularizer, padding waste
     per_modality: dict[str, list] = {}  # modality -> [summed prediction loss, micro-batches]
     interval_steps, interval_samples, t_last = 0, 0, time.perf_counter()
+    interval_wait = 0.0  # seconds spent waiting for the loader
     pooled = None
     progress = _progress(main and t.progress, t.steps, step)
 
@@ -254,12 +291,15 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                 if group["weight_decay"] > 0:
                     group["weight_decay"] = wd
             for micro in range(o.accum_steps):
+                waited = time.perf_counter()
+                batch = next(batches)
+                interval_wait += time.perf_counter() - waited
                 parts = {m: {k: part[k].to(device, non_blocking=True) if part[k] is not None else None
                              for k in ("input", "context_idx", "target_idx", "valid")}
-                         for m, part in next(batches).items()}
+                         for m, part in batch.items()}
                 sync = contextlib.nullcontext() if world == 1 or micro == o.accum_steps - 1 else net.no_sync()
                 with sync:
-                    with autocast:
+                    with mixed_precision:
                         out = net(parts)
                     (out["loss"] / o.accum_steps).backward()
                 interval_loss += out["loss"].detach() / o.accum_steps
@@ -291,6 +331,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                           "padding_waste": interval_parts[2].item() / interval_steps,
                           "lr": lr, "weight_decay": wd, "ema_momentum": momentum,
                           "samples_per_s": interval_samples / (now - t_last),
+                          "data_wait": interval_wait / (now - t_last),  # share of the time spent waiting for data
                           "bad_files": tally["bad"]}
                 if len(recipe.modalities) > 1:
                     record.update({f"loss_prediction_{m}": total.item() / n for m, (total, n) in per_modality.items()})
@@ -300,7 +341,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                 interval_loss.zero_()
                 interval_parts.zero_()
                 per_modality.clear()
-                interval_steps, interval_samples, t_last = 0, 0, now
+                interval_steps, interval_samples, t_last, interval_wait = 0, 0, now, 0.0
             if main and (step % t.checkpoint_every == 0 or step == t.steps or stop.requested):
                 # Only finite weights after finite losses are saved: one host sync per checkpoint.
                 if not (finite_since_saved & _all_finite(model.state_dict().values())).item():
@@ -320,6 +361,19 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                 raise KeyboardInterrupt
     progress.close()
     return run_dir
+
+
+def _startup_line(recipe: Recipe, model: JEPA, device: torch.device, precision: str, why: str, step: int) -> str:
+    """The run's first log line: what runs where, in which precision, on how many parameters."""
+    def millions(module: torch.nn.Module) -> str:
+        return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
+
+    where = f"{device}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+    start = f"resuming from step {step}" if step else "from step 0"
+    return (f"pretrain {'+'.join(recipe.modalities)} on {where}, {precision} ({why})"
+            f"{', compiled' if recipe.train.compile else ''}; encoder {millions(model.context)}"
+            f" and predictor {millions(model.predictor)} parameters; {recipe.train.steps} steps of "
+            f"{recipe.data.batch_size}, {start}, into {recipe.run.dir}")
 
 
 def _diverged(what: str, ckpt_path: Path, saved_step: int, lr: float) -> TrainingError:

@@ -79,8 +79,8 @@ def pool_tokens(feats: torch.Tensor, valid: Optional[torch.Tensor] = None) -> to
     return (feats * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
-def encode_batches(transformer: Transformer, xs: list[torch.Tensor], reals: list[Optional[torch.Tensor]]
-                   ) -> tuple[list[torch.Tensor], Optional[Segments]]:
+def encode_batches(transformer: Transformer, xs: list[torch.Tensor], reals: list[Optional[torch.Tensor]],
+                   outputs_from: int = 0) -> tuple[list[torch.Tensor], Optional[Segments]]:
     """Run one transformer over several batches of sequences ``xs[i]`` [B_i, N_i, D] at once.
 
     ``reals[i]`` (bool [B_i, N_i], or None when every token is real) marks real tokens. One batch
@@ -89,10 +89,11 @@ def encode_batches(transformer: Transformer, xs: list[torch.Tensor], reals: list
     of different lengths and modalities share one pass, and on CUDA no compute goes to padding.
 
     Returns:
-        The outputs [B_i, N_i, D] (zeros at padding) and the packing's ``Segments`` (None when dense).
+        The outputs [B_i, N_i, D] (zeros at padding) and the packing's ``Segments`` (None when dense);
+        a dense pass with ``outputs_from`` returns only tokens ``outputs_from:`` (see :class:`Transformer`).
     """
     if len(xs) == 1 and (reals[0] is None or bool(reals[0].all())):
-        return [transformer(xs[0])], None
+        return [transformer(xs[0], outputs_from=outputs_from)], None
     reals = [torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if r is None else r for x, r in zip(xs, reals)]
     lengths = [r.sum(1) for r in reals]
     segments = Segments(torch.cat(lengths))
@@ -154,9 +155,12 @@ class Backbone(nn.Module):
             keep_idx = None
         else:
             tokens, coords = tokenizer(inputs)
-        x = tokens + self.pos(modality, coords, self.dim).to(tokens.dtype)
+        # The residual stream keeps the weights' dtype (float32 under bf16 autocast, as mixed precision
+        # means: only the matrix products run in bf16), whatever dtype the tokenizer's product came in.
+        dtype = self.encoder.norm.weight.dtype
+        x = tokens.to(dtype) + self.pos(modality, coords, self.dim).to(dtype)
         if self.modality_embed is not None:
-            x = x + self.modality_embed[modality].to(x.dtype)
+            x = x + self.modality_embed[modality].to(dtype)
         if keep_idx is not None:
             x, coords = gather_tokens(x, keep_idx), gather_tokens(coords, keep_idx)
         return x, coords
@@ -206,10 +210,11 @@ class Predictor(nn.Module):
                    target_real: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One sequence per (sample, target block): [B*M, Nc + Nt, P] and its real tokens (or None)."""
         b, m, nt, c = target_coords.shape
-        x = self.embed(context) + self.pos(modality, context_coords, self.pdim).to(context.dtype)
-        queries = self.mask_token + self.pos(modality, target_coords.reshape(b * m, nt, c), self.pdim).to(x.dtype)
+        dtype = self.mask_token.dtype  # the residual stream in the weights' dtype, as in the encoder
+        x = self.embed(context).to(dtype) + self.pos(modality, context_coords, self.pdim).to(dtype)
+        queries = self.mask_token + self.pos(modality, target_coords.reshape(b * m, nt, c), self.pdim).to(dtype)
         if self.modality_embed is not None:
-            code = self.modality_embed[modality].to(x.dtype)
+            code = self.modality_embed[modality].to(dtype)
             x, queries = x + code, queries + code
         real = None
         if context_real is not None:
@@ -220,11 +225,14 @@ class Predictor(nn.Module):
         """Several modalities at once: {modality: (context, context_coords, target_coords, context_real,
         target_real)} -> {modality: predictions [B, M, Nt, D]} and the packing (None when dense)."""
         seqs = {m: self._sequences(m, *args) for m, args in batches.items()}
-        outs, segments = encode_batches(self.transformer, [x for x, _ in seqs.values()], [r for _, r in seqs.values()])
+        # Only the queries' outputs are needed: a dense pass of one modality skips the rest of the last block.
+        only_queries = next(iter(batches.values()))[0].shape[1] if len(batches) == 1 else 0
+        outs, segments = encode_batches(self.transformer, [x for x, _ in seqs.values()], [r for _, r in seqs.values()],
+                                        outputs_from=only_queries)
         preds = {}
-        for (m, (context, _, target_coords, _, _)), h in zip(batches.items(), outs):
+        for (m, (_, _, target_coords, _, _)), h in zip(batches.items(), outs):
             b, k, nt, _ = target_coords.shape
-            preds[m] = self.out(h[:, context.shape[1]:]).reshape(b, k, nt, -1)
+            preds[m] = self.out(h[:, -nt:]).reshape(b, k, nt, -1)  # the queries end every sequence
         return preds, segments
 
     def forward(self, context: torch.Tensor, context_coords: torch.Tensor, target_coords: torch.Tensor,
@@ -356,7 +364,7 @@ class JEPA(nn.Module):
             pooled, targets, target_coords = [], {}, {}
             for m, (feats, coords) in encoded.items():
                 pooled.append(pool_tokens(feats, parts[m].get("valid")))
-                feats = normalize_targets(feats, self.target_norms[m], parts[m].get("valid"))
+                feats = normalize_targets(feats.float(), self.target_norms[m], parts[m].get("valid"))
                 b, k, nt = tgt_idx[m].shape
                 flat_idx = tgt_idx[m].reshape(b, k * nt)
                 targets[m] = gather_tokens(feats, flat_idx).reshape(b, k, nt, -1)
@@ -365,6 +373,12 @@ class JEPA(nn.Module):
             {m: (p["input"], ctx_idx[m], reals[m][0]) for m, p in parts.items()})
         preds, pred_segments = self.predictor.predict(
             {m: (ctx, ctx_coords, target_coords[m], *reals[m]) for m, (ctx, ctx_coords) in contexts.items()})
+        with torch.autocast(next(iter(parts.values()))["input"].device.type, enabled=False):
+            out = self._losses(parts, preds, targets, contexts, reals)  # in float32, also under bf16 autocast
+        waste = padding_waste(*(s for s in (ctx_segments, pred_segments) if s is not None))
+        return {**out, "padding_waste": torch.tensor(waste), "target_pooled": torch.cat(pooled).detach()}
+
+    def _losses(self, parts: dict, preds: dict, targets: dict, contexts: dict, reals: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         loss = prediction = regularizer = None
         for m in parts:
@@ -384,9 +398,7 @@ class JEPA(nn.Module):
             prediction = w * pred_loss.detach() if prediction is None else prediction + w * pred_loss.detach()
             regularizer = w * reg.detach() if regularizer is None else regularizer + w * reg.detach()
             out[f"prediction/{m}"] = pred_loss.detach()
-        waste = padding_waste(*(s for s in (ctx_segments, pred_segments) if s is not None))
-        return {"loss": loss, "prediction": prediction, "regularizer": regularizer,
-                "padding_waste": torch.tensor(waste), "target_pooled": torch.cat(pooled).detach(), **out}
+        return {"loss": loss, "prediction": prediction, "regularizer": regularizer, **out}
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from multijepa.errors import check, check_range
@@ -68,21 +69,23 @@ def block_extent(grid: tuple[int, ...], scale: float, aspect: float, full_span_a
 
 
 def _box(grid: tuple[int, ...], extent: tuple[int, ...], g: torch.Generator,
-         region: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
-    """A bool grid with one box of ``extent`` at a uniform random position (inside ``region``'s (start, size) per axis)."""
-    mask = torch.zeros(grid, dtype=torch.bool)
+         region: tuple[tuple[int, int], ...] | None = None) -> np.ndarray:
+    """A flat bool grid (C order) with one box of ``extent`` at a uniform random position (inside
+    ``region``'s (start, size) per axis). NumPy: on these tiny arrays its operations cost a
+    fraction of torch's dispatch, and the positions still come from ``g``."""
+    mask = np.zeros(grid, dtype=bool)
     region = region or tuple((0, n) for n in grid)
     starts = [lo + int(torch.randint(0, n - e + 1, (1,), generator=g)) for (lo, n), e in zip(region, extent)]
     mask[tuple(slice(s, s + e) for s, e in zip(starts, extent))] = True
-    return mask
+    return mask.reshape(-1)
 
 
-def _pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack 1-D index tensors of unequal length, padding with -1: [len(rows), longest]."""
-    out = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)
+def _pad_stack(rows: list[np.ndarray]) -> torch.Tensor:
+    """Stack 1-D index arrays of unequal length, padding with -1: [len(rows), longest]."""
+    out = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=np.int64)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
-    return out
+    return torch.from_numpy(out)
 
 
 def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, g: torch.Generator,
@@ -115,23 +118,23 @@ def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, 
     c_scale, c_aspect = _uniform(cfg.context_scale, g), math.exp(_uniform(log_aspect, g))
     t_extent = block_extent(grid, t_scale, t_aspect, cfg.full_span_axes)
     c_extent = block_extent(grid, c_scale, c_aspect, cfg.full_span_axes)
-    region, allowed = None, torch.ones(n, dtype=torch.bool)
+    region, allowed = None, np.ones(n, dtype=bool)
     contexts, targets = [], []
     for b in range(batch_size):
         if valid is not None:
-            allowed = valid[b].reshape(-1).bool()
+            allowed = valid[b].reshape(-1).bool().numpy()
             if int(allowed.sum()) < 2:
                 raise ValueError(f"sample {b} of the batch has {int(allowed.sum())} valid tokens; masking needs 2")
-            where = allowed.reshape(grid).nonzero()
-            lo, hi = where.min(0).values.tolist(), (where.max(0).values + 1).tolist()
+            where = np.argwhere(allowed.reshape(grid))
+            lo, hi = where.min(0).tolist(), (where.max(0) + 1).tolist()
             region = tuple((a, z - a) for a, z in zip(lo, hi))
             box_grid = tuple(size for _, size in region)
             t_extent = block_extent(box_grid, t_scale, t_aspect, cfg.full_span_axes)
             c_extent = block_extent(box_grid, c_scale, c_aspect, cfg.full_span_axes)
         for _ in range(max_tries):
-            blocks = [_box(grid, t_extent, g, region).flatten() & allowed for _ in range(cfg.num_targets)]
-            covered = torch.stack(blocks).any(0)
-            context = _box(grid, c_extent, g, region).flatten() & ~covered & allowed
+            blocks = [_box(grid, t_extent, g, region) & allowed for _ in range(cfg.num_targets)]
+            covered = np.logical_or.reduce(blocks)
+            context = _box(grid, c_extent, g, region) & ~covered & allowed
             if int(context.sum()) >= cfg.min_context:
                 break
         else:
@@ -142,17 +145,17 @@ def sample_block_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, 
                 blocks = [blocks[0]] * cfg.num_targets
                 context = ~blocks[0] & allowed
                 if not context.any():  # a short padded sample whose one block is all it has
-                    first = int(blocks[0].nonzero()[0])
-                    blocks = [blocks[0].clone()] * cfg.num_targets
+                    first = int(blocks[0].nonzero()[0][0])
+                    blocks = [blocks[0].copy()] * cfg.num_targets
                     blocks[0][first] = False
                     context[first] = True
-        contexts.append(context.nonzero().squeeze(1))
-        targets.append([blk.nonzero().squeeze(1) for blk in blocks])
+        contexts.append(context.nonzero()[0])
+        targets.append([blk.nonzero()[0] for blk in blocks])
     if valid is not None:
         return _pad_stack(contexts), _pad_stack([t for ts in targets for t in ts]).reshape(batch_size, cfg.num_targets, -1)
-    context_idx = _cut_to_smallest(contexts, g)
+    context_idx = _cut_to_smallest([torch.from_numpy(c) for c in contexts], g)
     assert context_idx.shape[1] >= min(cfg.min_context, n)
-    return context_idx, torch.stack([torch.stack(ts) for ts in targets])
+    return context_idx, torch.from_numpy(np.stack([np.stack(ts) for ts in targets]))
 
 
 def _cut_to_smallest(contexts: list[torch.Tensor], g: torch.Generator) -> torch.Tensor:

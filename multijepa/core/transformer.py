@@ -1,6 +1,8 @@
-"""Our pre-norm transformer on ``F.scaled_dot_product_attention`` and coordinate position codes.
+"""Our pre-norm transformer, its attention kernel chosen by measurement, and coordinate position codes.
 
-SDPA picks the fused kernel (flash / memory-efficient) on CUDA and the math path on CPU.
+:func:`attention` runs ``F.scaled_dot_product_attention`` (SDPA: fused flash / memory-efficient
+kernels on CUDA, a flash kernel on CPU) or the plain matmul-softmax-matmul form, whichever
+:data:`ATTENTION_TABLE` measured faster for the device, dtype, head dim and sequence length.
 
 The transformer runs on dense batches [B, N, D] in which every token is real, and on *packed*
 batches: S sequences of different lengths laid end to end as [T, D], described by one
@@ -186,6 +188,54 @@ def unpack(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# The faster attention form on the CPU, measured with bench/speed_attention.py (2 threads of an AMD
+# EPYC with avx512_bf16, torch 2.14; the table in docs/results.md, "Attention kernels"), dense and
+# key-masked alike: {(device type, dtype, pass): ((head dim up to, tokens up to, form), ...)}. The
+# first row whose head dim covers the call decides: its form up to its token count, SDPA beyond.
+# "train" is forward + backward, "infer" forward only (the target encoder, embedding). Anything
+# unlisted (CUDA, fp16, head dims over 128) runs SDPA; in fp32 training SDPA was as fast or faster.
+ATTENTION_TABLE: Dict[Tuple[str, torch.dtype, str], Tuple[Tuple[int, int, str], ...]] = {
+    ("cpu", torch.bfloat16, "train"): ((128, 256, "matmul"),),
+    ("cpu", torch.bfloat16, "infer"): ((16, 128, "matmul"), (32, 128, "matmul"), (128, 256, "matmul")),
+    ("cpu", torch.float32, "infer"): ((64, 64, "matmul"), (128, 32, "matmul")),
+}
+
+
+def attention_kernel(device: torch.device, dtype: torch.dtype, tokens: int, head_dim: int,
+                     training: bool = True) -> str:
+    """``"sdpa"`` or ``"matmul"``: the faster attention form for keys of ``tokens`` x ``head_dim``
+    on ``device`` in ``dtype``, forward + backward (``training``) or forward only, read from
+    :data:`ATTENTION_TABLE`.
+
+    >>> cpu = torch.device("cpu")
+    >>> attention_kernel(cpu, torch.bfloat16, 64, 64), attention_kernel(cpu, torch.bfloat16, 1024, 64)
+    ('matmul', 'sdpa')
+    >>> attention_kernel(cpu, torch.float16, 64, 64)  # not measured: SDPA
+    'sdpa'
+    """
+    for max_dim, max_tokens, form in ATTENTION_TABLE.get((device.type, dtype, "train" if training else "infer"), ()):
+        if head_dim <= max_dim:
+            return form if tokens <= max_tokens else "sdpa"
+    return "sdpa"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over [..., N, hd], ``mask`` (bool, True = attend) broadcast over
+    the scores, through the form :func:`attention_kernel` picks; the same numbers either way.
+
+    >>> q = torch.randn(2, 3, 5, 8)
+    >>> torch.allclose(attention(q, q, q), F.scaled_dot_product_attention(q, q, q), atol=1e-6)
+    True
+    """
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if attention_kernel(q.device, q.dtype, k.shape[-2], q.shape[-1], training) == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
 _COMPILED: Dict[str, Callable] = {}
 _VARLEN_UNSUPPORTED: set = set()  # (head_dim, dtype) where varlen_attn raised; go straight to flex
 
@@ -213,7 +263,7 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg:
 
     # Equal lengths need no mask, which keeps SDPA free to pick a fused kernel.
     mask = None if seg.total == seg.num_segments * seg.max_len else seg.key_mask.to(q.device)[:, None, None, :]
-    out = F.scaled_dot_product_attention(to_padded(q), to_padded(k), to_padded(v), attn_mask=mask)
+    out = attention(to_padded(q), to_padded(k), to_padded(v), mask)
     return out.transpose(1, 2).reshape(-1, h, hd).index_select(0, index)
 
 
@@ -287,17 +337,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0) -> torch.Tensor:
         """x: [B, N, D], every token attending to every other; or, with ``segments``, a packed
-        [T, D] batch whose attention stays within each segment. Returns the shape of x."""
+        [T, D] batch whose attention stays within each segment. Returns the shape of x, or with
+        ``outputs_from`` (dense only) the outputs of tokens ``outputs_from:`` alone [B, N - outputs_from, D]:
+        every token is still a key, but no query, projection or output is computed for the others."""
         if segments is not None:
             t, d = x.shape
             q, k, v = self.qkv(x).view(t, 3, self.heads, d // self.heads).unbind(1)
             return self.proj(packed_attention(q, k, v, segments).reshape(t, d))
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        if outputs_from:
+            q = F.linear(x[:, outputs_from:], self.qkv.weight[:d], self.qkv.bias[:d])
+            q = q.view(b, n - outputs_from, self.heads, d // self.heads).transpose(1, 2)
+            k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).view(b, n, 2, self.heads, d // self.heads
+                                                                             ).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n - outputs_from, d))
 
 
 class Block(nn.Module):
@@ -323,9 +381,9 @@ class Block(nn.Module):
         mask = y.new_empty(y.shape[0], 1, 1).bernoulli_(keep)
         return y * mask / keep
 
-    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None) -> torch.Tensor:
-        """x: [B, N, D], or packed [T, D] with ``segments``."""
-        x = x + self._drop(self.attn(self.norm1(x), segments), segments)
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0) -> torch.Tensor:
+        """x: [B, N, D], or packed [T, D] with ``segments``; ``outputs_from``: see :class:`Attention`."""
+        x = x[:, outputs_from:] + self._drop(self.attn(self.norm1(x), segments, outputs_from), segments)
         return x + self._drop(self.mlp(self.norm2(x)), segments)
 
 
@@ -352,10 +410,16 @@ class Transformer(nn.Module):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             blk.mlp[2].weight.data.div_(math.sqrt(2.0 * (i + 1)))
 
-    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D], or packed x: [T, D] with ``segments`` -> [T, D]."""
-        for block in self.blocks:
-            x = block(x, segments)
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D], or packed x: [T, D] with ``segments`` -> [T, D].
+
+        ``outputs_from`` (dense only): return the outputs of tokens ``outputs_from:`` alone, [B, N -
+        outputs_from, D], the same numbers for less work (the last block computes nothing else; the
+        predictor needs only its queries' outputs)."""
+        if outputs_from and segments is not None:
+            raise ValueError("outputs_from applies to dense batches only")
+        for i, block in enumerate(self.blocks):
+            x = block(x, segments, outputs_from if i == len(self.blocks) - 1 else 0)
         return self.norm(x)
 
 

@@ -61,7 +61,8 @@ def knn(query: torch.Tensor, xyz: torch.Tensor, k: int, query_idx: Optional[torc
     """
     # |q|^2 + |x|^2 - 2 q.x: one matmul, no [B, M, P, 3] temporary (memory-bound on large clouds).
     q, x = query.float(), xyz.float()
-    dist = q.pow(2).sum(-1, keepdim=True) + x.pow(2).sum(-1).unsqueeze(1) - 2 * q @ x.transpose(1, 2)
+    with torch.autocast(q.device.type, enabled=False):  # float32 distances under bf16 autocast too
+        dist = q.pow(2).sum(-1, keepdim=True) + x.pow(2).sum(-1).unsqueeze(1) - 2 * q @ x.transpose(1, 2)
     if query_idx is not None:
         dist.scatter_(2, query_idx.unsqueeze(-1), -1.0)
     return dist.topk(k, dim=-1, largest=False, sorted=True).indices
