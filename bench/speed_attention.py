@@ -1,10 +1,11 @@
-"""Attention forward + backward time: PyTorch SDPA against the plain matmul-softmax-matmul form, in
-fp32 and bf16, dense and with a key mask, at the shapes JEPA runs on this machine's CPU.
+"""Attention time on this machine: PyTorch SDPA against the plain matmul-softmax-matmul form, in fp32
+and bf16, dense and with a key mask, forward + backward and forward only, over the sequence lengths
+and head dims that JEPA runs. The measurement behind ``multijepa.core.transformer.ATTENTION_TABLE``.
 
     .venv/bin/python bench/speed_attention.py --threads 2
 
-Prints one line per shape with milliseconds per forward + backward call (a measurement for the
-kernel choice of issue #16; results in docs/results.md).
+Prints one row per (dtype, head dim, tokens, mask) with milliseconds per call of each form and the
+faster one; every call holds about the same number of tokens (batch x heads x tokens = 2^15).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-# [batch, heads, tokens, head dim]: the demo's encoder, ViT-S/16 at 224 px, a 256-token grid, a larger batch.
-SHAPES = [(64, 3, 64, 64), (16, 6, 196, 64), (32, 4, 256, 32), (128, 3, 64, 64)]
+from multijepa.core.transformer import attention_kernel
+
+TOKENS = (16, 32, 64, 128, 256, 512, 1024)
+HEAD_DIMS = (16, 32, 64, 128)
+TOTAL = 2 ** 15  # batch x heads x tokens per call
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -32,32 +36,52 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch
 
 
 def milliseconds(fn: Callable, dtype: torch.dtype, shape: tuple[int, int, int, int], masked: bool,
-                 reps: int) -> float:
-    """Mean time of one forward + backward of ``fn`` on random q, k, v of ``shape``, after two warm-ups."""
-    q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+                 backward: bool, min_seconds: float) -> float:
+    """Mean time of one call of ``fn`` (and its backward) on random q, k, v of ``shape``: two warm-ups,
+    then as many calls as fill ``min_seconds``."""
+    q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=backward) for _ in range(3))
     mask = (torch.rand(shape[0], 1, 1, shape[2]) > 0.1) if masked else None
+
+    def once() -> None:
+        if backward:
+            fn(q, k, v, mask).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(q, k, v, mask)
+
     for _ in range(2):
-        fn(q, k, v, mask).sum().backward()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn(q, k, v, mask).sum().backward()
-    return (time.perf_counter() - start) / reps * 1000
+        once()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < min_seconds:
+        once()
+        calls += 1
+    return (time.perf_counter() - start) / calls * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=0.3, help="least time spent on each measurement")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, ms per forward + backward")
-    for shape in SHAPES:
-        for masked in (False, True):
-            times = {f"{name} {str(dtype).removeprefix('torch.')}": milliseconds(fn, dtype, shape, masked, args.reps)
-                     for dtype in (torch.float32, torch.bfloat16)
-                     for name, fn in (("sdpa", sdpa), ("matmul", matmul_attention))}
-            cells = "  ".join(f"{k} {v:6.1f}" for k, v in times.items())
-            print(f"{'x'.join(map(str, shape)):>14} {'masked' if masked else 'dense ':6}  {cells}", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads; ms per call, batch x heads x tokens = {TOTAL}")
+    print("| dtype | head dim | tokens | mask | pass | SDPA | matmul | faster | the code picks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        for hd in args.head_dims:
+            for n in args.tokens:
+                shape = (TOTAL // n // 4, 4, n, hd)
+                for masked in (False, True):
+                    for backward in (True, False):
+                        t_sdpa = milliseconds(sdpa, dtype, shape, masked, backward, args.seconds)
+                        t_mm = milliseconds(matmul_attention, dtype, shape, masked, backward, args.seconds)
+                        picked = attention_kernel(torch.device("cpu"), dtype, n, hd, backward)
+                        print(f"| {str(dtype).removeprefix('torch.')} | {hd} | {n} | {'yes' if masked else 'no'} | "
+                              f"{'fwd+bwd' if backward else 'fwd'} | {t_sdpa:.2f} | {t_mm:.2f} | "
+                              f"{'sdpa' if t_sdpa < t_mm else 'matmul'} ({max(t_sdpa, t_mm) / min(t_sdpa, t_mm):.2f}x) | "
+                              f"{picked} |", flush=True)
 
 
 if __name__ == "__main__":
