@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -40,7 +41,7 @@ from multijepa.core import transformer as transformer_module
 from multijepa.datasets.mixed import MaskCollate, build_train_loader
 from multijepa.datasets.files import resolve_recipe
 from multijepa.recipe import Recipe, load_recipe
-from multijepa.train import autocast, build_model, param_groups, pretrain, resolve_precision
+from multijepa.train import autocast, build_model, compile_transformers, param_groups, pretrain, resolve_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, provenance  # noqa: E402
@@ -103,8 +104,7 @@ def our_step(recipe: Recipe, precision: str, compiled: bool = False) -> tuple[Ca
     torch.manual_seed(0)
     model = build_model(recipe)
     if compiled:
-        for t in (model.context.encoder, model.target.encoder, model.predictor.transformer):
-            t.compile(dynamic=True)
+        compile_transformers(model)
     opt = torch.optim.AdamW(param_groups(model, 0.04), lr=1e-4, fused=True)
 
     def step(parts: dict) -> None:
@@ -129,7 +129,7 @@ def reference_step(path: Path, arch: str, precision: str) -> Callable[[dict], No
     torch.manual_seed(0)
     encoder = {"ViT-Ti/16": vit.vit_tiny, "ViT-S/16": vit.vit_small, "ViT-B/16": vit.vit_base}[arch]()
     predictor = vit.vit_predictor(num_patches=196, embed_dim=dim, predictor_embed_dim=384, depth=6, num_heads=heads)
-    target = __import__("copy").deepcopy(encoder).requires_grad_(False)
+    target = copy.deepcopy(encoder).requires_grad_(False)
     opt = torch.optim.AdamW(list(encoder.parameters()) + list(predictor.parameters()), lr=1e-4, weight_decay=0.04)
 
     def step(parts: dict) -> None:

@@ -97,6 +97,13 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
+def compile_transformers(model: JEPA) -> None:
+    """``train.compile``: torch.compile the encoders' and the predictor's transformers, in place (so
+    parameter names, and checkpoints, stay those of the eager model), for any sequence length."""
+    for transformer in (model.context.encoder, model.target.encoder, model.predictor.transformer):
+        transformer.compile(dynamic=True)
+
+
 def param_groups(model: JEPA, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases, norms and the mask token are not decayed."""
     decay, no_decay = [], []
@@ -262,9 +269,8 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     # A mixed batch may lack a modality (data.mix: weights), leaving its tokenizer without gradients.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   find_unused_parameters=len(recipe.modalities) > 1) if world > 1 else model
-    if t.compile:  # in place, so parameter names (and checkpoints) stay those of the eager model
-        for transformer in (model.context.encoder, model.target.encoder, model.predictor.transformer):
-            transformer.compile(dynamic=True)
+    if t.compile:
+        compile_transformers(model)
     precision, why = resolve_precision(t.precision, device)
     mixed_precision = autocast(precision, device)
     if main:
