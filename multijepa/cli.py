@@ -77,6 +77,9 @@ def _embed(args: argparse.Namespace) -> None:
     written = write_embeddings([files[i] for i, _ in rows], vectors, args.out,
                                index=[k for _, k in rows] if many else None,
                                window_hop_seconds=model.window_hop_seconds)
+    how = f"on {model.device} in {model.precision} ({model.precision_reason})"
+    if not written:
+        note(f"embedded {how}")
     if written:
         what = f"{sum(len(v) for v in vectors)} window embeddings of {len(vectors)} files" if windows \
             else f"{vectors.shape} embeddings"
@@ -87,7 +90,7 @@ def _embed(args: argparse.Namespace) -> None:
             named = f" (arrays: {', '.join(_npz_keys(args.out))})"
         else:
             named = f", one JSON object per {'window' if windows else 'row'} with its {keys}"
-        note(f"wrote {what} to {args.out}{named}")
+        note(f"wrote {what} to {args.out}{named}; embedded {how}")
 
 
 PROGRESS_FROM = 8  # embed shows a progress bar for more files than this (on a terminal, without --quiet)
@@ -135,7 +138,8 @@ def _probe(args: argparse.Namespace) -> None:
     what = "random-init encoder" if args.random_init else "JEPA encoder"
     split = f"{args.folds}-fold" if args.folds > 1 and not args.test else \
         f"{result['n_train']} train / {result['n_test']} test"
-    print(f"{what} ({split}): linear probe accuracy {result['linear']:.4f}, kNN accuracy {result['knn']:.4f}")
+    print(f"{what} ({split}, {result['precision']}): linear probe accuracy {result['linear']:.4f}, "
+          f"kNN accuracy {result['knn']:.4f}")
     if args.json:
         print(json.dumps(result))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, TINY_IMAGE, check_killed_run_resumes_on_the_same_curve, losses, run_cli
 
@@ -290,8 +291,23 @@ def test_probe__reports_accuracy_for_trained_and_random_init(trained, shapes):
     out = run_cli("probe", str(shapes), "--checkpoint", ckpt, "--json", "--workers", "0")
     result = json.loads(out.stdout.splitlines()[-1])
     assert 0 <= result["linear"] <= 1 and result["n_train"] + result["n_test"] == 32
-    out = run_cli("probe", str(shapes), "--checkpoint", ckpt, "--random-init", "--folds", "4", "--workers", "0")
-    assert "random-init encoder (4-fold)" in out.stdout
+    out = run_cli("probe", str(shapes), "--checkpoint", ckpt, "--random-init", "--folds", "4", "--workers", "0",
+                  "--precision", "fp32")
+    assert "random-init encoder (4-fold, fp32)" in out.stdout
+
+
+def test_embed__says_and_honours_its_precision(trained, shapes, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    file, ckpt = str(sorted(shapes.rglob("*.png"))[0]), str(trained / "runs/image/last.pt")
+    assert main(["embed", file, "--checkpoint", ckpt, "--precision", "fp32", "--out", "a.npy"]) == 0
+    assert "embedded on cpu in fp32 (as set)" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    assert main(["embed", file, "--checkpoint", ckpt, "--out", "b.npy"]) == 0
+    assert "in bf16 (auto: the CPU has avx512_bf16)" in capsys.readouterr().err
+    a, b = np.load(trained / "a.npy"), np.load(trained / "b.npy")
+    assert a.dtype == b.dtype == np.float32 and not np.array_equal(a, b) and np.allclose(a, b, atol=0.05)
+    with pytest.raises(SystemExit):
+        main(["embed", file, "--checkpoint", ckpt, "--precision", "fp16"])
 
 
 def test_shard__then_pretrain_on_shards(tmp_path, shapes):
