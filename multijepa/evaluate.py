@@ -171,7 +171,8 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
     probed on one of them: ``modality``, or the one whose files ``data`` holds.
 
     Returns:
-        {"linear": acc, "knn": acc, "n_train", "n_test", "seconds_embedding"}.
+        {"linear": acc, "knn": acc, "n_train", "n_test", "seconds_embedding", "precision"} (the
+        precision the features were computed in: ``precision`` resolved as in training).
     """
     if checkpoint is None:
         raise MultijepaError("probe needs --checkpoint PATH (with --random-init it uses that checkpoint's recipe)")
