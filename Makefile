@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	PIP_FIND_LINKS= $(PY) -m pip install --quiet --upgrade pip
 	PIP_FIND_LINKS= $(PY) -m pip install --quiet torch torchvision
-	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[test]'
+	PIP_FIND_LINKS= $(PY) -m pip install --quiet -e '.[all,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,11 +15,12 @@ Several modalities, one model (docs/mixed.md):
 
 from multijepa import datasets
 from multijepa._version import __version__
-from multijepa.embed import load
-from multijepa.errors import DataError, DecodeError, MultijepaError, RecipeError, TrainingError
+from multijepa.embed import Embedder, load
+from multijepa.errors import DataError, DecodeError, MissingExtraError, MultijepaError, RecipeError, TrainingError
+from multijepa.export import export, info
 from multijepa.recipe import Recipe, load_recipe, shipped_recipes
 from multijepa.train import pretrain
 
 
-__all__ = ["DataError", "datasets", "DecodeError", "MultijepaError", "Recipe", "RecipeError", "TrainingError", "load",
-           "load_recipe", "pretrain", "shipped_recipes", "__version__"]
+__all__ = ["DataError", "datasets", "DecodeError", "Embedder", "export", "info", "MissingExtraError", "MultijepaError",
+           "Recipe", "RecipeError", "TrainingError", "load", "load_recipe", "pretrain", "shipped_recipes", "__version__"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -61,3 +62,17 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MultijepaError(f"{path}: not a multijepa checkpoint (format {state.get('format') if isinstance(state, dict) else '?'})")
     return state
+
+
+def keep_copy(path: Union[str, Path], copy: Union[str, Path]) -> None:
+    """Keep ``path`` as it is now under the name ``copy`` (a milestone checkpoint, ``train.keep_every``):
+    a hard link where the file system has them (no extra space; ``save_checkpoint`` replaces ``path``
+    with a new file, so the link keeps the old one), else a copy; either way atomically."""
+    path, copy = Path(path), Path(copy)
+    tmp = copy.with_name(f".{copy.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links here (some network and FAT file systems)
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy)

@@ -10,6 +10,9 @@
     multijepa probe --checkpoint runs/image/last.pt labelled_folder/
     multijepa probe --checkpoint runs/timeseries/last.pt GunPoint_TRAIN.ts --test GunPoint_TEST.ts
     multijepa shard photos/ shards/
+    multijepa plot runs/image runs/image-long --out curves.png
+    multijepa export runs/image/last.pt exported/image      # safetensors + config.json + model card
+    multijepa info runs/image
     multijepa demo
 """
 
@@ -31,6 +34,7 @@ from multijepa.demo import run_demo
 from multijepa.embed import check_out, expand_inputs, find_latest_checkpoint, load, write_embeddings
 from multijepa.errors import MultijepaError
 from multijepa.evaluate import probe
+from multijepa.export import export, info, info_text
 from multijepa.modalities import MODALITIES, modality_of, readers_of
 from multijepa.recipe import load_recipe
 from multijepa.train import pretrain
@@ -134,7 +138,7 @@ def _checkpoint_for(files: list[str], runs: str) -> Path:
 def _probe(args: argparse.Namespace) -> None:
     result = probe(args.data, args.checkpoint, args.random_init, args.test_fraction, args.folds, args.seed,
                    args.device, args.batch_size, args.workers, test_data=args.test, modality=args.modality,
-                   precision=args.precision)
+                   precision=args.precision, progress=sys.stderr.isatty())
     what = "random-init encoder" if args.random_init else "JEPA encoder"
     split = f"{args.folds}-fold" if args.folds > 1 and not args.test else \
         f"{result['n_train']} train / {result['n_test']} test"
@@ -145,8 +149,29 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _shard(args: argparse.Namespace) -> None:
-    written = write_shards(args.src, args.out, args.per_shard)
+    written = write_shards(args.src, args.out, args.per_shard, progress=sys.stderr.isatty())
     print(f"wrote {len(written)} shards to {args.out}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from multijepa.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    out = export(args.checkpoint, args.out)
+    print(f"wrote {out / 'model.safetensors'}, config.json and README.md; load it with multijepa.load({str(out)!r}) "
+          f"or multijepa embed --checkpoint {out} FILES")
+    if args.push_to_hub:
+        from multijepa.embed import Embedder
+
+        print(f"uploaded: {Embedder.from_pretrained(out, device='cpu').push_to_hub(args.push_to_hub)}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    found = info(args.path)
+    print(json.dumps(found, indent=1) if args.json else info_text(found))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -258,6 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write shard-NNNNNN.tar and classes.json into")
     p.add_argument("--per-shard", type=_count(1), default=1000, metavar="N", help="files per shard")
     p.set_defaults(func=_shard)
+
+    p = command("plot", "one PNG of a run's curves: loss and its parts, lr, collapse monitors, speed, bad files")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.jsonl); several are overlaid")
+    p.add_argument("--out", metavar="PNG", help="the image to write (default: RUN_DIR/metrics.png for one run, "
+                                                "runs.png here for several)")
+    p.set_defaults(func=_plot)
+
+    p = command("export", "a checkpoint's encoder as model.safetensors + config.json + README.md (Hub layout)")
+    p.add_argument("checkpoint", help="a last.pt or step_N.pt written by multijepa pretrain")
+    p.add_argument("out", help="the folder to write (new, empty, or an earlier export to replace)")
+    p.add_argument("--push-to-hub", metavar="USER/NAME", help="also upload it to this Hugging Face Hub model "
+                                                              "repository (needs network and a token)")
+    p.set_defaults(func=_export)
+
+    p = command("info", "what a checkpoint, run folder or export holds: modalities, recipe, step, parameters, "
+                        "last metrics and health")
+    p.add_argument("path", help="a checkpoint (.pt), a run folder or an export folder")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=_info)
 
     p = command("demo", "write a small image set, pretrain, embed and probe against random init (3 min on 2 CPU cores)")
     p.add_argument("--dir", default="demo", help="folder for the data set and the run")

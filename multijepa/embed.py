@@ -75,10 +75,14 @@ class Embedder:
         device: "auto", "cpu" or "cuda[:N]".
         precision: "auto" (bf16 autocast where the device has native bf16 matrix products, as in
             training), "bf16" or "fp32"; the embeddings come out as float32 either way.
+        provenance: where the weights come from (``step``, ``trained_from``, last ``metrics``), for
+            :meth:`save_pretrained`'s config and model card.
     """
 
-    def __init__(self, encoder: Backbone, recipe: Recipe, device: str = "auto", precision: str = "auto"):
+    def __init__(self, encoder: Backbone, recipe: Recipe, device: str = "auto", precision: str = "auto",
+                 provenance: Optional[dict] = None):
         self.recipe = recipe
+        self.provenance = dict(provenance or {})
         try:
             self.device = resolve_device(device)
         except RuntimeError as e:  # torch's word on a malformed name ("cuda:x", "gpu")
@@ -100,7 +104,7 @@ class Embedder:
             return self
         if modality not in self.modalities:
             raise MultijepaError(f"this model was trained on {', '.join(self.modalities)}, not {modality}")
-        return Embedder(self.encoder, self.recipe.source(modality), str(self.device), self.precision)
+        return Embedder(self.encoder, self.recipe.source(modality), str(self.device), self.precision, self.provenance)
 
     def modality_for(self, item: Item) -> str:
         """The modality of this model that reads ``item`` (a tensor: the model's only modality)."""
@@ -123,9 +127,15 @@ class Embedder:
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", precision: str = "auto") -> "Embedder":
+        """The target encoder of a ``last.pt`` (or milestone checkpoint), or of an export folder."""
+        from multijepa.export import is_export, last_metrics, load_export
+
         if os.path.isdir(path):
+            if is_export(path):
+                return load_export(path, device, precision)
             last = Path(path) / "last.pt"
-            raise MultijepaError(f"{path}: a folder, not a checkpoint" + (f"; pass {last}" if last.is_file() else ""))
+            raise MultijepaError(f"{path}: a folder, not a checkpoint or an export (config.json + model.safetensors)"
+                                 + (f"; pass {last}" if last.is_file() else ""))
         state = load_checkpoint(path)
         if not isinstance(state.get("recipe"), dict) or not isinstance(state.get("model"), dict):
             raise MultijepaError(f"{path}: a checkpoint without its recipe or weights; pass a last.pt written "
@@ -138,7 +148,38 @@ class Embedder:
             first = str(e).strip().splitlines()[:3]
             raise MultijepaError(f"{path}: its weights do not fit the model its recipe builds "
                                  f"({' '.join(line.strip() for line in first)[:300]})") from None
-        return cls(model.target, recipe, device, precision)
+        provenance = {"step": state.get("step"), "trained_from": str(path),
+                      "metrics": last_metrics(Path(path).parent, state.get("step"))}
+        return cls(model.target, recipe, device, precision, provenance)
+
+    def save_pretrained(self, out_dir: Union[str, Path]) -> Path:
+        """Write this encoder as an export folder (``model.safetensors``, ``config.json``, ``README.md``),
+        the layout the Hugging Face Hub hosts; :func:`multijepa.load` and :meth:`from_pretrained` read it.
+
+        >>> mj.load("runs/audio/last.pt").save_pretrained("exported/audio")  # doctest: +SKIP
+        """
+        from multijepa.export import save_export
+
+        return save_export(self, out_dir)
+
+    @classmethod
+    def from_pretrained(cls, name: Union[str, Path], revision: Optional[str] = None, token: Optional[str] = None,
+                        device: str = "auto", precision: str = "auto") -> "Embedder":
+        """An export folder, or a Hugging Face Hub model repository (``"user/name"``) holding one.
+
+        >>> Embedder.from_pretrained("user/multijepa-audio").embed(["a.wav"])  # doctest: +SKIP
+        """
+        from multijepa.export import from_pretrained
+
+        return from_pretrained(name, revision, token, device, precision)
+
+    def push_to_hub(self, repo_id: str, token: Optional[str] = None, private: Optional[bool] = None,
+                    commit_message: str = "Upload multijepa encoder") -> str:
+        """Upload this encoder's export folder to a Hugging Face Hub model repository (created if
+        needed); returns the commit's URL. Needs network and a token (``token`` or ``hf auth login``)."""
+        from multijepa.export import push_to_hub
+
+        return push_to_hub(self, repo_id, token, private, commit_message)
 
     @classmethod
     def random_init(cls, recipe: Recipe, seed: int = 0, device: str = "auto", precision: str = "auto") -> "Embedder":
@@ -161,7 +202,7 @@ class Embedder:
 
     def with_recipe(self, recipe: Recipe) -> "Embedder":
         """The same encoder reading inputs as ``recipe`` says (keys that leave the weights' shapes alone)."""
-        return Embedder(self.encoder, recipe, str(self.device), self.precision)
+        return Embedder(self.encoder, recipe, str(self.device), self.precision, self.provenance)
 
     @property
     def dim(self) -> int:
@@ -302,7 +343,8 @@ class Embedder:
 
 
 def load(path: Union[str, Path], device: str = "auto", precision: str = "auto") -> Embedder:
-    """Load a checkpoint for embedding (the Python API's ``multijepa.load``)."""
+    """Load a checkpoint (``last.pt``) or an export folder (``multijepa export``) for embedding: the
+    Python API's ``multijepa.load``."""
     return Embedder.from_checkpoint(path, device, precision)
 
 

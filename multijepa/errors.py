@@ -34,3 +34,38 @@ def check_range(rng: tuple[float, float], where: str, key: str, lo: float, hi: f
     """Check that ``rng`` is ``[low, high]`` with ``lo <= low <= high <= hi``."""
     check(lo <= rng[0] <= rng[1] <= hi, where, key,
           f"must be [low, high] with {lo} <= low <= high <= {hi}, got {list(rng)}")
+
+
+class MissingExtraError(MultijepaError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` that adds it."""
+
+
+# The import name of each optional dependency -> (its name on the package index, the extra that installs it).
+EXTRAS = {
+    "soundfile": ("soundfile", "audio"),
+    "soxr": ("soxr", "audio"),
+    "torchaudio": ("torchaudio", "audio"),
+    "av": ("av", "video"),
+    "open3d": ("open3d", "pointcloud"),
+    "torch.utils.tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "huggingface_hub": ("huggingface_hub", "hub"),
+}
+
+
+def require(module: str, needed_for: str):
+    """Import an optional dependency, or raise :class:`MissingExtraError` naming what needs it and the
+    ``pip install`` to run.
+
+    >>> require("json", "this example").__name__
+    'json'
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # also open3d installed without its system library (libusb-1.0)
+        package, extra = EXTRAS.get(module, (module, "all"))
+        raise MissingExtraError(f"{needed_for} needs the Python package {package}, which could not be imported "
+                                f"({e}); install it with\n  pip install 'multijepa[{extra}]'\n(or "
+                                f"pip install {package}; from a clone: pip install -e '.[{extra}]')") from None

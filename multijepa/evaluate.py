@@ -123,8 +123,8 @@ def probe_features(features: np.ndarray, labels: np.ndarray, test_fraction: floa
             "n_train": int(len(splits[0][0])), "n_test": int(len(splits[0][1]))}
 
 
-def _embed_labelled(model, data: str, batch_size: int, num_workers: int,
-                    test_split: bool = False) -> tuple[np.ndarray, list[str]]:
+def _embed_labelled(model, data: str, batch_size: int, num_workers: int, test_split: bool = False,
+                    progress: bool = False) -> tuple[np.ndarray, list[str]]:
     """Features and class names of every sample of a labelled folder, or of one data file with labels
     inside (a .ts file with class labels, a wide CSV with a label column); ``test_split``: read the
     test split of a file that holds both (an .npz with X_train/X_test), where the modality has one."""
@@ -139,7 +139,8 @@ def _embed_labelled(model, data: str, batch_size: int, num_workers: int,
         raise MultijepaError(f"{data}: probing needs labels: one sub-folder per class, or a file with class labels "
                              f"inside (a .ts file, a UCR .tsv/.txt, a wide CSV with a label column, an .npz with "
                              f"y), at least two classes")
-    feats = model.embed(list(dict.fromkeys(index.files)), batch_size=batch_size, num_workers=num_workers)
+    feats = model.embed(list(dict.fromkeys(index.files)), batch_size=batch_size, num_workers=num_workers,
+                        progress=progress)
     assert len(feats) == len(index.labels)
     return feats, [index.classes[i] for i in index.labels]
 
@@ -162,7 +163,7 @@ def _modality_of_data(data: str, modalities: tuple[str, ...]) -> str:
 def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False, test_fraction: float = 0.2,
           folds: int = 0, seed: int = 0, device: str = "auto", batch_size: int = 256,
           num_workers: int = 2, test_data: Optional[str] = None, modality: Optional[str] = None,
-          precision: str = "auto") -> dict:
+          precision: str = "auto", progress: bool = False) -> dict:
     """Embed labelled data with a checkpoint's encoder (or the same encoder at random init) and probe it.
 
     ``data`` is a folder with one sub-folder per class, or a data file with labels inside (a .ts
@@ -181,10 +182,11 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
         model = Embedder.random_init(model.recipe, seed=seed, device=device, precision=precision)
     model = model.for_modality(modality or _modality_of_data(data, model.modalities))
     t0 = time.perf_counter()
-    feats, names = _embed_labelled(model, data, batch_size, num_workers)
+    feats, names = _embed_labelled(model, data, batch_size, num_workers, progress=progress)
     test_index = None
     if test_data is not None:
-        test_feats, test_names = _embed_labelled(model, test_data, batch_size, num_workers, test_split=True)
+        test_feats, test_names = _embed_labelled(model, test_data, batch_size, num_workers, test_split=True,
+                                                 progress=progress)
         test_index = np.arange(len(names), len(names) + len(test_names))
         feats, names = np.concatenate([feats, test_feats]), names + test_names
     classes = sorted(set(names))

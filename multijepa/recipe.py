@@ -114,6 +114,8 @@ class TrainConfig:
     collapse_std: float = 0.01  # warn when target feature std falls below this
     collapse_erank: float = 1.5  # ... or their effective rank (1 = every sample alike) falls below this
     progress: bool = True
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = ()  # besides metrics.jsonl, which is always written
+    keep_every: int = 0  # also keep the checkpoint of every N-th step as step_NNNNNNN.pt (0: only last.pt)
 
 
 @dataclass(frozen=True)
@@ -417,6 +419,8 @@ def validate(recipe: Recipe, where: str) -> None:
     check(t.steps > 0, where, "train.steps", "must be positive")
     check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be positive")
     check(t.log_every > 0, where, "train.log_every", "must be positive")
+    check(t.keep_every >= 0, where, "train.keep_every", "must be 0 (keep only last.pt) or a step count")
+    check(len(set(t.loggers)) == len(t.loggers), where, "train.loggers", f"names a logger twice: {list(t.loggers)}")
     for name, spec in MODALITIES.items():  # every section, so a file never holds a value no run could use
         spec.validate(recipe.section(name), where)
     for i, src in enumerate(recipe.all_sources):

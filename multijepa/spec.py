@@ -20,6 +20,7 @@ from torch import nn
 
 from multijepa.core.masking import MaskConfig, sample_block_masks, validate_mask
 from multijepa.core.transformer import PosEmbed, sincos_embed
+from multijepa.errors import require
 from multijepa.readers import Source
 
 # (stacked inputs, generator, valid tokens bool [B, N] or None) -> (model inputs, context_idx [B, Nc],
@@ -78,6 +79,8 @@ class ModalitySpec:
             it differs per file); the spec's own None: one view per sample.
         test_split: ``cfg -> cfg`` reading the test split of a file that holds both (an .npz with
             X_train/X_test): what ``probe --test`` reads from such a file.
+        requires: import names of the optional packages it cannot work without (keys of
+            ``multijepa.errors.EXTRAS``), checked before a model of it is built.
     """
 
     name: str
@@ -98,10 +101,17 @@ class ModalitySpec:
     from_data: Optional[Callable[[Any, list, str], Any]] = None
     window_hop_seconds: Optional[Callable[[Any], Optional[float]]] = None
     test_split: Optional[Callable[[Any], Any]] = None
+    requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.token_grid is None and (self.masks is None or self.check_masks is None):
             raise TypeError(f"modality {self.name!r}: without a token_grid, give masks and check_masks")
+
+    def check_installed(self) -> None:
+        """Raise :class:`~multijepa.errors.MissingExtraError` naming the ``pip install`` to run when a
+        package this modality needs is missing."""
+        for module in self.requires:
+            require(module, f"the {self.name} modality")
 
     def masker(self, cfg: Any, mask: MaskConfig) -> Masker:
         """How a stacked batch of this modality gets its context and target indices."""

@@ -7,7 +7,6 @@ process trains on its own share of every batch; rank 0 logs and writes checkpoin
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -27,13 +26,14 @@ try:
 except ImportError:  # not POSIX
     fcntl = None
 
-from multijepa.checkpoint import load_checkpoint, save_checkpoint
+from multijepa.checkpoint import keep_copy, load_checkpoint, save_checkpoint
 from multijepa.core.jepa import JEPA, Backbone, Predictor, cosine_schedule, feature_health
 from multijepa.datasets.files import resolve_recipe
 from multijepa.datasets.mixed import Mixed, build_train_loader
 from multijepa.errors import DataError, RecipeError, TrainingError
 from multijepa.modalities import MODALITIES
 from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, save_recipe, saved_modalities
+from multijepa.runlog import RunLog
 
 # Recipe sections that fix the model's shape: a checkpoint only resumes under the same ones. The
 # sections of the modalities it reads (image, audio) are checked too; other modalities' are not.
@@ -51,6 +51,8 @@ def build_model(recipe: Recipe) -> JEPA:
     m = recipe.model
     sections = {s.modality: recipe.section(s.modality) for s in recipe.all_sources}
     specs = {name: MODALITIES[name] for name in sections}
+    for spec in specs.values():
+        spec.check_installed()  # a missing extra (torchaudio, open3d) is named before anything is built
     context = Backbone({name: specs[name].tokenizer(cfg, m.dim) for name, cfg in sections.items()}, m,
                        {name: specs[name].pos_embed(cfg, m.dim) for name, cfg in sections.items()})
     predictor = Predictor(m, {name: specs[name].pos_embed(cfg, m.predictor_dim) for name, cfg in sections.items()})
@@ -192,14 +194,6 @@ def _all_finite(tensors) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from, so the curve has no duplicates."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def pretrain(recipe: Recipe, data: Optional[Mixed] = None) -> Path:
     """Train a JEPA as the recipe says; resumes from ``run.dir/last.pt`` when present.
 
@@ -240,7 +234,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     run_dir = Path(recipe.run.dir)
-    ckpt_path, metrics_path = run_dir / "last.pt", run_dir / "metrics.jsonl"
+    ckpt_path = run_dir / "last.pt"
     main = rank == 0
     torch.manual_seed(t.seed)
     model = build_model(recipe).to(device)
@@ -256,8 +250,6 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        if main:
-            _truncate_metrics(metrics_path, step)
     if step >= t.steps:
         if main:
             print(f"{ckpt_path} is already at step {step} >= train.steps={t.steps}; raise train.steps to "
@@ -273,9 +265,9 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
         compile_transformers(model)
     precision, why = resolve_precision(t.precision, device)
     mixed_precision = autocast(precision, device)
-    if main:
-        print(_startup_line(recipe, model, device, precision, why, step), file=sys.stderr)
     loader = build_train_loader(recipe, step * o.accum_steps, rank, world, tensors)
+    log = RunLog(run_dir, recipe, step, _startup_line(recipe, model, device, precision, why, step,
+                                                      loader.dataset.describe())) if main else None
     tally = {"bad": 0, "seen": 0}
     batches = _decodable(iter(loader), recipe, tally)
     interval_loss = torch.zeros((), device=device)
@@ -287,7 +279,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     pooled = None
     progress = _progress(main and t.progress, t.steps, step)
 
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, log or contextlib.nullcontext():  # closes the loggers however the run ends
         while step < t.steps:
             lr = cosine_schedule(step, t.steps, o.lr, o.min_lr, o.warmup_steps)
             wd = cosine_schedule(step, t.steps, o.weight_decay, o.weight_decay_end)
@@ -343,12 +335,13 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                     record.update({f"loss_prediction_{m}": total.item() / n for m, (total, n) in per_modality.items()})
                 record.update({k: v.item() for k, v in feature_health(pooled).items()})
                 if main:
-                    _log(record, metrics_path, progress, recipe)
+                    _log(record, log, progress, recipe)
                 interval_loss.zero_()
                 interval_parts.zero_()
                 per_modality.clear()
                 interval_steps, interval_samples, t_last, interval_wait = 0, 0, now, 0.0
-            if main and (step % t.checkpoint_every == 0 or step == t.steps or stop.requested):
+            keep = t.keep_every > 0 and step % t.keep_every == 0
+            if main and (step % t.checkpoint_every == 0 or keep or step == t.steps or stop.requested):
                 # Only finite weights after finite losses are saved: one host sync per checkpoint.
                 if not (finite_since_saved & _all_finite(model.state_dict().values())).item():
                     raise _diverged(f"the loss or the weights became NaN or infinite between steps {saved_step} and "
@@ -359,6 +352,8 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                 save_checkpoint({"step": step, "recipe": recipe_to_dict(recipe), "model": model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "rng": rng}, ckpt_path)
                 saved_step = step
+                if keep:
+                    keep_copy(ckpt_path, run_dir / f"step_{step:07d}.pt")
             if stop.requested:
                 progress.close()
                 if main:
@@ -369,7 +364,8 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
     return run_dir
 
 
-def _startup_line(recipe: Recipe, model: JEPA, device: torch.device, precision: str, why: str, step: int) -> str:
+def _startup_line(recipe: Recipe, model: JEPA, device: torch.device, precision: str, why: str, step: int,
+                  data: str) -> str:
     """The run's first log line: what runs where, in which precision, on how many parameters."""
     def millions(module: torch.nn.Module) -> str:
         return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
@@ -379,7 +375,7 @@ def _startup_line(recipe: Recipe, model: JEPA, device: torch.device, precision: 
     return (f"pretrain {'+'.join(recipe.modalities)} on {where}, {precision} ({why})"
             f"{', compiled' if recipe.train.compile else ''}; encoder {millions(model.context)}"
             f" and predictor {millions(model.predictor)} parameters; {recipe.train.steps} steps of "
-            f"{recipe.data.batch_size}, {start}, into {recipe.run.dir}")
+            f"{recipe.data.batch_size} from {data}, {start}, into {recipe.run.dir}")
 
 
 def _diverged(what: str, ckpt_path: Path, saved_step: int, lr: float) -> TrainingError:
@@ -417,9 +413,8 @@ def _decodable(batches, recipe: Recipe, tally: dict):
             yield batch["parts"]
 
 
-def _log(record: dict, metrics_path: Path, progress, recipe: Recipe) -> None:
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _log(record: dict, log: RunLog, progress, recipe: Recipe) -> None:
+    log.write(record)
     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                          erank=f"{record['target_erank']:.1f}", refresh=False)
     if record["target_std"] < recipe.train.collapse_std or record["target_erank"] < recipe.train.collapse_erank:

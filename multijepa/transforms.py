@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from multijepa.errors import DecodeError
+from multijepa.errors import DecodeError, require
 from multijepa.readers import PointSet
 
 
@@ -153,7 +153,8 @@ def windows(x: torch.Tensor, length: int, hop: int, flush: bool, unit: int = 0) 
 def change_speed(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.Tensor:
     """[C, S] -> [C, ~S / factor]: the clip played ``factor`` times faster (pitch moves with it), by resampling."""
     import numpy as np
-    import soxr
+
+    soxr = require("soxr", "audio speed augmentation")
 
     out = soxr.resample(wave.T.numpy(), round(sample_rate * factor), sample_rate, quality="HQ")
     return torch.from_numpy(np.ascontiguousarray(out.T, dtype=np.float32))

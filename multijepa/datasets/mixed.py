@@ -290,6 +290,15 @@ class Batches(IterableDataset):
                                   f"step takes from it; samples repeat within a step", stacklevel=3)
         self.collates = [MaskCollate(sub, rank) for sub in self.subs]
 
+    def describe(self) -> str:
+        """What the run trains on, for its start-up line: "5000 image samples" or "12 audio shards + ..."."""
+        def one(sub: Recipe, samples) -> str:
+            if isinstance(samples, ShardDataset):
+                return f"{len(samples.urls)} {sub.modality} shard{'s' * (len(samples.urls) != 1)}"
+            return f"{len(samples)} {sub.modality} sample{'s' * (len(samples) != 1)}"
+
+        return " + ".join(one(sub, samples) for sub, samples in zip(self.subs, self.samples))
+
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)

@@ -271,7 +271,8 @@ class ShardDataset(IterableDataset):
             return {"input": None, "label": label, "step": step, "bad": [str(e)], "name": name}
 
 
-def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: int = 1000) -> list[str]:
+def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: int = 1000,
+                 progress: bool = False) -> list[str]:
     """Pack every readable-type file under ``src`` into webdataset tar shards.
 
     Each sample is ``{key}.{ext}`` (the file's bytes), ``{key}.cls`` (class index, from the first
@@ -279,9 +280,13 @@ def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: in
     Shards are written under a temporary name and renamed, so a killed run leaves no half shard.
 
     Returns:
-        The shard paths written.
+        The shard paths written (``progress``: a bar on stderr, one step per file).
     """
+    from tqdm.auto import tqdm
+
     index = list_folder(src, all_extensions())
+    bar = tqdm(total=len(index.files), disable=not progress, desc="shard", unit="file", leave=False,
+               dynamic_ncols=True, mininterval=0.5)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -301,7 +306,9 @@ def write_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: in
                     ti = tarfile.TarInfo(f"{key}.{ext}")
                     ti.size = len(data)
                     tar.addfile(ti, io.BytesIO(data))
+                bar.update(1)
         os.replace(tmp, name)
         written.append(str(name))
+    bar.close()
     (out_dir / "classes.json").write_text(json.dumps(index.classes))
     return written

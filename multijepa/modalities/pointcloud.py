@@ -85,4 +85,4 @@ SPEC = ModalitySpec(
     load=_load, from_tensor=_from_tensor, embed_views=_embed_views,
     masks=lambda p, mask: functools.partial(group_masker, p, mask),
     check_masks=lambda p, mask, where: validate_neighbourhood_mask(mask, p.num_groups, where),
-    pos_embed=lambda p, dim: point_pos_embed(p.pos_encoding, dim))
+    pos_embed=lambda p, dim: point_pos_embed(p.pos_encoding, dim), requires=("open3d",))

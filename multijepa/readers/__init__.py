@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from multijepa.errors import DecodeError
+from multijepa.errors import DecodeError, require
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
@@ -115,7 +115,8 @@ def _decode_audio(data: bytes, name: str):
     import io
 
     import numpy as np
-    import soundfile as sf
+
+    sf = require("soundfile", "reading audio files")
 
     missing = _wav_missing_bytes(data)
     if missing:
@@ -163,8 +164,8 @@ def read_audio(src: Source, sample_rate: int, channels: int = 1, name: str = "")
     torch.Size([1, 37120])
     """
     import numpy as np
-    import soxr
 
+    soxr = require("soxr", "resampling audio")
     name = name or str(src)
     samples, rate = _decode_audio(read_bytes(src, name), name)
     have = samples.shape[1]
@@ -248,7 +249,7 @@ def _tensor(values) -> torch.Tensor:
 
 
 def _read_with_open3d(path: str, suffix: str, name: str, mesh_points: int, mesh_sampling: str) -> PointSet:
-    import open3d as o3d
+    o3d = require("open3d", "reading point-cloud and mesh files")
 
     mesh = None
     with _native_output() as printed:

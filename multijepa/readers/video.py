@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from multijepa.errors import DecodeError, MultijepaError
+from multijepa.errors import DecodeError, MultijepaError, require
 from multijepa.readers import Source
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class Header:
 
 
 def _header(path: str, name: str) -> Header:
-    import av
+    av = require("av", "reading video files")
 
     try:
         with av.open(path) as container:
@@ -253,7 +253,7 @@ class PyAVReader:
     """
 
     def __init__(self, path: str, name: str, size: tuple[int, int], declared_seconds: float):
-        import av
+        av = require("av", "reading video files")
 
         self.path, self.name, self.size = path, name, size
         self.frames_decoded = 0
@@ -280,7 +280,7 @@ class PyAVReader:
         self.timestamps = _frame_times(name, np.sort(pts) * tb, rate, declared_seconds)[0]
 
     def _open(self) -> None:
-        import av
+        av = require("av", "reading video files")
 
         self.container = av.open(self.path)
         self.stream = self.container.streams.video[0]
@@ -300,7 +300,7 @@ class PyAVReader:
                 yield position, frame
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
-        import av
+        av = require("av", "reading video files")
 
         wanted = sorted(set(int(i) for i in indices))
         kept: dict[int, np.ndarray] = {}
