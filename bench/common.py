@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from multijepa.evaluate import knn_accuracy, linear_probe_accuracy
+from multijepa.plot import plot_runs
 from multijepa.recipe import Recipe, load_recipe
 from multijepa.train import pretrain
 
@@ -58,9 +59,16 @@ def calibrated_steps(recipe_path: str, overrides: list[str], out: Path, minutes:
     return steps
 
 
+def plot_run(run_dir: Path) -> Path:
+    """The run's curves as ``RUN_DIR/metrics.png`` (what ``multijepa plot RUN_DIR`` draws)."""
+    out = plot_runs([run_dir])
+    print(f"curves: {out}", flush=True)
+    return out
+
+
 def pretrain_for_at_most(recipe: Recipe, seconds: float) -> bool:
-    """Pretrain; at the deadline ask the trainer to stop (it checkpoints the step it is on, as on
-    SIGTERM). Returns True when the deadline cut the run short."""
+    """Pretrain (and plot the run); at the deadline ask the trainer to stop (it checkpoints the step it
+    is on, as on SIGTERM). Returns True when the deadline cut the run short."""
     signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     signal.alarm(max(1, int(seconds)))
     try:
@@ -70,6 +78,7 @@ def pretrain_for_at_most(recipe: Recipe, seconds: float) -> bool:
         return True
     finally:
         signal.alarm(0)
+        plot_run(Path(recipe.run.dir))
 
 
 def _cpu_watchdog(seconds: float) -> threading.Event:
@@ -87,7 +96,7 @@ def _cpu_watchdog(seconds: float) -> threading.Event:
 
 
 def train_for_cpu_seconds(recipe_path: str, overrides: list[str], run_dir: Path, seconds: float) -> dict:
-    """Calibrate CPU seconds per step (steps 10 to 40 of this recipe), then train for ``seconds``.
+    """Calibrate CPU seconds per step (steps 10 to 40 of this recipe), then train for ``seconds`` (and plot it).
     A run that already finished (its ``bench_train.json`` exists) is kept: rerunning the script redoes
     only the probes."""
     done_file = run_dir / "bench_train.json"
@@ -115,6 +124,7 @@ def train_for_cpu_seconds(recipe_path: str, overrides: list[str], run_dir: Path,
               "cpu_minutes": round((time.process_time() - start) / 60, 1),
               "wall_minutes": round((time.perf_counter() - wall) / 60, 1), "cpu_s_per_step": round(per_step, 3)}
     done_file.write_text(json.dumps(result))
+    plot_run(run_dir)
     return result
 
 

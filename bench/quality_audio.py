@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, load_average, probe_scores, provenance, train_for_cpu_seconds, wait_until_quiet
+from common import ROOT, load_average, plot_run, probe_scores, provenance, train_for_cpu_seconds, wait_until_quiet
 
 from multijepa.readers import read_audio
 from multijepa.transforms import crop_or_pad
@@ -125,6 +125,7 @@ def main() -> None:
                                                   f"train.checkpoint_every={max(args.steps // 10, 1)}"])
         t0 = time.perf_counter()
         pretrain(recipe)
+        plot_run(run)
         training = {"steps": args.steps, "wall_minutes": round((time.perf_counter() - t0) / 60, 1)}
     else:  # a CPU-time budget: other jobs on the machine stretch the wall clock, not the training
         training = train_for_cpu_seconds(args.recipe, base, run, args.minutes * 60)

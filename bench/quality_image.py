@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, calibrated_steps, probe_scores, provenance
+from common import ROOT, calibrated_steps, plot_run, probe_scores, provenance
 
 from multijepa.datasets.files import list_folder
 from multijepa.modalities import MODALITIES
@@ -52,6 +52,7 @@ def main() -> None:
     t0 = time.perf_counter()
     run = pretrain(recipe)
     train_minutes = (time.perf_counter() - t0) / 60
+    plot_run(run)
 
     def features(model: Embedder) -> np.ndarray:
         return model.embed(index.files, batch_size=256, num_workers=2)

@@ -37,6 +37,7 @@ import torch
 from multijepa.readers.series import read_series
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import knn_accuracy, linear_probe_accuracy, probe_features
+from multijepa.plot import plot_runs
 from multijepa.recipe import TimeSeriesConfig, load_recipe
 from multijepa.train import pretrain
 
@@ -76,6 +77,7 @@ def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: 
         t0 = time.perf_counter()
         run = pretrain(recipe)
         result["pretrain_minutes"].append(round((time.perf_counter() - t0) / 60, 2))
+        plot_runs([run])  # RUN/metrics.png
         jepa = load(run / "last.pt", device="cpu")
         result.update(length=jepa.recipe.timeseries.length, channels=jepa.recipe.timeseries.channels)
         for which, model in [("jepa", jepa), ("random_init", Embedder.random_init(jepa.recipe, seed=seed, device="cpu"))]:

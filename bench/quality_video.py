@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, calibrated_steps, load_average, provenance
+from common import ROOT, calibrated_steps, load_average, plot_run, provenance
 
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import linear_probe_accuracy, stratified_split
@@ -218,6 +218,7 @@ def main() -> None:
     t0 = time.perf_counter()
     run = pretrain(recipe)
     train_minutes = (time.perf_counter() - t0) / 60
+    plot_run(run)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     results: dict = {"eval": args.eval}
