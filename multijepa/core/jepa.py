@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import nn
 
 from multijepa.core.transformer import (PosEmbed, Segments, Transformer, init_weights, masked_moments, padding_waste,
@@ -68,7 +69,7 @@ def validate_loss(loss: LossConfig, where: str) -> None:
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Pick tokens per sample: x [B, N, D], idx [B, K] -> [B, K, D]."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.gather(x, 1, repeat(idx, "b k -> b k d", d=x.shape[-1]))
 
 
 def pool_tokens(feats: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -212,13 +213,15 @@ class Predictor(nn.Module):
         b, m, nt, c = target_coords.shape
         dtype = self.mask_token.dtype  # the residual stream in the weights' dtype, as in the encoder
         x = self.embed(context).to(dtype) + self.pos(modality, context_coords, self.pdim).to(dtype)
-        queries = self.mask_token + self.pos(modality, target_coords.reshape(b * m, nt, c), self.pdim).to(dtype)
+        query_coords = rearrange(target_coords, "b m nt c -> (b m) nt c")
+        queries = self.mask_token + self.pos(modality, query_coords, self.pdim).to(dtype)
         if self.modality_embed is not None:
             code = self.modality_embed[modality].to(dtype)
             x, queries = x + code, queries + code
         real = None
         if context_real is not None:
-            real = torch.cat([context_real.repeat_interleave(m, dim=0), target_real.reshape(b * m, nt)], dim=1)
+            query_real = rearrange(target_real, "b m nt -> (b m) nt")
+            real = torch.cat([context_real.repeat_interleave(m, dim=0), query_real], dim=1)
         return torch.cat([x.repeat_interleave(m, dim=0), queries], dim=1), real
 
     def predict(self, batches: dict[str, tuple]) -> tuple[dict[str, torch.Tensor], Optional[Segments]]:
@@ -232,7 +235,7 @@ class Predictor(nn.Module):
         preds = {}
         for (m, (_, _, target_coords, _, _)), h in zip(batches.items(), outs):
             b, k, nt, _ = target_coords.shape
-            preds[m] = self.out(h[:, -nt:]).reshape(b, k, nt, -1)  # the queries end every sequence
+            preds[m] = rearrange(self.out(h[:, -nt:]), "(b k) nt d -> b k nt d", b=b)  # the queries end every sequence
         return preds, segments
 
     def forward(self, context: torch.Tensor, context_coords: torch.Tensor, target_coords: torch.Tensor,
@@ -366,9 +369,9 @@ class JEPA(nn.Module):
                 pooled.append(pool_tokens(feats, parts[m].get("valid")))
                 feats = normalize_targets(feats.float(), self.target_norms[m], parts[m].get("valid"))
                 b, k, nt = tgt_idx[m].shape
-                flat_idx = tgt_idx[m].reshape(b, k * nt)
-                targets[m] = gather_tokens(feats, flat_idx).reshape(b, k, nt, -1)
-                target_coords[m] = gather_tokens(coords, flat_idx).reshape(b, k, nt, -1)
+                flat_idx = rearrange(tgt_idx[m], "b k nt -> b (k nt)")
+                targets[m] = rearrange(gather_tokens(feats, flat_idx), "b (k nt) d -> b k nt d", k=k)
+                target_coords[m] = rearrange(gather_tokens(coords, flat_idx), "b (k nt) c -> b k nt c", k=k)
         contexts, ctx_segments = self.context.encode(
             {m: (p["input"], ctx_idx[m], reals[m][0]) for m, p in parts.items()})
         preds, pred_segments = self.predictor.predict(

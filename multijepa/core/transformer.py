@@ -342,6 +342,8 @@ class Attention(nn.Module):
         [T, D] batch whose attention stays within each segment. Returns the shape of x, or with
         ``outputs_from`` (dense only) the outputs of tokens ``outputs_from:`` alone [B, N - outputs_from, D]:
         every token is still a key, but no query, projection or output is computed for the others."""
+        # Heads are split and merged by view/permute, not einops.rearrange: its ~3 us a call (pattern
+        # lookup) measured ~5% of a small model's packed forward + backward, in every block.
         if segments is not None:
             t, d = x.shape
             q, k, v = self.qkv(x).view(t, 3, self.heads, d // self.heads).unbind(1)

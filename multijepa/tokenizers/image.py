@@ -4,6 +4,7 @@ patch convolution and grid-coordinate helpers the spectrogram and tubelet tokeni
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
 
@@ -27,7 +28,7 @@ def grid_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, grid = x.shape[0], x.shape[2:]
     axes = [torch.arange(n, device=x.device) for n in grid]
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, len(grid))
-    return x.flatten(2).transpose(1, 2), coords.expand(b, -1, -1).float()
+    return rearrange(x, "b d ... -> b (...) d"), coords.expand(b, -1, -1).float()
 
 
 class PatchTokenizer2d(nn.Module):

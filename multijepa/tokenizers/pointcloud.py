@@ -13,6 +13,7 @@ import math
 from typing import Optional, Union
 
 import torch
+from einops import reduce
 from torch import nn
 
 from multijepa.core.transformer import PosEmbed, init_weights, sincos_codes
@@ -150,8 +151,8 @@ class PointGroupTokenizer(nn.Module):
         centres = x[:, :, :1, :3]  # [B, G, 1, 3]
         local = torch.cat([x[..., :3] - centres, x[..., 3:]], dim=-1)  # [B, G, K, C]
         h = self.first(local)
-        h = torch.cat([h.amax(dim=2, keepdim=True).expand_as(h), h], dim=-1)
-        return self.second(h).amax(dim=2), centres.squeeze(2)
+        h = torch.cat([reduce(h, "b g k w -> b g 1 w", "max").expand_as(h), h], dim=-1)
+        return reduce(self.second(h), "b g k d -> b g d", "max"), centres.squeeze(2)
 
 
 def pointcloud_tokenizer(in_channels: int, dim: int, num_groups: int, group_size: int, width: int) -> PointGroupTokenizer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
 from multijepa.core.transformer import masked_moments
@@ -39,8 +40,7 @@ def valid_tokens(series: torch.Tensor, patch_size: int, stride: int, independent
     real = ~torch.isnan(series).all(1)  # [B, L]: a time step is real if any channel is
     per_patch = real.unfold(-1, patch_size, stride).any(-1)  # [B, P]
     if independent:
-        b, c = series.shape[:2]
-        return per_patch.unsqueeze(1).expand(b, c, -1).reshape(b, -1)
+        return repeat(per_patch, "b p -> b (c p)", c=series.shape[1])
     return per_patch
 
 
@@ -99,11 +99,11 @@ class SeriesTokenizer(nn.Module):
         p = patches.shape[2]
         t = torch.arange(p, device=x.device, dtype=torch.float32)
         if self.independent:
-            flat = patches.reshape(b * c * p, 1, self.patch_size)
+            flat = rearrange(patches, "b c p s -> (b c p) 1 s")
             coords = torch.stack(torch.meshgrid(torch.arange(c, device=x.device, dtype=torch.float32), t,
                                                 indexing="ij"), dim=-1).reshape(1, c * p, 2)
         else:
-            flat = patches.permute(0, 2, 1, 3).reshape(b * p, c, self.patch_size)
+            flat = rearrange(patches, "b c p s -> (b p) c s")
             coords = t.reshape(1, p, 1)
-        tokens = self.norm(self.proj(self.convs(flat).flatten(1))).reshape(b, coords.shape[1], -1)
+        tokens = rearrange(self.norm(self.proj(self.convs(flat).flatten(1))), "(b n) d -> b n d", b=b)
         return tokens, coords.expand(b, -1, -1)
