@@ -24,6 +24,7 @@ from typing import Union
 from multijepa.datasets.synthetic import make_shapes
 from multijepa.embed import load
 from multijepa.evaluate import probe
+from multijepa.plot import plot_runs
 from multijepa.recipe import load_recipe
 from multijepa.train import pretrain
 
@@ -70,7 +71,9 @@ def run_demo(out: Union[str, Path] = "demo", steps: int = 300, per_class: int = 
     else:
         verdict = (f"this run did NOT show the expected gain ({100 * gain:+.1f} points, {100 * MARGIN:.0f} expected): "
                    f"docs/results.md says what the demo gives on the machine it was measured on")
-    print(f"[demo] {verdict}. {seconds:.0f} s in all; metrics in {run / 'metrics.jsonl'}, checkpoint {ckpt}")
+    curves = plot_runs([run])
+    print(f"[demo] {verdict}. {seconds:.0f} s in all; checkpoint {ckpt}, metrics in {run / 'metrics.jsonl'}, "
+          f"drawn in {curves} (multijepa plot {run})")
     print("[demo] a toy set, to show the whole pipeline working; docs/results.md has the figures on real data "
           "(CIFAR-10, spoken digits, ModelNet10, UCR series, moving digits) with their commands")
     return {"jepa": jepa, "random_init": rand, "seconds": seconds}

@@ -256,9 +256,10 @@ def _figure(runs: list, title: str):
         curves(twin, "data_wait", "waiting for data (right axis)", ":", scale=100.0)
         twin.set_ylim(0, 100)
         twin.set_ylabel("waiting for data (%)")
-    ax = panel("files that failed to decode (since start or resume)")
+    ax = panel("files that failed to decode (so far)")
     if curves(ax, "bad_files", drawstyle="steps"):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))  # all zero: a 0-1 axis, not fractions of a file
         ax.set_ylim(bottom=0)
 
     for ax in axes:

@@ -66,6 +66,9 @@ class RunLog:
     def __init__(self, run_dir: Path, recipe: Recipe, start_step: int, summary: str):
         self.metrics = run_dir / METRICS
         truncate_metrics(self.metrics, start_step)
+        kept = self.metrics.read_text().splitlines() if self.metrics.exists() else []
+        # bad_files counts over the whole run: a resumed process adds to what the earlier ones logged
+        self.bad_files_before = int(json.loads(kept[-1]).get("bad_files", 0)) if kept and start_step else 0
         print(summary, file=sys.stderr)
         loggers = recipe.train.loggers
         self.tensorboard = self.wandb = None

@@ -330,7 +330,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                           "lr": lr, "weight_decay": wd, "ema_momentum": momentum,
                           "samples_per_s": interval_samples / (now - t_last),
                           "data_wait": interval_wait / (now - t_last),  # share of the time spent waiting for data
-                          "bad_files": tally["bad"]}
+                          "bad_files": tally["bad"] + (log.bad_files_before if log else 0)}
                 if len(recipe.modalities) > 1:
                     record.update({f"loss_prediction_{m}": total.item() / n for m, (total, n) in per_modality.items()})
                 record.update({k: v.item() for k, v in feature_health(pooled).items()})

@@ -117,3 +117,15 @@ def test_plain_install__trains_embeds_and_exports_images_without_any_extra(shape
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "v.npy").is_file() and json.loads((tmp_path / "exported" / "config.json").read_text())
+
+
+def test_runlog__a_resumed_run_counts_bad_files_on_from_the_checkpoint(tmp_path, capsys):
+    from multijepa.runlog import RunLog
+
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0, "bad_files": s + 1}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    log = RunLog(tmp_path, load_recipe("image"), start_step=2, summary="start")
+    assert log.bad_files_before == 3  # step 2's count; steps 3 and the torn line after the checkpoint are gone
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert RunLog(tmp_path, load_recipe("image"), start_step=0, summary="start").bad_files_before == 0
+    assert capsys.readouterr().err == "start\nstart\n"

@@ -105,7 +105,7 @@ def test_figure__curves_an_older_run_never_logged_are_left_out(tmp_path):
     old = write_run(tmp_path / "old", drop=("data_wait", "bad_files", "loss_regularizer", "target_erank"))
     new = write_run(tmp_path / "new", drop=("target_erank",))
     curves, legend = panels([loaded(old, "old"), loaded(new, "new")])
-    assert curves["loss"] == 5 and curves["files that failed to decode (since start or resume)"] == 1
+    assert curves["loss"] == 5 and curves["files that failed to decode (so far)"] == 1
     assert curves["target effective rank (collapse monitor)"] == 0  # drawn empty, saying "not logged"
     assert legend[:2] == ["old", "new"]
     check_png(plot_runs([old, new], out=tmp_path / "ages.png"))
