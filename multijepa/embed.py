@@ -23,11 +23,11 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from multijepa.checkpoint import load_checkpoint
 from multijepa.config import apply_overrides
 from multijepa.core.jepa import Backbone, pool_tokens
 from multijepa.datasets.files import expand_inputs, valid_mask
 from multijepa.errors import DecodeError, MultijepaError
+from multijepa.export import hub_download, push_to_hub, read_encoder, save_export
 from multijepa.modalities import MODALITIES, modality_of, readers_of
 from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, saved_modalities
 from multijepa.train import autocast, build_model, resolve_device, resolve_precision
@@ -128,29 +128,8 @@ class Embedder:
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", precision: str = "auto") -> "Embedder":
         """The target encoder of a ``last.pt`` (or milestone checkpoint), or of an export folder."""
-        from multijepa.export import is_export, last_metrics, load_export
-
-        if os.path.isdir(path):
-            if is_export(path):
-                return load_export(path, device, precision)
-            last = Path(path) / "last.pt"
-            raise MultijepaError(f"{path}: a folder, not a checkpoint or an export (config.json + model.safetensors)"
-                                 + (f"; pass {last}" if last.is_file() else ""))
-        state = load_checkpoint(path)
-        if not isinstance(state.get("recipe"), dict) or not isinstance(state.get("model"), dict):
-            raise MultijepaError(f"{path}: a checkpoint without its recipe or weights; pass a last.pt written "
-                                 f"by multijepa pretrain")
-        recipe = recipe_from_dict(state["recipe"], f"{path} (its saved recipe)")
-        model = build_model(recipe)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:  # missing, unexpected or mis-shaped weights
-            first = str(e).strip().splitlines()[:3]
-            raise MultijepaError(f"{path}: its weights do not fit the model its recipe builds "
-                                 f"({' '.join(line.strip() for line in first)[:300]})") from None
-        provenance = {"step": state.get("step"), "trained_from": str(path),
-                      "metrics": last_metrics(Path(path).parent, state.get("step"))}
-        return cls(model.target, recipe, device, precision, provenance)
+        encoder, recipe, provenance = read_encoder(path)
+        return cls(encoder, recipe, device, precision, provenance)
 
     def save_pretrained(self, out_dir: Union[str, Path]) -> Path:
         """Write this encoder as an export folder (``model.safetensors``, ``config.json``, ``README.md``),
@@ -158,9 +137,7 @@ class Embedder:
 
         >>> mj.load("runs/audio/last.pt").save_pretrained("exported/audio")  # doctest: +SKIP
         """
-        from multijepa.export import save_export
-
-        return save_export(self, out_dir)
+        return save_export(self.encoder, self.recipe, out_dir, self.provenance)
 
     @classmethod
     def from_pretrained(cls, name: Union[str, Path], revision: Optional[str] = None, token: Optional[str] = None,
@@ -169,17 +146,13 @@ class Embedder:
 
         >>> Embedder.from_pretrained("user/multijepa-audio").embed(["a.wav"])  # doctest: +SKIP
         """
-        from multijepa.export import from_pretrained
-
-        return from_pretrained(name, revision, token, device, precision)
+        return cls.from_checkpoint(hub_download(name, revision, token), device, precision)
 
     def push_to_hub(self, repo_id: str, token: Optional[str] = None, private: Optional[bool] = None,
                     commit_message: str = "Upload multijepa encoder") -> str:
         """Upload this encoder's export folder to a Hugging Face Hub model repository (created if
         needed); returns the commit's URL. Needs network and a token (``token`` or ``hf auth login``)."""
-        from multijepa.export import push_to_hub
-
-        return push_to_hub(self, repo_id, token, private, commit_message)
+        return push_to_hub(self.encoder, self.recipe, self.provenance, repo_id, token, private, commit_message)
 
     @classmethod
     def random_init(cls, recipe: Recipe, seed: int = 0, device: str = "auto", precision: str = "auto") -> "Embedder":

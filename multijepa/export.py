@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from multijepa.checkpoint import load_checkpoint, versions
 from multijepa.errors import MultijepaError, require
 from multijepa.modalities import MODALITIES
 from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, saved_modalities
 from multijepa.runlog import METRICS
+from multijepa.train import build_model
 
 FORMAT = "multijepa-export-v1"
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -63,48 +66,69 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
-def save_export(embedder, out_dir: PathLike, provenance: Optional[dict] = None) -> Path:
-    """Write ``embedder`` (a :class:`~multijepa.embed.Embedder`) as an export folder; returns it.
+def save_export(encoder: torch.nn.Module, recipe: Recipe, out_dir: PathLike, provenance: Optional[dict] = None) -> Path:
+    """Write a target encoder (a :class:`~multijepa.core.jepa.Backbone`) and its recipe as an export
+    folder; returns it. ``provenance``: ``step``, ``trained_from`` and the last ``metrics``, if known.
 
     ``out_dir`` may be new, empty or an earlier export (its files are replaced, each atomically);
     anything else is refused, so nothing of the user's is overwritten.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not Path(out, CONFIG).is_file())):
         raise MultijepaError(f"{out}: exists and is not an export folder; give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
-               for k, v in embedder.encoder.state_dict().items()}
-    provenance = dict(provenance or getattr(embedder, "provenance", None) or {})
-    config = {"format": FORMAT, "versions": versions(), "modalities": list(embedder.modalities),
-              "dim": embedder.dim, "parameters": sum(v.numel() for v in weights.values()), **provenance,
-              "recipe": recipe_to_dict(embedder.recipe)}
+               for k, v in encoder.state_dict().items()}
+    config = {"format": FORMAT, "versions": versions(), "modalities": list(recipe.modalities),
+              "dim": recipe.model.dim, "parameters": sum(v.numel() for v in weights.values()), **(provenance or {}),
+              "recipe": recipe_to_dict(recipe)}
     _write_atomically(out / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": FORMAT}))
     _write_atomically(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1) + "\n"))
-    card = model_card(embedder.recipe, config, out.name)
+    card = model_card(recipe, config, out.name)
     _write_atomically(out / CARD, lambda tmp: Path(tmp).write_text(card))
     return out
 
 
 def export(checkpoint: PathLike, out_dir: PathLike) -> Path:
     """``multijepa export CHECKPOINT OUT_DIR``: a checkpoint's target encoder as an export folder."""
-    from multijepa.embed import Embedder
-
-    model = Embedder.from_checkpoint(checkpoint, device="cpu", precision="fp32")
-    return save_export(model, out_dir)
+    encoder, recipe, provenance = read_encoder(checkpoint)
+    return save_export(encoder, recipe, out_dir, provenance)
 
 
-def load_export(path: PathLike, device: str = "auto", precision: str = "auto"):
-    """An :class:`~multijepa.embed.Embedder` from an export folder (``multijepa.load`` calls this for one)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_encoder(path: PathLike) -> tuple[torch.nn.Module, Recipe, dict]:
+    """(target encoder, resolved recipe, provenance) of a checkpoint (``last.pt``, ``step_N.pt``) or an
+    export folder: what :meth:`Embedder.from_checkpoint <multijepa.embed.Embedder.from_checkpoint>` wraps.
 
-    from multijepa.embed import Embedder
-    from multijepa.train import build_model
-
+    Raises:
+        MultijepaError: naming the file, for anything that is not a readable multijepa model.
+    """
     path = Path(path)
+    if path.is_dir():
+        if is_export(path):
+            return _read_export(path)
+        last = path / "last.pt"
+        raise MultijepaError(f"{path}: a folder, not a checkpoint or an export ({CONFIG} + {WEIGHTS})"
+                             + (f"; pass {last}" if last.is_file() else ""))
+    state = load_checkpoint(path)
+    if not isinstance(state.get("recipe"), dict) or not isinstance(state.get("model"), dict):
+        raise MultijepaError(f"{path}: a checkpoint without its recipe or weights; pass a last.pt written "
+                             f"by multijepa pretrain")
+    recipe = recipe_from_dict(state["recipe"], f"{path} (its saved recipe)")
+    model = build_model(recipe)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # missing, unexpected or mis-shaped weights
+        raise MultijepaError(f"{path}: its weights do not fit the model its recipe builds ({_first_lines(e)})") from None
+    provenance = {"step": state.get("step"), "trained_from": str(path),
+                  "metrics": last_metrics(path.parent, state.get("step"))}
+    return model.target, recipe, provenance
+
+
+def _first_lines(e: Exception) -> str:
+    return " ".join(line.strip() for line in str(e).strip().splitlines()[:3])[:300]
+
+
+def _read_export(path: Path) -> tuple[torch.nn.Module, Recipe, dict]:
     try:
         config = json.loads(Path(path, CONFIG).read_text())
     except ValueError as e:
@@ -115,23 +139,18 @@ def load_export(path: PathLike, device: str = "auto", precision: str = "auto"):
     recipe = recipe_from_dict(config["recipe"], f"{path / CONFIG} (its recipe)")
     encoder = build_model(recipe).target
     try:
-        weights = load_file(str(path / WEIGHTS))
-        encoder.load_state_dict(weights)
+        encoder.load_state_dict(load_file(str(path / WEIGHTS)))
     except (SafetensorError, OSError, RuntimeError) as e:
-        first = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])[:300]
         raise MultijepaError(f"{path / WEIGHTS}: unreadable or not the weights its config.json describes "
-                             f"({first}); export the model again") from None
-    model = Embedder(encoder, recipe, device, precision)
-    model.provenance = {k: config[k] for k in ("step", "trained_from", "metrics") if k in config}
-    return model
+                             f"({_first_lines(e)}); export the model again") from None
+    return encoder, recipe, {k: config[k] for k in ("step", "trained_from", "metrics") if k in config}
 
 
-def from_pretrained(name: PathLike, revision: Optional[str] = None, token: Optional[str] = None,
-                    device: str = "auto", precision: str = "auto"):
-    """:meth:`Embedder.from_pretrained <multijepa.embed.Embedder.from_pretrained>`: an export folder, or a
-    Hub repository id whose files are fetched (and cached) by ``huggingface_hub``."""
+def hub_download(name: PathLike, revision: Optional[str] = None, token: Optional[str] = None) -> Path:
+    """An export folder as it is, or a Hub repository id's files fetched (and cached) by ``huggingface_hub``:
+    the folder :meth:`Embedder.from_pretrained <multijepa.embed.Embedder.from_pretrained>` loads."""
     if os.path.isdir(name):
-        return load_export(name, device, precision)
+        return Path(name)
     if os.path.exists(name) or str(name).count("/") != 1:
         raise MultijepaError(f"{name}: neither an export folder nor a Hub repository id (user/name)")
     hub = require("huggingface_hub", "loading a model from the Hugging Face Hub")
@@ -139,10 +158,11 @@ def from_pretrained(name: PathLike, revision: Optional[str] = None, token: Optio
                                   allow_patterns=[CONFIG, WEIGHTS, CARD])
     if not is_export(local):
         raise MultijepaError(f"{name}: the Hub repository holds no multijepa export ({CONFIG} + {WEIGHTS})")
-    return load_export(local, device, precision)
+    return Path(local)
 
 
-def push_to_hub(embedder, repo_id: str, token: Optional[str] = None, private: Optional[bool] = None,
+def push_to_hub(encoder: torch.nn.Module, recipe: Recipe, provenance: Optional[dict], repo_id: str,
+                token: Optional[str] = None, private: Optional[bool] = None,
                 commit_message: str = "Upload multijepa encoder") -> str:
     """:meth:`Embedder.push_to_hub <multijepa.embed.Embedder.push_to_hub>`: export into a temporary
     folder, create the repository if needed, upload the folder; returns the commit's URL."""
@@ -150,7 +170,7 @@ def push_to_hub(embedder, repo_id: str, token: Optional[str] = None, private: Op
     api = hub.HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_export(embedder, Path(tmp) / repo_id.split("/")[-1])
+        folder = save_export(encoder, recipe, Path(tmp) / repo_id.split("/")[-1], provenance)
         return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                                      repo_type="model"))
 

@@ -1,7 +1,11 @@
 """Audio units: reading (formats, rates, channels, bit depths, bad files), log-mel against a float64
-reference, the patch tokenizer, crops and windows, recipe validation, masks, data sets and shards."""
+reference and against the torch.stft implementation it replaced, the Kaldi fbank front end against
+torchaudio's, the patch tokenizer, crops and windows, recipe validation, masks, data sets and shards."""
 
+import dataclasses
+import json
 import math
+import sys
 import tarfile
 import warnings
 
@@ -10,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+import torchaudio
 
 from audio_files import FORMATS, chirp, dominant_hz, encoded, make_audio_folder, tone, write
 from conftest import AUDIO_RECIPE, TINY_AUDIO
@@ -17,11 +22,13 @@ from multijepa.core.masking import sample_block_masks
 from multijepa.datasets.files import FileDataset, list_folder, load_input
 from multijepa.datasets.mixed import build_train_loader
 from multijepa.datasets.shards import ShardDataset, write_shards
-from multijepa.errors import DataError, DecodeError, RecipeError
+from multijepa.errors import DataError, DecodeError, MissingExtraError, RecipeError
 from multijepa.modalities import MODALITIES, modality_of
 from multijepa.readers import read_audio
 from multijepa.recipe import AudioConfig, load_recipe, token_grid
-from multijepa.tokenizers.audio import LogMel, audio_tokenizer, audio_valid_tokens, mel_filterbank
+from multijepa.modalities.audio import validate_audio
+from multijepa.tokenizers.audio import (KaldiFbank, LogMel, audio_tokenizer, audio_valid_tokens, mel_filterbank,
+                                        normalize_db, real_frames)
 from multijepa.train import build_model
 from multijepa.transforms import crop_or_pad, windows as cut_windows
 
@@ -222,6 +229,121 @@ def test_log_mel__floor_normalisation_batching_and_bf16():
     assert in_bf16.dtype == torch.float32 and torch.allclose(in_bf16, db, atol=1e-4)
 
 
+def old_log_mel(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """The log-mel as multijepa computed it before torchaudio (torch.stft, |X|^2 as re^2 + im^2, our
+    filterbank), kept to pin that the torchaudio front end embeds existing checkpoints the same."""
+    b, c, s = wave.shape
+    real = real_frames(wave, cfg.hop_length)[:, None, None, :]
+    spec = torch.stft(torch.nan_to_num(wave, nan=0.0).reshape(b * c, s).float(), cfg.fft_size, cfg.hop_length,
+                      cfg.win_length, torch.hann_window(cfg.win_length, periodic=True), center=True,
+                      pad_mode="constant", return_complex=True)
+    power = spec.real.square() + spec.imag.square()
+    fb = mel_filterbank(cfg.fft_size // 2 + 1, cfg.sample_rate, cfg.n_mels, cfg.f_min, cfg.max_freq)
+    mel = torch.matmul(power.transpose(1, 2), fb).transpose(1, 2)
+    db = 10.0 * torch.log10(mel.clamp_min(1e-10)).reshape(b, c, mel.shape[1], mel.shape[2])
+    return normalize_db(db, real, cfg.top_db, cfg.normalize, cfg.norm_mean, cfg.norm_std)
+
+
+@pytest.mark.parametrize("settings,pad", [
+    (dict(normalize="none", top_db=0.0), None),  # the audio recipe's rate, window and hop, raw dB
+    (dict(normalize="bin_means"), "nan"),  # the recipe's normalisation, a clip padded (marked) to 1 s
+    (dict(sample_rate=8000, normalize="bins", channels="keep"), "zeros"),  # stereo, zero padding
+    (dict(sample_rate=11025, n_mels=40, normalize="clip", top_db=60.0), "nan"),  # an odd rate
+    (dict(sample_rate=22050, win_ms=20.0, hop_ms=12.5, f_min=30.0, normalize="fixed"), None),
+    (dict(n_mels=128, n_fft=1024, normalize="none", top_db=80.0), None),  # the AudioSet variant's filters
+])
+def test_log_mel__torchaudio_front_end_equals_the_torch_stft_implementation(settings, pad):
+    cfg = AudioConfig(**settings)
+    g = torch.Generator().manual_seed(0)
+    wave = 0.3 * torch.randn(3, cfg.model_channels, cfg.sample_rate, generator=g)
+    if pad:
+        wave[1, :, cfg.sample_rate // 3:] = float("nan") if pad == "nan" else 0.0
+    new, old = LogMel.from_config(cfg)(wave), old_log_mel(wave, cfg)
+    assert new.shape == old.shape == (3, cfg.model_channels, cfg.n_mels, cfg.frames(cfg.sample_rate))
+    assert torch.isfinite(new).all() and (new - old).abs().max() < 1e-5  # float32 round-off (measured <= 4e-6)
+
+
+def kaldi_reference(wave: torch.Tensor, rate: int, win_ms: float, hop_ms: float, **kaldi) -> torch.Tensor:
+    """torchaudio's Kaldi fbank of one waveform [S], padded so that frame k is centred on sample k * hop
+    -> [n_mels, 1 + S // hop] in natural-log units."""
+    win, hop = round(win_ms * rate / 1000), round(hop_ms * rate / 1000)
+    padded = F.pad(wave, (win // 2, win - win // 2))
+    out = torchaudio.compliance.kaldi.fbank(padded[None], sample_frequency=rate, frame_length=win_ms,
+                                            frame_shift=hop_ms, dither=0.0, **kaldi)
+    assert out.shape[0] == 1 + len(wave) // hop
+    return out.T
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sample_rate=8000, n_mels=40),  # 25 ms / 10 ms: 200 / 80 samples, 256-point FFT
+    dict(sample_rate=16000, win_ms=20.0, hop_ms=12.5, n_mels=32, f_min=60.0, f_max=7000.0, channels="keep"),
+    dict(sample_rate=8000, n_mels=24, n_fft=200),  # the window as the FFT size (no rounding up)
+])
+def test_kaldi_fbank__equals_torchaudio_fbank_per_waveform_before_normalisation(settings):
+    cfg = AudioConfig(features="fbank", normalize="none", top_db=0.0, **settings)
+    g = torch.Generator().manual_seed(1)
+    wave = 0.3 * torch.randn(3, cfg.model_channels, 3001, generator=g)  # not a whole number of hops
+    ours = KaldiFbank.from_config(cfg)(wave)
+    assert ours.shape == (3, cfg.model_channels, cfg.n_mels, cfg.frames(3001)) and torch.isfinite(ours).all()
+    assert torch.equal(ours, KaldiFbank.from_config(cfg)(wave))  # deterministic: no dither
+    ref = torch.stack([kaldi_reference(w, cfg.sample_rate, cfg.win_ms, cfg.hop_ms, num_mel_bins=cfg.n_mels,
+                                       low_freq=cfg.f_min, high_freq=cfg.max_freq,
+                                       round_to_power_of_two=cfg.n_fft == 0) for w in wave.reshape(-1, 3001)])
+    assert (ours.reshape(ref.shape) * (math.log(10.0) / 10.0) - ref).abs().max() < 1e-5  # dB back to ln
+
+
+def test_kaldi_fbank__token_grid_padding_and_normalisation_as_the_log_mel():
+    cfg = AudioConfig(sample_rate=8000, clip_seconds=0.5, n_mels=16, patch_size=(4, 4), features="fbank")
+    x = torch.from_numpy(np.stack([chirp(8000, 0.5)[:, 0], 0.1 * chirp(8000, 0.5, seed=1)[:, 0]]))[:, None]
+    tokens, coords = audio_tokenizer(cfg, dim=8)(x)
+    assert tokens.shape == (2, 4 * 12, 8) and torch.isfinite(tokens).all()
+    for samples in (960, 4000, 4321):  # an embedding window padded to whole time patches, a clip, any length
+        n = audio_tokenizer(cfg, dim=8)(torch.zeros(1, 1, samples))[0].shape[1]
+        assert n == audio_valid_tokens(torch.zeros(1, 1, samples), cfg).shape[1] == 4 * (cfg.frames(samples) // 4)
+    for mode in ("clip", "bins", "bin_means"):  # padding marked as such: no effect on the real frames
+        c = dataclasses.replace(cfg, normalize=mode)
+        alone = KaldiFbank.from_config(c)(x)
+        marked = KaldiFbank.from_config(c)(F.pad(x, (0, 4000), value=float("nan")))
+        assert torch.allclose(marked[..., :alone.shape[-1]], alone, atol=1e-4)
+    raw = KaldiFbank.from_config(dataclasses.replace(cfg, normalize="none", top_db=30.0))(x)
+    assert torch.allclose(raw.amax((1, 2, 3)) - raw.amin((1, 2, 3)), torch.tensor([30.0, 30.0]), atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = KaldiFbank.from_config(cfg)(x)
+    assert in_bf16.dtype == torch.float32 and torch.allclose(in_bf16, KaldiFbank.from_config(cfg)(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("features", ["logmel", "fbank"])
+def test_audio_tokenizer__front_end_keeps_nothing_in_the_state_dict(features):
+    cfg = AudioConfig(sample_rate=8000, n_mels=16, patch_size=(4, 4), features=features)
+    assert sorted(audio_tokenizer(cfg, dim=8).state_dict()) == ["proj.bias", "proj.weight"]  # as checkpoints hold
+
+
+def test_audio_features__without_torchaudio_names_the_extra(monkeypatch):
+    import multijepa.tokenizers.audio as module
+
+    assert "torchaudio" not in vars(module)  # imported where a front end is built, not with the package
+    monkeypatch.setitem(sys.modules, "torchaudio", None)  # as if not installed
+    for features in ("logmel", "fbank"):
+        with pytest.raises(MissingExtraError, match=r"(?s)audio\.features=.*pip install 'multijepa\[audio\]'"):
+            audio_tokenizer(AudioConfig(features=features), dim=8)
+    with pytest.raises(MissingExtraError, match="the audio modality"):
+        build_model(load_recipe(AUDIO_RECIPE, TINY_AUDIO))
+
+
+def test_pretrain__tiny_audio_run_on_kaldi_fbank_features(tmp_path, audio_folder):
+    from multijepa.embed import load as load_model
+    from multijepa.train import pretrain
+
+    recipe = load_recipe(AUDIO_RECIPE, TINY_AUDIO + ["audio.features=fbank", f"data.path={audio_folder}",
+                                                     f"run.dir={tmp_path / 'run'}", "train.steps=3"])
+    pretrain(recipe)
+    rows = [json.loads(r) for r in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    model = load_model(tmp_path / "run/last.pt")
+    assert model.recipe.audio.features == "fbank"
+    assert np.isfinite(model.embed([torch.zeros(1, 4321)])).all()  # an embedding window of any length
+
+
 # --------------------------------------------------------------------------- tokenizer, recipe, masks
 
 
@@ -268,10 +390,38 @@ def test_audio_masks__whole_time_span_blocks_cover_every_mel_band():
     ("audio.patch_size=[4]", "audio.patch_size"),
     ("mask.full_span_axes=[2]", "mask.full_span_axes"),
     ("mask.target_scale=[0.001,0.01]", "mask.target_scale"),
+    ("audio.features=mfcc", "audio.features"),
+    ("audio.features=fbank audio.n_fft=1024", "audio.n_fft"),  # Kaldi: 256 (or the window, 200) at 25 ms
+    ("audio.features=fbank audio.n_mels=96", "audio.n_mels"),  # Kaldi filters narrower than FFT bins
 ])
 def test_audio_recipe__impossible_values_name_the_key(override, key):
     with pytest.raises(RecipeError, match=f"'{key}'"):
-        load_recipe(AUDIO_RECIPE, TINY_AUDIO + [override])
+        load_recipe(AUDIO_RECIPE, TINY_AUDIO + override.split())
+    with pytest.raises(RecipeError, match="'audio.features' must be one of 'logmel', 'fbank'"):
+        validate_audio(AudioConfig(features="mfcc"), "python")  # built in code, not from a recipe
+
+
+@pytest.mark.parametrize("win_ms", [25.0, 25.125])  # 200 samples at 8 kHz, and an odd 201
+def test_audio_recipe__fbank_validation_accepts_exactly_what_kaldi_runs(win_ms):
+    """Accepted settings build and give no dead mel bin on noise; rejected ones fail in Kaldi, cannot
+    be honoured (an FFT size Kaldi does not take) or leave a bin at Kaldi's floor."""
+    noise = 0.3 * torch.randn(2, 1, 1200, generator=torch.Generator().manual_seed(0))
+    floor = 10.0 * math.log10(torch.finfo(torch.float32).eps)
+    for n_fft in (0, 200, 201, 256, 512):
+        for n_mels in (3, 4, 40, 84, 88):  # 88 leaves a filter empty
+            cfg = AudioConfig(sample_rate=8000, win_ms=win_ms, n_fft=n_fft, n_mels=n_mels, patch_size=(1, 1),
+                              features="fbank", normalize="none", top_db=0.0)
+            try:
+                validate_audio(cfg, "sweep")
+                accepted = True
+            except RecipeError:
+                accepted = False
+            try:
+                out = KaldiFbank.from_config(cfg)(noise)
+                works = bool(torch.isfinite(out).all() and ((out - floor).abs() > 1e-3).any(-1).all())
+            except (AssertionError, ValueError):  # Kaldi's asserts; ours for an FFT size it cannot use
+                works = False
+            assert accepted == works, (win_ms, n_fft, n_mels, accepted, works)
 
 
 def test_audio_recipe__documented_audioset_variant_loads_and_builds():

@@ -242,7 +242,8 @@ def test_embed__bad_input_ends_in_a_clear_error_not_a_traceback(trained, tmp_pat
         (["sounds/a.wav", "--checkpoint", ckpt], "this model was trained on image; pass a audio checkpoint"),
         (["bad.png", "--checkpoint", "junk.pt"], "junk.pt: not a readable checkpoint"),
         (["bad.png", "--checkpoint", "hollow.pt"], "hollow.pt: a checkpoint without its recipe or weights"),
-        (["bad.png", "--checkpoint", str(trained / "runs/image")], f"a folder, not a checkpoint; pass {ckpt}"),
+        (["bad.png", "--checkpoint", str(trained / "runs/image")],
+         f"a folder, not a checkpoint or an export (config.json + model.safetensors); pass {ckpt}"),
         (["bad.png", "--checkpoint", ckpt, "--out", "v.csv"], "--out v.csv: use a .jsonl, .npy or .npz file name"),
         (["bad.png", "--checkpoint", ckpt, "--device", "gpu"], "device 'gpu'"),
         (["bad.png", "--checkpoint", ckpt, "--workers", "2"], "bad.png: "),  # raised in a worker, named as such

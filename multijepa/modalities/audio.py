@@ -1,8 +1,9 @@
 """Audio: the ``audio`` recipe section, and clips as log-mel (freq, time) patch tokens.
 
 Files are decoded and resampled in the data loader (``multijepa.readers.read_audio``); the log-mel
-runs inside the tokenizer on the model's device. NaN marks padding of a short clip: its tokens are
-left out of masks, attention and the loss (``valid_tokens``).
+(or Kaldi fbank: ``audio.features``) runs inside the tokenizer on the model's device, through
+torchaudio. NaN marks padding of a short clip: its tokens are left out of masks, attention and the
+loss (``valid_tokens``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from multijepa.errors import check
+from multijepa.errors import check, require
 from multijepa.readers import AUDIO_EXTENSIONS, Source, read_audio
 from multijepa.spec import ModalitySpec
-from multijepa.tokenizers.audio import audio_tokenizer, audio_valid_tokens, mel_filterbank
+from multijepa.tokenizers.audio import (AUDIO_FEATURES, audio_tokenizer, audio_valid_tokens, kaldi_fft_sizes,
+                                        mel_filterbank)
 from multijepa.transforms import audio_transform, windows
 
 
@@ -26,15 +28,19 @@ class AudioConfig:
     Files are resampled to ``sample_rate``; training crops (or zero-pads) each to ``clip_seconds`` at a
     random offset; ``embed`` covers a whole file with windows of ``embed_window_seconds`` every
     ``embed_hop_seconds``. Log-mel features are computed on the model's device from the waveforms.
+    ``features: fbank`` swaps the log-mel for Kaldi's filterbank (``multijepa.tokenizers.audio.KaldiFbank``:
+    the same window, hop, mel bins, band, frame grid and normalisation; a Povey window; FFT size the
+    window rounded up to a power of two).
     """
 
     sample_rate: int = 16000
     clip_seconds: float = 1.0  # training clip length
     channels: Literal["mix", "keep"] = "mix"  # mix: average to mono; keep: keep_channels channels
     keep_channels: int = 2  # with channels=keep: mono files are repeated, other counts are an error
-    win_ms: float = 25.0  # STFT window (Hann) length
+    features: Literal["logmel", "fbank"] = "logmel"  # logmel: STFT + HTK mel filters; fbank: Kaldi's filterbank
+    win_ms: float = 25.0  # STFT window (Hann; Povey for fbank) length
     hop_ms: float = 10.0  # STFT hop
-    n_fft: int = 0  # 0: the next power of two >= the window length in samples
+    n_fft: int = 0  # 0: the next power of two >= the window length in samples (fbank: that or the window)
     n_mels: int = 64
     f_min: float = 0.0  # Hz
     f_max: float = 0.0  # Hz; 0 means sample_rate / 2
@@ -86,7 +92,8 @@ class AudioConfig:
         return max(1, round(hop))
 
     def frames(self, samples: int) -> int:
-        """STFT frames for ``samples`` samples (centred frames, as torch.stft(center=True))."""
+        """Frames for ``samples`` samples: centred on samples ``k * hop`` (the STFT's ``center=True``;
+        the fbank front end pads the waveform so that Kaldi's frames fall on the same centres)."""
         return 1 + samples // self.hop_length
 
 
@@ -117,11 +124,36 @@ def validate_audio(a: AudioConfig, where: str) -> None:
         check(a.frames(samples) >= pt, where, key,
               f"gives {a.frames(samples)} frames at hop {a.hop_ms:g} ms, fewer than audio.patch_size[1]={pt}: "
               f"lengthen the clip or use a smaller time patch")
+    check(a.features in AUDIO_FEATURES, where, "audio.features",
+          f"must be one of {', '.join(map(repr, AUDIO_FEATURES))}, got {a.features!r}")
+    if a.features == "fbank":
+        _validate_fbank(a, where)
+        return
     fb = mel_filterbank(a.fft_size // 2 + 1, a.sample_rate, a.n_mels, a.f_min, a.max_freq)
     empty = int((fb.sum(0) == 0).sum())
     check(empty == 0, where, "audio.n_mels",
           f"leaves {empty} of {a.n_mels} mel filters without any FFT bin (n_fft={a.fft_size}, "
           f"{a.f_min:g}-{a.max_freq:g} Hz): lower n_mels, raise f_min or use a larger n_fft / win_ms")
+
+
+def _validate_fbank(a: AudioConfig, where: str) -> None:
+    """What Kaldi's fbank cannot do: an FFT size other than the window rounded up to a power of two
+    (or the window itself, when even), fewer than 4 mel bins, a mel filter without an FFT bin (Kaldi
+    itself stops on that: "You may have set --num-mel-bins too large"; torchaudio's port leaves the
+    filter empty). Its filters are checked as torchaudio builds them, so this imports torchaudio."""
+    sizes = kaldi_fft_sizes(a.win_length)
+    check(a.fft_size in sizes, where, "audio.n_fft",
+          f"with audio.features=fbank must be 0 or {' or '.join(map(str, sizes))} (Kaldi's FFT size for a "
+          f"window of {a.win_length} samples), got {a.n_fft}: use audio.n_fft=0, or change audio.win_ms")
+    check(a.n_mels >= 4, where, "audio.n_mels", f"with audio.features=fbank must be at least 4 (Kaldi), got {a.n_mels}")
+    kaldi = require("torchaudio", "the Kaldi fbank front end (audio.features=fbank)").compliance.kaldi
+    banks, _ = kaldi.get_mel_banks(a.n_mels, a.fft_size, float(a.sample_rate), float(a.f_min), float(a.max_freq),
+                                   100.0, -500.0, 1.0)  # Kaldi's default VTLN settings, no warp
+    empty = int((banks.sum(1) == 0).sum())
+    check(empty == 0, where, "audio.n_mels",
+          f"leaves {empty} of {a.n_mels} Kaldi mel filters without any FFT bin (FFT size {a.fft_size}, "
+          f"{a.f_min:g}-{a.max_freq:g} Hz): lower n_mels, raise f_min or lengthen audio.win_ms (Kaldi's FFT "
+          f"is the window rounded up to a power of two: a window over {a.fft_size} samples doubles it)")
 
 
 def audio_grid(a: AudioConfig) -> tuple[int, int]:
@@ -153,4 +185,4 @@ SPEC = ModalitySpec(
     name="audio", config=AudioConfig, extensions=AUDIO_EXTENSIONS, validate=validate_audio,
     tokenizer=audio_tokenizer, load=_load, from_tensor=_from_tensor, embed_views=_embed_views,
     token_grid=audio_grid, valid_tokens=audio_valid_tokens,
-    window_hop_seconds=lambda a: a.window_hop_samples / a.sample_rate)
+    window_hop_seconds=lambda a: a.window_hop_samples / a.sample_rate, requires=("soundfile", "soxr", "torchaudio"))
