@@ -119,6 +119,12 @@ def _clip_normalize(db: torch.Tensor, floor: Optional[torch.Tensor], real: torch
     return (db - mean) / var.sqrt().clamp_min(1e-5)
 
 
+def _front_end_settings(cfg) -> tuple:
+    """The arguments either front end takes, from an ``audio`` recipe section, in their order."""
+    return (cfg.sample_rate, cfg.win_length, cfg.hop_length, cfg.fft_size, cfg.n_mels, cfg.f_min, cfg.max_freq,
+            cfg.top_db, cfg.normalize, cfg.norm_mean, cfg.norm_std)
+
+
 class LogMel(nn.Module):
     """Waveforms [B, C, S] -> normalised log-mel [B, C, n_mels, 1 + S // hop], in float32.
 
@@ -148,8 +154,7 @@ class LogMel(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "LogMel":
         """The log-mel of an ``audio`` recipe section (``multijepa.modalities.audio.AudioConfig``)."""
-        return cls(cfg.sample_rate, cfg.win_length, cfg.hop_length, cfg.fft_size, cfg.n_mels, cfg.f_min,
-                   cfg.max_freq, cfg.top_db, cfg.normalize, cfg.norm_mean, cfg.norm_std)
+        return cls(*_front_end_settings(cfg))
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         torchaudio = require("torchaudio", "the audio log-mel front end (audio.features=logmel)")
@@ -209,8 +214,7 @@ class KaldiFbank(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "KaldiFbank":
         """The fbank of an ``audio`` recipe section (``multijepa.modalities.audio.AudioConfig``)."""
-        return cls(cfg.sample_rate, cfg.win_length, cfg.hop_length, cfg.fft_size, cfg.n_mels, cfg.f_min,
-                   cfg.max_freq, cfg.top_db, cfg.normalize, cfg.norm_mean, cfg.norm_std)
+        return cls(*_front_end_settings(cfg))
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         torchaudio = require("torchaudio", "the Kaldi fbank front end (audio.features=fbank)")
