@@ -138,12 +138,13 @@ def _checkpoint_for(files: list[str], runs: str) -> Path:
 def _probe(args: argparse.Namespace) -> None:
     result = probe(args.data, args.checkpoint, args.random_init, args.test_fraction, args.folds, args.seed,
                    args.device, args.batch_size, args.workers, test_data=args.test, modality=args.modality,
-                   precision=args.precision, progress=sys.stderr.isatty())
+                   precision=args.precision, progress=sys.stderr.isatty(), attentive=args.attentive)
     what = "random-init encoder" if args.random_init else "JEPA encoder"
     split = f"{args.folds}-fold" if args.folds > 1 and not args.test else \
         f"{result['n_train']} train / {result['n_test']} test"
+    attentive = f", attentive probe accuracy {result['attentive']:.4f}" if "attentive" in result else ""
     print(f"{what} ({split}, {result['precision']}): linear probe accuracy {result['linear']:.4f}, "
-          f"kNN accuracy {result['knn']:.4f}")
+          f"kNN accuracy {result['knn']:.4f}{attentive}")
     if args.json:
         print(json.dumps(result))
 
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"stderr; errors still print")
     p.set_defaults(func=_embed)
 
-    p = command("probe", "linear + kNN probe of frozen embeddings on labelled data")
+    p = command("probe", "linear + kNN (+ attentive) probes of frozen embeddings on labelled data")
     p.add_argument("data", help="folder with one sub-folder per class, or a file with labels inside (a .ts file)")
     p.add_argument("--test", help="a separate labelled test set (e.g. X_TEST.ts): fit on DATA, score on it "
                                   "(default: a split of DATA)")
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 where the GPU or CPU has bf16 matrix units (as pretrain), else fp32")
     p.add_argument("--modality", help="with a model of several modalities: the one to probe (default: the "
                                       "one whose files DATA holds)")
+    p.add_argument("--attentive", action="store_true",
+                   help="also train an attentive probe (learned queries attending over the frozen tokens, V-JEPA's) "
+                        "on the same split; slower than the linear probe")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=_probe)
 

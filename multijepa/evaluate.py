@@ -1,4 +1,5 @@
-"""Frozen-feature evaluation: a linear probe and a kNN classifier on embeddings of a labelled set.
+"""Frozen-feature evaluation of a labelled set: a linear probe and a kNN classifier on pooled
+embeddings, and an attentive probe (learned queries attending over the frozen tokens, V-JEPA's).
 
 >>> from multijepa.evaluate import linear_probe_accuracy
 >>> import numpy as np
@@ -17,6 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from torch import nn
 
 from multijepa.datasets.files import FileIndex, expand_samples, list_folder
 from multijepa.embed import Embedder, load
@@ -101,12 +104,114 @@ def knn_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
     return float((votes.argmax(1).numpy() == y_test).mean())
 
 
+ATTENTIVE_MIN_STEPS = 1000  # the fewest optimizer steps an attentive probe trains for (see attentive_probe_accuracy)
+
+
+class AttentiveProbe(nn.Module):
+    """Learned queries cross-attend over a sample's frozen tokens; a linear head classifies the result.
+
+    tokens [B, T, D] and ``pad`` bool [B, T] (True: a padding slot) -> logits [B, classes]. The
+    pooler is V-JEPA's: layer-normed keys and values, one multi-head cross-attention, a residual MLP.
+    """
+
+    def __init__(self, dim: int, classes: int, queries: int = 1):
+        super().__init__()
+        heads = next(h for h in (16, 12, 8, 6, 4, 3, 2, 1) if dim % h == 0 and dim // h >= 16 or h == 1)
+        self.query = nn.Parameter(torch.randn(1, queries, dim) * 0.02)
+        self.norm_kv, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(queries * dim, classes)
+
+    def forward(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        kv = self.norm_kv(tokens)
+        x, _ = self.attn(self.query.expand(len(tokens), -1, -1), kv, kv, key_padding_mask=pad, need_weights=False)
+        x = x + self.mlp(self.norm(x))
+        return self.head(x.flatten(1))
+
+
+def _fit_attentive(tokens: torch.Tensor, pad: torch.Tensor, y: torch.Tensor, classes: int, lr: float, steps: int,
+                   seed: int, batch_size: int = 64) -> AttentiveProbe:
+    """Train an :class:`AttentiveProbe` for ``steps`` AdamW steps (one-cycle schedule, shuffled epochs)."""
+    torch.manual_seed(seed)
+    model = AttentiveProbe(tokens.shape[-1], classes).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        for idx in torch.randperm(len(y), generator=g).split(batch_size):
+            loss = F.cross_entropy(model(tokens[idx], pad[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            if done == steps:
+                break
+    return model
+
+
+@torch.no_grad()
+def _attentive_predict(model: AttentiveProbe, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(t, p).argmax(1) for t, p in zip(tokens.split(256), pad.split(256))])
+
+
+def attentive_probe_accuracy(tokens_train: np.ndarray, pad_train: np.ndarray, y_train: np.ndarray,
+                             tokens_test: np.ndarray, pad_test: np.ndarray, y_test: np.ndarray, seed: int = 0,
+                             epochs: int = 20, min_steps: Optional[int] = None, batch_size: int = 64,
+                             lr_grid: Sequence[float] = (3e-3, 1e-3)) -> float:
+    """Test accuracy of an attentive probe on frozen tokens [S, T, D] (``pad`` bool [S, T]: padding).
+
+    It trains for ``epochs`` passes or ``min_steps`` optimizer steps, whichever is more (a cross-
+    attention pooler needs several hundred steps to learn where to look, however small the set). The
+    learning rate is chosen on a stratified 20% validation part of the training set, as the linear
+    probe chooses its L2; the probe is then retrained on all of it.
+    """
+    xtr, ptr = torch.as_tensor(tokens_train, dtype=torch.float32), torch.as_tensor(pad_train, dtype=torch.bool)
+    ytr = torch.as_tensor(y_train, dtype=torch.long)
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    steps = max(epochs * -(-len(ytr) // batch_size), ATTENTIVE_MIN_STEPS if min_steps is None else min_steps)
+    fit, val = stratified_split(y_train, 0.2, seed)
+    best_lr, best_acc = lr_grid[0], -1.0
+    if len(val) and len(lr_grid) > 1:
+        for lr in lr_grid:
+            model = _fit_attentive(xtr[fit], ptr[fit], ytr[fit], classes, lr, steps, seed, batch_size)
+            acc = float((_attentive_predict(model, xtr[val], ptr[val]) == ytr[val]).double().mean())
+            if acc > best_acc:
+                best_lr, best_acc = lr, acc
+    model = _fit_attentive(xtr, ptr, ytr, classes, best_lr, steps, seed, batch_size)
+    pred = _attentive_predict(model, torch.as_tensor(tokens_test, dtype=torch.float32),
+                              torch.as_tensor(pad_test, dtype=torch.bool))
+    return float((pred.numpy() == y_test).mean())
+
+
+def token_sets(windows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample its views' tokens ([W_i, T, D], NaN rows: padding) -> (tokens [S, T_max, D] with every
+    real token of a sample's views, pad bool [S, T_max], pooled [S, D]: the mean over views of each
+    view's mean real token, which is what ``Embedder.embed`` returns)."""
+    flat = [w.reshape(-1, w.shape[-1]) for w in windows]
+    real = [~np.isnan(f).any(1) for f in flat]
+    longest = max(int(r.sum()) for r in real)
+    tokens = np.zeros((len(flat), longest, flat[0].shape[1]), dtype=np.float32)
+    pad = np.ones((len(flat), longest), dtype=bool)
+    for i, (f, r) in enumerate(zip(flat, real)):
+        tokens[i, :r.sum()], pad[i, :r.sum()] = f[r], False
+    pooled = np.stack([np.nanmean(w, axis=1).mean(0) for w in windows]).astype(np.float32)
+    return tokens, pad, pooled
+
+
 def probe_features(features: np.ndarray, labels: np.ndarray, test_fraction: float = 0.2, folds: int = 0,
-                   seed: int = 0, test_index: Optional[np.ndarray] = None) -> dict[str, float]:
-    """Linear and kNN accuracy on features with labels, by a stratified split, k-fold, or a given test set.
+                   seed: int = 0, test_index: Optional[np.ndarray] = None,
+                   tokens: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, float]:
+    """Linear and kNN accuracy on features with labels, by a stratified split, k-fold, or a given test set;
+    with ``tokens`` (tokens [S, T, D], pad [S, T], as :func:`token_sets` gives) the attentive probe's too,
+    on the same splits.
 
     Returns:
-        {"linear": accuracy, "knn": accuracy, "n_train": ..., "n_test": ...} (means over folds).
+        {"linear": accuracy, "knn": accuracy, ("attentive": accuracy,) "n_train": ..., "n_test": ...}
+        (means over folds).
     """
     if test_index is not None:
         splits = [(np.setdiff1d(np.arange(len(labels)), test_index), np.asarray(test_index))]
@@ -115,16 +220,21 @@ def probe_features(features: np.ndarray, labels: np.ndarray, test_fraction: floa
         splits = [(np.concatenate(parts[:i] + parts[i + 1:]), parts[i]) for i in range(folds)]
     else:
         splits = [stratified_split(labels, test_fraction, seed)]
-    lin, knn = [], []
+    lin, knn, att = [], [], []
     for tr, te in splits:
         lin.append(linear_probe_accuracy(features[tr], labels[tr], features[te], labels[te], seed=seed))
         knn.append(knn_accuracy(features[tr], labels[tr], features[te], labels[te]))
-    return {"linear": float(np.mean(lin)), "knn": float(np.mean(knn)),
-            "n_train": int(len(splits[0][0])), "n_test": int(len(splits[0][1]))}
+        if tokens is not None:
+            x, pad = tokens
+            att.append(attentive_probe_accuracy(x[tr], pad[tr], labels[tr], x[te], pad[te], labels[te], seed=seed))
+    out = {"linear": float(np.mean(lin)), "knn": float(np.mean(knn))}
+    if att:
+        out["attentive"] = float(np.mean(att))
+    return {**out, "n_train": int(len(splits[0][0])), "n_test": int(len(splits[0][1]))}
 
 
 def _embed_labelled(model, data: str, batch_size: int, num_workers: int, test_split: bool = False,
-                    progress: bool = False) -> tuple[np.ndarray, list[str]]:
+                    progress: bool = False, attentive: bool = False) -> tuple[np.ndarray, list[str], Optional[tuple]]:
     """Features and class names of every sample of a labelled folder, or of one data file with labels
     inside (a .ts file with class labels, a wide CSV with a label column); ``test_split``: read the
     test split of a file that holds both (an .npz with X_train/X_test), where the modality has one."""
@@ -139,10 +249,16 @@ def _embed_labelled(model, data: str, batch_size: int, num_workers: int, test_sp
         raise MultijepaError(f"{data}: probing needs labels: one sub-folder per class, or a file with class labels "
                              f"inside (a .ts file, a UCR .tsv/.txt, a wide CSV with a label column, an .npz with "
                              f"y), at least two classes")
-    feats = model.embed(list(dict.fromkeys(index.files)), batch_size=batch_size, num_workers=num_workers,
-                        progress=progress)
+    files = list(dict.fromkeys(index.files))
+    tokens = None
+    if attentive:  # every view's tokens; the pooled features are computed from them, as embed pools
+        tokens, pad, feats = token_sets(model.embed(files, tokens=True, windows=True, batch_size=batch_size,
+                                                    num_workers=num_workers, progress=progress))
+        tokens = (tokens, pad)
+    else:
+        feats = model.embed(files, batch_size=batch_size, num_workers=num_workers, progress=progress)
     assert len(feats) == len(index.labels)
-    return feats, [index.classes[i] for i in index.labels]
+    return feats, [index.classes[i] for i in index.labels], tokens
 
 
 def _modality_of_data(data: str, modalities: tuple[str, ...]) -> str:
@@ -163,17 +279,18 @@ def _modality_of_data(data: str, modalities: tuple[str, ...]) -> str:
 def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False, test_fraction: float = 0.2,
           folds: int = 0, seed: int = 0, device: str = "auto", batch_size: int = 256,
           num_workers: int = 2, test_data: Optional[str] = None, modality: Optional[str] = None,
-          precision: str = "auto", progress: bool = False) -> dict:
+          precision: str = "auto", progress: bool = False, attentive: bool = False) -> dict:
     """Embed labelled data with a checkpoint's encoder (or the same encoder at random init) and probe it.
 
     ``data`` is a folder with one sub-folder per class, or a data file with labels inside (a .ts
     file). With ``test_data`` (the same kinds) the probes fit on all of ``data`` and are scored on
     it; otherwise on a stratified split or k folds of ``data``. A model of several modalities is
-    probed on one of them: ``modality``, or the one whose files ``data`` holds.
+    probed on one of them: ``modality``, or the one whose files ``data`` holds. ``attentive`` adds
+    the attentive probe on the frozen tokens of every view (:func:`attentive_probe_accuracy`).
 
     Returns:
-        {"linear": acc, "knn": acc, "n_train", "n_test", "seconds_embedding", "precision"} (the
-        precision the features were computed in: ``precision`` resolved as in training).
+        {"linear": acc, "knn": acc, ("attentive": acc,) "n_train", "n_test", "seconds_embedding",
+        "precision"} (the precision the features were computed in: ``precision`` resolved as in training).
     """
     if checkpoint is None:
         raise MultijepaError("probe needs --checkpoint PATH (with --random-init it uses that checkpoint's recipe)")
@@ -182,16 +299,34 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
         model = Embedder.random_init(model.recipe, seed=seed, device=device, precision=precision)
     model = model.for_modality(modality or _modality_of_data(data, model.modalities))
     t0 = time.perf_counter()
-    feats, names = _embed_labelled(model, data, batch_size, num_workers, progress=progress)
+    feats, names, tokens = _embed_labelled(model, data, batch_size, num_workers, progress=progress,
+                                           attentive=attentive)
     test_index = None
     if test_data is not None:
-        test_feats, test_names = _embed_labelled(model, test_data, batch_size, num_workers, test_split=True,
-                                                 progress=progress)
+        test_feats, test_names, test_tokens = _embed_labelled(model, test_data, batch_size, num_workers,
+                                                              test_split=True, progress=progress, attentive=attentive)
         test_index = np.arange(len(names), len(names) + len(test_names))
         feats, names = np.concatenate([feats, test_feats]), names + test_names
+        if attentive:
+            tokens = _concat_token_sets(tokens, test_tokens)
     classes = sorted(set(names))
     labels = np.array([classes.index(n) for n in names])
-    result = probe_features(feats, labels, test_fraction=test_fraction, folds=folds, seed=seed, test_index=test_index)
-    result["seconds_embedding"] = round(time.perf_counter() - t0, 2)
+    t_embedded = time.perf_counter()
+    result = probe_features(feats, labels, test_fraction=test_fraction, folds=folds, seed=seed, test_index=test_index,
+                            tokens=tokens)
+    result["seconds_embedding"] = round(t_embedded - t0, 2)
+    result["seconds_probing"] = round(time.perf_counter() - t_embedded, 2)
     result["precision"] = model.precision
     return result
+
+
+def _concat_token_sets(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple:
+    """Two (tokens [S, T, D], pad [S, T]) sets as one, padded to the longer T."""
+    longest = max(a[0].shape[1], b[0].shape[1])
+
+    def padded(x: np.ndarray, pad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        extra = longest - x.shape[1]
+        return (np.pad(x, ((0, 0), (0, extra), (0, 0))), np.pad(pad, ((0, 0), (0, extra)), constant_values=True))
+
+    (xa, pa), (xb, pb) = padded(*a), padded(*b)
+    return np.concatenate([xa, xb]), np.concatenate([pa, pb])

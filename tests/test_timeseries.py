@@ -542,7 +542,7 @@ def test_cli__pretrain_embed_probe_on_ucr_txt_tsv_and_npz(tmp_path, monkeypatch,
     assert (scored["n_train"], scored["n_test"]) == (12, 6) and 0 <= scored["linear"] <= 1
     split = probe("X_TRAIN.npz", "--checkpoint", "npz/last.pt")  # the recipe's npz_split: train
     assert (split["n_train"], split["n_test"]) == (10, 2)
-    feats, names = _embed_labelled(load("npz/last.pt", "cpu"), "X_TRAIN.npz", 64, 0, test_split=True)
+    feats, names, _ = _embed_labelled(load("npz/last.pt", "cpu"), "X_TRAIN.npz", 64, 0, test_split=True)
     assert feats.shape == (6, 32) and names == ["1", "2"] * 3  # the test split, as --test on the same file reads it
     assert main(["embed", "X_TRAIN.npz", "--checkpoint", "npz/last.pt", "--set", "timeseries.npz_split=test",
                  "--out", "test.npz"]) == 0
