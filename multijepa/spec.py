@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from multijepa.core.masking import MaskConfig, sample_block_masks, validate_mask
+from multijepa.core.masking import MaskConfig, sample_grid_masks, validate_grid_mask
 from multijepa.core.transformer import PosEmbed, sincos_embed
 from multijepa.errors import require
 from multijepa.readers import Source
@@ -37,9 +37,11 @@ def _nothing_from_data(cfg: Any) -> tuple[str, ...]:
 
 
 def grid_masker(grid: tuple[int, ...], mask: MaskConfig, inputs: torch.Tensor, g: torch.Generator,
-                valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs on a token grid: unchanged, with multi-block masks on the grid (padding-aware with ``valid``)."""
-    return (inputs, *sample_block_masks(grid, mask, len(inputs), g, valid=valid))
+                valid: Optional[torch.Tensor] = None, time_axis: Optional[int] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs on a token grid: unchanged, with the masks ``mask.mode`` asks for on the grid (multi-block,
+    or future spans along ``time_axis``), padding-aware with ``valid``."""
+    return (inputs, *sample_grid_masks(grid, mask, len(inputs), g, valid=valid, time_axis=time_axis))
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class ModalitySpec:
             X_train/X_test): what ``probe --test`` reads from such a file.
         requires: import names of the optional packages it cannot work without (keys of
             ``multijepa.errors.EXTRAS``), checked before a model of it is built.
+        time_axis: ``cfg -> axis`` of ``token_grid`` that is time (video frames, audio time, series
+            steps), along which ``mask.mode: future`` predicts; None: the tokens have no time order.
     """
 
     name: str
@@ -102,6 +106,7 @@ class ModalitySpec:
     window_hop_seconds: Optional[Callable[[Any], Optional[float]]] = None
     test_split: Optional[Callable[[Any], Any]] = None
     requires: tuple[str, ...] = ()
+    time_axis: Optional[Callable[[Any], int]] = None
 
     def __post_init__(self) -> None:
         if self.token_grid is None and (self.masks is None or self.check_masks is None):
@@ -117,11 +122,13 @@ class ModalitySpec:
         """How a stacked batch of this modality gets its context and target indices."""
         if self.masks is not None:
             return self.masks(cfg, mask)
-        return functools.partial(grid_masker, self.token_grid(cfg), mask)
+        return functools.partial(grid_masker, self.token_grid(cfg), mask,
+                                 time_axis=self.time_axis(cfg) if self.time_axis else None)
 
     def validate_masks(self, cfg: Any, mask: MaskConfig, where: str) -> None:
         """Reject a mask section that this modality's tokens cannot satisfy (a sampler must always end)."""
         if self.check_masks is not None:
             self.check_masks(cfg, mask, where)
         else:
-            validate_mask(mask, self.token_grid(cfg), where)
+            validate_grid_mask(mask, self.token_grid(cfg), where, self.time_axis(cfg) if self.time_axis else None,
+                               self.name)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from multijepa.errors import check, check_range
+from multijepa.errors import RecipeError, check, check_range
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,15 @@ class MaskConfig:
 
     Point clouds have no grid: there a block is the ``scale`` share of group centres nearest a random
     seed centre, and the aspect and full-span settings do not apply.
+
+    ``mode: future`` predicts the future along the modality's time axis (video frames, audio time,
+    series steps): the targets are ``num_targets`` consecutive spans of ``target_scale`` of the time
+    axis right after a split point, each spanning the other axes whole; the context is the latest
+    ``context_scale`` share of the past before it (at least ``min_context`` tokens). Aspects and
+    ``full_span_axes`` do not apply there.
     """
 
+    mode: Literal["blocks", "future"] = "blocks"
     num_targets: int = 4
     target_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid covered by each target block
     target_aspect: tuple[float, float] = (0.75, 1.5)
@@ -165,6 +173,92 @@ def _cut_to_smallest(contexts: list[torch.Tensor], g: torch.Generator) -> torch.
     return torch.stack([c[torch.randperm(len(c), generator=g)[:keep]].sort().values for c in contexts])
 
 
+def sample_grid_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, g: torch.Generator,
+                      valid: torch.Tensor | None = None, time_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masks ``cfg.mode`` asks for on a token grid: :func:`sample_block_masks` or :func:`sample_future_masks`."""
+    if cfg.mode == "future":
+        if time_axis is None:
+            raise RecipeError("mask.mode=future needs a time axis, and these tokens have none")
+        return sample_future_masks(grid, cfg, batch_size, g, time_axis, valid=valid)
+    return sample_block_masks(grid, cfg, batch_size, g, valid=valid)
+
+
+def sample_future_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, g: torch.Generator, time_axis: int,
+                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context = the past, targets = what comes next, along ``time_axis`` of the token grid.
+
+    One span length (``target_scale`` of the time axis) and one context share are drawn per batch.
+    Without padding, one split step is drawn per batch, so every sample has the same sets; with
+    ``valid`` (bool [B, N]) each sample's split falls inside its own valid time range, padding is
+    never context or target, and sets of unequal size are padded with -1 (as :func:`sample_block_masks`).
+    A valid range too short for the spans gets shorter ones (at least one step each, the last
+    repeated if even that does not fit).
+
+    Returns:
+        context_idx: [B, Nc] long, sorted: the tokens of the latest past steps before the split.
+        target_idx: [B, M, Nt] long: M = cfg.num_targets consecutive spans after it, in time order.
+
+    >>> c, t = sample_future_masks((4, 12), MaskConfig(mode="future", num_targets=2, target_scale=(0.25, 0.25),
+    ...                            context_scale=(1.0, 1.0)), 2, torch.Generator().manual_seed(0), time_axis=1)
+    >>> t.shape, bool(c.max() % 12 < t.min() % 12)
+    (torch.Size([2, 2, 12]), True)
+    """
+    n, steps = math.prod(grid), grid[time_axis]
+    per_step = n // steps
+    time = np.indices(grid)[time_axis].reshape(-1)  # the time step of every flat token
+    span = max(1, round(_uniform(cfg.target_scale, g) * steps))
+    share = _uniform(cfg.context_scale, g)
+    need = math.ceil(cfg.min_context / per_step)  # past steps that hold min_context tokens
+    m = cfg.num_targets
+    shared = None
+    if valid is None:
+        shared = need + int(torch.randint(0, steps - need - m * span + 1, (1,), generator=g))
+    contexts, targets = [], []
+    for b in range(batch_size):
+        allowed = np.ones(n, dtype=bool) if valid is None else valid[b].reshape(-1).bool().numpy()
+        if int(allowed.sum()) < 2:
+            raise ValueError(f"sample {b} of the batch has {int(allowed.sum())} valid tokens; masking needs 2")
+        lo, hi = int(time[allowed].min()), int(time[allowed].max()) + 1
+        length = hi - lo
+        size = span if need + m * span <= length else max(1, (length - 1) // m)
+        past_min = min(need, max(1, length - m * size))
+        if shared is not None:
+            split = shared
+        else:
+            split = lo + past_min + int(torch.randint(0, max(1, length - past_min - m * size + 1), (1,), generator=g))
+        past = max(past_min, round(share * (split - lo)))
+        context = allowed & (time >= split - past) & (time < split)
+        blocks = []
+        for k in range(m):
+            start = min(split + k * size, hi - 1)  # a range too short for m spans repeats its last step
+            blocks.append((allowed & (time >= start) & (time < min(start + size, hi))).nonzero()[0])
+        contexts.append(context.nonzero()[0])
+        targets.append(blocks)
+    if valid is not None:
+        return _pad_stack(contexts), _pad_stack([t for ts in targets for t in ts]).reshape(batch_size, m, -1)
+    return torch.from_numpy(np.stack(contexts)), torch.from_numpy(np.stack([np.stack(ts) for ts in targets]))
+
+
+def validate_future_mask(m: MaskConfig, grid: tuple[int, ...], time_axis: int | None, where: str,
+                         modality: str = "these") -> None:
+    """Check that ``mode: future`` masks fit the grid's time axis: the spans and ``min_context`` tokens of past."""
+    check(time_axis is not None, where, "mask.mode",
+          f"is future, but {modality} tokens have no time axis to predict along; use mask.mode=blocks")
+    check(m.num_targets >= 1, where, "mask.num_targets", "must be at least 1")
+    check_range(m.target_scale, where, "mask.target_scale", 1e-6, 1.0)
+    check_range(m.context_scale, where, "mask.context_scale", 1e-6, 1.0)
+    check(m.min_context >= 1, where, "mask.min_context", "must be at least 1")
+    steps = grid[time_axis]
+    per_step = math.prod(grid) // steps
+    check(round(m.target_scale[0] * steps) >= 1, where, "mask.target_scale",
+          f"gives future spans of under one of the {steps} time steps of the {list(grid)} token grid; raise it")
+    longest, need = max(1, round(m.target_scale[1] * steps)), math.ceil(m.min_context / per_step)
+    check(need + m.num_targets * longest <= steps, where, "mask.target_scale",
+          f"allows {m.num_targets} future spans of {longest} steps after the {need} past steps that "
+          f"mask.min_context={m.min_context} needs, more than the token grid's {steps} time steps; lower "
+          f"mask.target_scale, mask.num_targets or mask.min_context, or use longer clips")
+
+
 def sample_neighbourhood_masks(coords: torch.Tensor, cfg: MaskConfig, g: torch.Generator,
                                max_tries: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Context and target indices where a block is a neighbourhood in coordinate space.
@@ -216,6 +310,15 @@ def sample_neighbourhood_masks(coords: torch.Tensor, cfg: MaskConfig, g: torch.G
     return _cut_to_smallest(contexts, g), torch.stack(targets)
 
 
+def validate_grid_mask(m: MaskConfig, grid: tuple[int, ...], where: str, time_axis: int | None = None,
+                       modality: str = "these") -> None:
+    """Check the masks ``m.mode`` asks for on ``grid`` (``time_axis``: the grid's time axis, or None)."""
+    if m.mode == "future":
+        validate_future_mask(m, grid, time_axis, where, modality)
+    else:
+        validate_mask(m, grid, where)
+
+
 def validate_mask(m: MaskConfig, grid: tuple[int, ...], where: str) -> None:
     """Check that a multi-block mask can be sampled on ``grid`` without looping for ever."""
     check(m.num_targets >= 1, where, "mask.num_targets", "must be at least 1")
@@ -244,6 +347,8 @@ def validate_mask(m: MaskConfig, grid: tuple[int, ...], where: str) -> None:
 
 def validate_neighbourhood_mask(m: MaskConfig, num_tokens: int, where: str) -> None:
     """Check that neighbourhood masks can be sampled from ``num_tokens`` tokens without looping for ever."""
+    check(m.mode == "blocks", where, "mask.mode",
+          "is future, but point-cloud tokens have no time axis to predict along; use mask.mode=blocks")
     check(m.num_targets >= 1, where, "mask.num_targets", "must be at least 1")
     check_range(m.target_scale, where, "mask.target_scale", 1e-6, 1.0)
     check_range(m.context_scale, where, "mask.context_scale", 1e-6, 1.0)

@@ -185,4 +185,5 @@ SPEC = ModalitySpec(
     name="audio", config=AudioConfig, extensions=AUDIO_EXTENSIONS, validate=validate_audio,
     tokenizer=audio_tokenizer, load=_load, from_tensor=_from_tensor, embed_views=_embed_views,
     token_grid=audio_grid, valid_tokens=audio_valid_tokens,
-    window_hop_seconds=lambda a: a.window_hop_samples / a.sample_rate, requires=("soundfile", "soxr", "torchaudio"))
+    window_hop_seconds=lambda a: a.window_hop_samples / a.sample_rate, requires=("soundfile", "soxr", "torchaudio"),
+    time_axis=lambda a: 1)

@@ -16,7 +16,7 @@ from typing import Literal, Optional, Union
 import numpy as np
 import torch
 
-from multijepa.core.masking import MaskConfig, validate_mask
+from multijepa.core.masking import MaskConfig, validate_grid_mask
 from multijepa.errors import DataError, DecodeError, RecipeError, check
 from multijepa.readers import Source
 from multijepa.readers.series import SERIES_EXTENSIONS, finish_series, read_series, series_labels
@@ -101,10 +101,15 @@ def check_series_masks(ts: TimeSeriesConfig, mask: MaskConfig, where: str) -> No
     """Masks on the token grid; while it waits for the data, the axis settings are checked on a
     stand-in grid of the same rank (pretraining checks again once the data has set the grid)."""
     if not waits_for_data(ts):
-        validate_mask(mask, series_grid(ts), where)
+        validate_grid_mask(mask, series_grid(ts), where, series_time_axis(ts), "timeseries")
         return
     stand_in = (max(ts.channels, 1), 64) if ts.channel_mode == "independent" else (64,)
-    validate_mask(mask, stand_in, where)
+    validate_grid_mask(mask, stand_in, where, series_time_axis(ts), "timeseries")
+
+
+def series_time_axis(ts: TimeSeriesConfig) -> int:
+    """The token grid's time axis: the patches (after the channels with channel-independent tokens)."""
+    return 1 if ts.channel_mode == "independent" else 0
 
 
 def _checked(x: np.ndarray, ts: TimeSeriesConfig, where: str) -> torch.Tensor:
@@ -195,4 +200,4 @@ SPEC = ModalitySpec(
     token_grid=series_grid, check_masks=check_series_masks,
     valid_tokens=lambda x, ts: valid_tokens(x, ts.patch_size, patch_stride(ts), ts.channel_mode == "independent"),
     list_samples=lambda path, ts: series_labels(path, ts), waits_for_data=waits_for_data, from_data=shape_from_files,
-    test_split=lambda ts: replace(ts, npz_split="test"))
+    test_split=lambda ts: replace(ts, npz_split="test"), time_axis=series_time_axis)

@@ -166,4 +166,4 @@ SPEC = ModalitySpec(
     name="video", config=VideoConfig, extensions=VIDEO_EXTENSIONS, validate=validate_video,
     tokenizer=lambda v, dim: video_tokenizer(v.channels, v.tubelet_size, v.patch_size, dim),
     load=_load, from_tensor=lambda x, v, g: x.float(), embed_views=_embed_views, token_grid=video_grid,
-    window_hop_seconds=lambda v: None, requires=("av",))
+    window_hop_seconds=lambda v: None, requires=("av",), time_axis=lambda v: 0)
