@@ -13,6 +13,7 @@
     multijepa plot runs/image runs/image-long --out curves.png
     multijepa export runs/image/last.pt exported/image      # safetensors + config.json + model card
     multijepa info runs/image
+    multijepa record Reacher-v5 episodes/ --episodes 20 --steps 50   # world-model data from Gymnasium
     multijepa demo
 """
 
@@ -175,6 +176,15 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps(found, indent=1) if args.json else info_text(found))
 
 
+def _record(args: argparse.Namespace) -> None:
+    from multijepa.episodes import record
+
+    written = record(args.env, args.out, args.episodes, args.steps, pixels="pixels" in args.observations,
+                     state="state" in args.observations, size=args.size, policy=args.policy, seed=args.seed,
+                     progress=sys.stderr.isatty())
+    print(f"wrote {len(written)} episodes to {args.out} ({written[0].name} ... {written[-1].name})")
+
+
 def _demo(args: argparse.Namespace) -> None:
     run_demo(args.dir, args.steps)
 
@@ -204,6 +214,14 @@ def _count(least: int):
         return value
 
     return parse
+
+
+def _observations(text: str) -> set[str]:
+    """An argparse type: a comma-separated subset of pixels, state."""
+    kinds = {k.strip() for k in text.split(",") if k.strip()}
+    if not kinds or kinds - {"pixels", "state"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: give pixels, state or pixels,state")
+    return kinds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a checkpoint (.pt), a run folder or an export folder")
     p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=_info)
+
+    p = command("record", "write episodes (observations + an action per step) from a Gymnasium environment",
+                "Run a policy in a Gymnasium environment (MuJoCo ones render headless through EGL) and write "
+                "each episode as a folder: episode.json, actions.npy, frames/ and/or state.npy (multijepa/episodes.py).")
+    p.add_argument("env", metavar="ENV_ID", help="a Gymnasium environment id, e.g. Reacher-v5")
+    p.add_argument("out", help="folder to write ep_000000/, ep_000001/, ... into")
+    p.add_argument("--episodes", type=_count(1), default=10, metavar="N", help="episodes to record")
+    p.add_argument("--steps", type=_count(1), default=50, metavar="T", help="most steps per episode")
+    p.add_argument("--observations", default="pixels,state", type=_observations, help="pixels, state or pixels,state")
+    p.add_argument("--size", type=_count(8), default=64, metavar="PX", help="rendered frame size")
+    p.add_argument("--policy", default="random", choices=("random", "smooth"),
+                   help="random: uniform actions; smooth: drifting random actions that travel further")
+    p.add_argument("--seed", type=int, default=0, help="seeds resets (episode i: seed + i) and the policy")
+    p.set_defaults(func=_record)
 
     p = command("demo", "write a small image set, pretrain, embed and probe against random init (3 min on 2 CPU cores)")
     p.add_argument("--dir", default="demo", help="folder for the data set and the run")

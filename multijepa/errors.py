@@ -50,6 +50,7 @@ EXTRAS = {
     "torch.utils.tensorboard": ("tensorboard", "tensorboard"),
     "wandb": ("wandb", "wandb"),
     "huggingface_hub": ("huggingface_hub", "hub"),
+    "gymnasium": ("gymnasium[mujoco]", "worldmodel"),
 }
 
 

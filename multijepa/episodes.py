@@ -1,0 +1,304 @@
+"""Episodes: observations with an action per step, the data of world models; ``multijepa record``.
+
+An episode of ``T`` steps is a folder (or one sample of a webdataset shard) holding::
+
+    episode.json   {"format": "multijepa-episode-v1", "steps": T, "env": ..., "policy": ..., "seed": ...}
+    actions.npy    float32 [T, A]: the action taken at step t, after observation t
+    frames/        T + 1 images (000000.png, ...; any image type multijepa reads), observation t = file t;
+                   or frames.npy, uint8 [T + 1, H, W, C] (what shards hold: one member instead of T + 1)
+    state.npy      float32 [T + 1, D]: state-vector observations (a time series of D channels)
+    proprio.npy    float32 [T + 1, P], optional: proprioceptive state
+    rewards.npy    float32 [T], optional
+
+At least one of frames and state is present. Observation t is what was seen before action t;
+observation T is what the last action led to.
+
+>>> ep = read_episode("episodes/ep_000000")  # doctest: +SKIP
+>>> ep.frames.shape, ep.actions.shape  # doctest: +SKIP
+(torch.Size([51, 64, 64, 3]), torch.Size([50, 2]))
+>>> record("Reacher-v5", "episodes", episodes=20, steps=50)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from multijepa.errors import DataError, DecodeError, MultijepaError, require
+from multijepa.readers import IMAGE_EXTENSIONS, read_image
+
+FORMAT = "multijepa-episode-v1"
+META = "episode.json"
+ARRAYS = ("actions", "state", "proprio", "rewards", "frames")  # the .npy members an episode may hold
+
+
+@dataclass
+class Episode:
+    """One episode: ``actions`` [T, A]; ``frames`` uint8 [T + 1, H, W, C] and/or ``state`` [T + 1, D];
+    optional ``proprio`` [T + 1, P] and ``rewards`` [T]; ``meta`` from episode.json."""
+
+    actions: torch.Tensor
+    frames: Optional[torch.Tensor] = None
+    state: Optional[torch.Tensor] = None
+    proprio: Optional[torch.Tensor] = None
+    rewards: Optional[torch.Tensor] = None
+    meta: dict = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def steps(self) -> int:
+        return len(self.actions)
+
+
+def _check(ep: Episode) -> Episode:
+    """Shapes as the format says, or a DecodeError naming the episode and the member."""
+    t = ep.steps
+    if ep.actions.ndim != 2 or t == 0:
+        raise DecodeError(f"{ep.name}: actions must be [steps, action_dim] with at least one step, got "
+                          f"{list(ep.actions.shape)}")
+    if ep.frames is None and ep.state is None:
+        raise DecodeError(f"{ep.name}: no observations (frames/, frames.npy or state.npy); record them with the episode")
+    for key, per in (("frames", t + 1), ("state", t + 1), ("proprio", t + 1), ("rewards", t)):
+        value = getattr(ep, key)
+        if value is not None and len(value) != per:
+            raise DecodeError(f"{ep.name}: {key} has {len(value)} entries for {t} actions; an episode of T steps "
+                              f"holds T + 1 observations and T rewards")
+    if ep.frames is not None and (ep.frames.ndim != 4 or ep.frames.dtype != torch.uint8):
+        raise DecodeError(f"{ep.name}: frames must be uint8 [steps + 1, H, W, C], got {ep.frames.dtype} "
+                          f"{list(ep.frames.shape)}")
+    for key in ("state", "proprio", "actions"):
+        value = getattr(ep, key)
+        if value is not None and not torch.isfinite(value).all():
+            raise DecodeError(f"{ep.name}: {key} holds NaN or infinite values")
+    return ep
+
+
+def _array(data: bytes, name: str) -> torch.Tensor:
+    try:
+        value = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError for a bad file
+        raise DecodeError(f"{name}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(np.ascontiguousarray(value if value.dtype == np.uint8 else value.astype(np.float32)))
+
+
+def _from_members(members: dict[str, bytes], name: str) -> Episode:
+    """An episode from its members' bytes: ``episode.json`` and ``<key>.npy`` (a shard sample, or a folder's files)."""
+    if META not in members:
+        raise DecodeError(f"{name}: no {META}; is this an episode (written by multijepa record or write_episode)?")
+    try:
+        meta = json.loads(members[META])
+    except ValueError as e:
+        raise DecodeError(f"{name}/{META}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise DecodeError(f"{name}/{META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if "actions.npy" not in members:
+        raise DecodeError(f"{name}: no actions.npy; every episode holds its actions")
+    arrays = {key: _array(members[f"{key}.npy"], f"{name}/{key}.npy") for key in ARRAYS if f"{key}.npy" in members}
+    return _check(Episode(meta=meta, name=name, **arrays))
+
+
+def read_episode(path: Union[str, Path]) -> Episode:
+    """Read an episode folder (see the module's docstring), checking it; DecodeError names what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DecodeError(f"{path}: not an episode folder")
+    members = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    episode = _from_members(members, str(path))
+    frames_dir = path / "frames"
+    if episode.frames is None and frames_dir.is_dir():
+        files = sorted(p for p in frames_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if files:
+            episode.frames = torch.stack([read_image(p).permute(1, 2, 0) for p in files])
+    return _check(episode)
+
+
+def find_episodes(root: Union[str, Path]) -> list[Path]:
+    """Episode folders (holding episode.json) under ``root``, sorted; shards (``*.tar``) are read by :func:`iter_episodes`."""
+    root = Path(root)
+    if (root / META).is_file():
+        return [root]
+    return sorted(p.parent for p in root.rglob(META))
+
+
+def iter_episodes(root: Union[str, Path]) -> Iterator[Episode]:
+    """Every episode of a folder of episode folders, or of webdataset shards (a ``.tar`` or a folder of them)."""
+    root = Path(root)
+    shards = [root] if root.suffix == ".tar" else sorted(root.glob("*.tar")) if root.is_dir() else []
+    folders = find_episodes(root) if root.is_dir() else []
+    if not shards and not folders:
+        raise DataError(f"{root}: no episodes (folders with {META}, or .tar shards of them); record some with "
+                        f"multijepa record ENV_ID {root}")
+    for folder in folders:
+        yield read_episode(folder)
+    for shard in shards:
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key, members in samples.items():
+            yield _from_members(members, f"{shard}:{key}")
+
+
+def write_episode(out: Union[str, Path], actions, frames=None, state=None, proprio=None, rewards=None,
+                  meta: Optional[dict] = None, frames_as: str = "png") -> Path:
+    """Write one episode folder atomically (a temporary folder renamed into place).
+
+    Args:
+        out: the episode folder to create (it must not exist).
+        actions: [T, A]; frames: uint8 [T + 1, H, W, C]; state: [T + 1, D]; proprio: [T + 1, P];
+            rewards: [T] (arrays or tensors; see the module's docstring).
+        meta: more entries for episode.json (env, policy, seed ...).
+        frames_as: ``png`` (a frames/ folder of images) or ``npy`` (one frames.npy).
+    """
+    out = Path(out)
+    if out.exists():
+        raise MultijepaError(f"{out}: exists; episodes are not overwritten (give another folder)")
+    arrays = {k: None if v is None else torch.as_tensor(np.asarray(v)) for k, v in
+              dict(actions=actions, frames=frames, state=state, proprio=proprio, rewards=rewards).items()}
+    for key in ("actions", "state", "proprio", "rewards"):
+        if arrays[key] is not None:
+            arrays[key] = arrays[key].float()
+    episode = _check(Episode(meta={}, name=str(out), **arrays))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / META).write_text(json.dumps({"format": FORMAT, "steps": episode.steps, **(meta or {})}) + "\n")
+        for key in ARRAYS:
+            value = getattr(episode, key)
+            if value is None or (key == "frames" and frames_as == "png"):
+                continue
+            np.save(tmp / f"{key}.npy", value.numpy())
+        if episode.frames is not None and frames_as == "png":
+            from PIL import Image
+
+            (tmp / "frames").mkdir()
+            for i, frame in enumerate(episode.frames.numpy()):
+                Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).save(tmp / "frames" / f"{i:06d}.png")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_episode_shards(src: Union[str, Path], out_dir: Union[str, Path], per_shard: int = 100) -> list[Path]:
+    """Pack the episode folders under ``src`` into webdataset shards (one sample per episode, frames as
+    one ``frames.npy``), each written under a temporary name and renamed."""
+    folders = find_episodes(src)
+    if not folders:
+        raise DataError(f"{src}: no episode folders (with {META}) to pack")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start in range(0, len(folders), per_shard):
+        name = out_dir / f"episodes-{start // per_shard:06d}.tar"
+        tmp = name.with_suffix(".tar.tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for k, folder in enumerate(folders[start:start + per_shard], start):
+                episode = read_episode(folder)
+                members = {META: (folder / META).read_bytes()}
+                for key in ARRAYS:
+                    value = getattr(episode, key)
+                    if value is not None:
+                        buffer = io.BytesIO()
+                        np.save(buffer, value.numpy())
+                        members[f"{key}.npy"] = buffer.getvalue()
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{k:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, name)
+        written.append(name)
+    return written
+
+
+Policy = Callable[[np.ndarray, "np.random.Generator"], np.ndarray]
+
+
+def smooth_random(action_space, rng: np.random.Generator, keep: float = 0.8) -> Policy:
+    """Random actions that drift (each ``keep`` times the last plus fresh noise, clipped to the box):
+    trajectories that travel further than independent draws."""
+    low, high = np.asarray(action_space.low, dtype=np.float64), np.asarray(action_space.high, dtype=np.float64)
+    last = [np.zeros_like(low)]
+
+    def act(obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        fresh = rng.uniform(low, high)
+        last[0] = np.clip(keep * last[0] + (1 - keep) * fresh * 2.0, low, high)
+        return last[0].astype(np.float32)
+
+    return act
+
+
+def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 50, pixels: bool = True,
+           state: bool = True, size: int = 64, policy: Union[str, Policy] = "random", seed: int = 0,
+           progress: bool = False) -> list[Path]:
+    """Write ``episodes`` episodes of a Gymnasium environment into ``out/ep_NNNNNN`` (``multijepa record``).
+
+    Args:
+        env_id: a Gymnasium id, e.g. ``Reacher-v5`` (MuJoCo; rendered headless through EGL).
+        pixels / state: record rendered frames (``size`` x ``size``) and/or the environment's observation vector.
+        steps: the most steps per episode (one ends earlier when the environment terminates or truncates it).
+        policy: ``random`` (uniform in the action box), ``smooth`` (:func:`smooth_random`), or a callable
+            ``(observation, rng) -> action``.
+        seed: seeds the environment's resets and the policy; episode i resets with ``seed + i``.
+    """
+    if not (pixels or state):
+        raise MultijepaError("record: ask for pixels, state or both")
+    if episodes < 1 or steps < 1 or size < 8:
+        raise MultijepaError(f"record: episodes and steps must be at least 1 and size at least 8 "
+                             f"(got {episodes}, {steps}, {size})")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering, before MuJoCo is imported
+    gym = require("gymnasium", "multijepa record")
+    from tqdm.auto import tqdm
+
+    try:
+        env = gym.make(env_id, render_mode="rgb_array" if pixels else None,
+                       **({"width": size, "height": size} if pixels else {}))
+    except Exception as e:  # an unknown id, a missing simulator, a kwargs mismatch
+        raise MultijepaError(f"record: cannot make the Gymnasium environment {env_id!r} ({type(e).__name__}: {e}); "
+                             f"check the id (gymnasium.pprint_registry() lists them) and that its simulator is "
+                             f"installed (MuJoCo: pip install 'multijepa[worldmodel]')") from None
+    rng = np.random.default_rng(seed)
+    env.action_space.seed(seed)
+    out = Path(out)
+    written = []
+    for i in tqdm(range(episodes), disable=not progress, desc="record", unit="episode", leave=False):
+        act = (smooth_random(env.action_space, rng) if policy == "smooth" else
+               (lambda obs, rng: env.action_space.sample()) if policy == "random" else policy)
+        if not callable(act):
+            raise MultijepaError(f"record: policy {policy!r}: use random, smooth or a callable (observation, rng) -> action")
+        obs, _ = env.reset(seed=seed + i)
+        frames, states, actions, rewards = [], [], [], []
+        for _ in range(steps + 1):
+            states.append(np.asarray(obs, dtype=np.float32).reshape(-1))
+            if pixels:
+                frames.append(np.asarray(env.render(), dtype=np.uint8))
+            if len(actions) == steps:
+                break
+            action = np.asarray(act(obs, rng), dtype=np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            actions.append(action.reshape(-1))
+            rewards.append(float(reward))
+            if terminated or truncated:
+                states.append(np.asarray(obs, dtype=np.float32).reshape(-1))
+                if pixels:
+                    frames.append(np.asarray(env.render(), dtype=np.uint8))
+                break
+        written.append(write_episode(out / f"ep_{i:06d}", np.stack(actions), np.stack(frames) if pixels else None,
+                                     np.stack(states) if state else None, rewards=np.asarray(rewards, np.float32),
+                                     meta={"env": env_id, "policy": policy if isinstance(policy, str) else "custom",
+                                           "seed": seed + i, "size": size if pixels else None}))
+    env.close()
+    return written

@@ -1,0 +1,91 @@
+"""Episodes (observations with an action per step): the folder format, shards of it, and `multijepa record`
+from a real Gymnasium MuJoCo environment rendered headless."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from multijepa.cli import main
+from multijepa.episodes import iter_episodes, read_episode, record, write_episode, write_episode_shards
+from multijepa.errors import DataError, DecodeError, MissingExtraError, MultijepaError
+
+
+def _episode(t: int = 5, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return dict(actions=rng.uniform(-1, 1, (t, 2)).astype(np.float32),
+                frames=rng.integers(0, 256, (t + 1, 8, 8, 3), dtype=np.uint8),
+                state=rng.normal(size=(t + 1, 4)).astype(np.float32), rewards=rng.normal(size=t).astype(np.float32))
+
+
+@pytest.mark.parametrize("frames_as", ["png", "npy"])
+def test_write_episode__reads_back_exactly(tmp_path, frames_as):
+    parts = _episode()
+    folder = write_episode(tmp_path / "ep", **parts, meta={"env": "test"}, frames_as=frames_as)
+    ep = read_episode(folder)
+    assert ep.steps == 5 and ep.meta["env"] == "test" and ep.meta["format"] == "multijepa-episode-v1"
+    for key, value in parts.items():
+        assert torch.equal(getattr(ep, key), torch.from_numpy(value)), key
+    assert (folder / "frames").is_dir() == (frames_as == "png")
+    with pytest.raises(MultijepaError, match="exists"):
+        write_episode(folder, **parts)
+
+
+def test_episode_shards__hold_the_same_episodes(tmp_path):
+    for i in range(3):
+        write_episode(tmp_path / "eps" / f"ep_{i}", **_episode(4 + i, seed=i))
+    shards = write_episode_shards(tmp_path / "eps", tmp_path / "shards", per_shard=2)
+    assert [p.name for p in shards] == ["episodes-000000.tar", "episodes-000001.tar"]
+    folders, packed = list(iter_episodes(tmp_path / "eps")), list(iter_episodes(tmp_path / "shards"))
+    assert [e.steps for e in packed] == [4, 5, 6]
+    assert all(torch.equal(a.frames, b.frames) and torch.equal(a.state, b.state) for a, b in zip(folders, packed))
+
+
+def test_episode__bad_episodes_are_named(tmp_path):
+    parts = _episode()
+    with pytest.raises(DecodeError, match="frames has 5 entries for 5 actions"):
+        write_episode(tmp_path / "a", **{**parts, "frames": parts["frames"][:5]})
+    with pytest.raises(DecodeError, match="no observations"):
+        write_episode(tmp_path / "b", actions=parts["actions"])
+    folder = write_episode(tmp_path / "c", **parts)
+    (folder / "actions.npy").write_bytes(b"junk")
+    with pytest.raises(DecodeError, match="actions.npy: not a readable .npy"):
+        read_episode(folder)
+    (folder / "episode.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(DecodeError, match="expected 'multijepa-episode-v1'"):
+        read_episode(folder)
+    with pytest.raises(DataError, match="no episodes"):
+        list(iter_episodes(tmp_path / "a"))
+
+
+def test_record__reacher_pixels_and_state_headless(tmp_path):
+    written = record("Reacher-v5", tmp_path / "eps", episodes=2, steps=6, size=32, policy="smooth", seed=3)
+    eps = [read_episode(p) for p in written]
+    assert [e.steps for e in eps] == [6, 6]
+    assert eps[0].frames.shape == (7, 32, 32, 3) and eps[0].state.shape == (7, 10) and eps[0].actions.shape == (6, 2)
+    assert eps[0].frames.float().std() > 1 and not torch.equal(eps[0].frames[0], eps[0].frames[-1])  # it moved
+    assert eps[0].meta == {"format": "multijepa-episode-v1", "steps": 6, "env": "Reacher-v5", "policy": "smooth",
+                           "seed": 3, "size": 32}
+    again = record("Reacher-v5", tmp_path / "again", episodes=1, steps=6, size=32, policy="smooth", seed=3)
+    assert torch.equal(read_episode(again[0]).frames, eps[0].frames)  # seeded: the same episode
+
+
+def test_record__the_cli_state_only_and_its_errors(tmp_path, capsys):
+    assert main(["record", "Reacher-v5", str(tmp_path / "s"), "--episodes", "1", "--steps", "3",
+                 "--observations", "state"]) == 0
+    ep = read_episode(tmp_path / "s" / "ep_000000")
+    assert ep.frames is None and ep.state.shape == (4, 10)
+    assert main(["record", "NoSuchEnv-v0", str(tmp_path / "x")]) == 2
+    assert "cannot make the Gymnasium environment 'NoSuchEnv-v0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["record", "Reacher-v5", str(tmp_path / "y"), "--observations", "pixel"])
+
+
+def test_record__without_gymnasium_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'multijepa\[worldmodel\]'"):
+        record("Reacher-v5", tmp_path / "eps")
