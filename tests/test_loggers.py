@@ -98,7 +98,8 @@ def test_missing_extra__the_cli_says_it_without_a_traceback(tmp_path, monkeypatc
 
 def test_plain_install__trains_embeds_and_exports_images_without_any_extra(shapes, tmp_path):
     """Every optional package made unimportable in a fresh interpreter: image work runs, nothing optional loads."""
-    optional = ["soundfile", "soxr", "torchaudio", "av", "decord", "open3d", "tensorboard", "wandb", "huggingface_hub"]
+    optional = ["soundfile", "soxr", "torchaudio", "av", "decord", "open3d", "tensorboard", "wandb", "huggingface_hub",
+                "gymnasium", "mujoco"]
     script = textwrap.dedent(f"""
         import sys
         for name in {optional!r}:

@@ -162,10 +162,12 @@ class LogMel(nn.Module):
         real = real_frames(wave, self.hop_length)[:, None, None, :]  # [B, 1, 1, T]
         wave = torch.nan_to_num(wave, nan=0.0)  # padding (NaN) is silence here; its tokens are masked out
         with torch.autocast(wave.device.type, enabled=False):
-            power = torchaudio.functional.spectrogram(
+            spec = torchaudio.functional.spectrogram(
                 wave.reshape(b * c, s).float(), pad=0, window=self.window, n_fft=self.n_fft,
-                hop_length=self.hop_length, win_length=self.win_length, power=2.0, normalized=False,
-                center=True, pad_mode="constant")  # [B*C, n_freqs, T]
+                hop_length=self.hop_length, win_length=self.win_length, power=None, normalized=False,
+                center=True, pad_mode="constant")  # complex [B*C, n_freqs, T]
+            # re^2 + im^2: power=2.0 would take |X| (a square root) and square it again, 35% slower here
+            power = spec.real.square() + spec.imag.square()
             mel = torch.matmul(power.transpose(1, 2), self.mel_fb).transpose(1, 2)  # [B*C, n_mels, T]
             db = 10.0 * torch.log10(mel.clamp_min(1e-10)).reshape(b, c, mel.shape[1], mel.shape[2])
             return normalize_db(db, real, **self.norm)
