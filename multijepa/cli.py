@@ -9,6 +9,7 @@
     multijepa embed clip.mp4 --clips 8                                # mean over 8 clips; --windows for each
     multijepa probe --checkpoint runs/image/last.pt labelled_folder/
     multijepa probe --checkpoint runs/timeseries/last.pt GunPoint_TRAIN.ts --test GunPoint_TEST.ts
+    multijepa finetune labelled_folder/ --checkpoint runs/image/last.pt --epochs 10
     multijepa shard photos/ shards/
     multijepa plot runs/image runs/image-long --out curves.png
     multijepa export runs/image/last.pt exported/image      # safetensors + config.json + model card
@@ -146,6 +147,19 @@ def _probe(args: argparse.Namespace) -> None:
     attentive = f", attentive probe accuracy {result['attentive']:.4f}" if "attentive" in result else ""
     print(f"{what} ({split}, {result['precision']}): linear probe accuracy {result['linear']:.4f}, "
           f"kNN accuracy {result['knn']:.4f}{attentive}")
+    if args.json:
+        print(json.dumps(result))
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from multijepa.finetune import finetune
+
+    result = finetune(args.data, args.checkpoint, args.test, args.test_fraction, args.seed, args.epochs, args.lr,
+                      args.encoder_lr_scale, args.weight_decay, args.batch_size, args.device, args.precision,
+                      args.workers, args.modality, args.random_init, progress=sys.stderr.isatty())
+    what = "random-init encoder" if args.random_init else "JEPA encoder"
+    print(f"{what} fine-tuned ({result['n_train']} train / {result['n_test']} test, {result['epochs']} epochs, "
+          f"{result['precision']}): accuracy {result['accuracy']:.4f} (train {result['train_accuracy']:.4f})")
     if args.json:
         print(json.dumps(result))
 
@@ -299,6 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the same split; slower than the linear probe")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=_probe)
+
+    p = command("finetune", "train the encoder and a linear head on labels (same data, split and seed as probe)")
+    p.add_argument("data", help="folder with one sub-folder per class, or a file with labels inside (a .ts file)")
+    p.add_argument("--test", help="a separate labelled test set (default: a split of DATA, as probe makes it)")
+    p.add_argument("--checkpoint", required=True, help="a last.pt or an export folder (required)")
+    p.add_argument("--random-init", action="store_true", help="fine-tune the same encoder from random init (baseline)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of DATA held out for testing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentations and the head")
+    p.add_argument("--epochs", type=_count(1), default=10, help="passes over the training split")
+    p.add_argument("--lr", type=float, default=1e-3, help="the head's peak learning rate (warm-up, then cosine)")
+    p.add_argument("--encoder-lr-scale", type=float, default=0.1,
+                   help="the encoder's learning rate as a share of --lr (0: a frozen encoder, a trained linear head)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
+    p.add_argument("--batch-size", type=_count(1), default=32, metavar="N", help="training samples per step")
+    p.add_argument("--workers", type=_count(0), default=2, metavar="N", help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 where the GPU or CPU has bf16 matrix units (as pretrain), else fp32")
+    p.add_argument("--modality", help="with a model of several modalities: the one to fine-tune on")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.set_defaults(func=_finetune)
 
     p = command("shard", "pack a folder into webdataset .tar shards")
     p.add_argument("src", help="folder of data files (first-level sub-folders are classes)")
