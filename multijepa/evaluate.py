@@ -276,6 +276,18 @@ def _modality_of_data(data: str, modalities: tuple[str, ...]) -> str:
     return found[0]
 
 
+def model_to_score(command: str, data: str, checkpoint: Optional[str], random_init: bool, seed: int, device: str,
+                   precision: str, modality: Optional[str]) -> Embedder:
+    """The one-modality encoder ``probe`` and ``finetune`` score on ``data``: a checkpoint's (or the same
+    architecture at random init, seeded), reading the modality ``data`` holds (or ``modality``)."""
+    if checkpoint is None:
+        raise MultijepaError(f"{command} needs --checkpoint PATH (with --random-init it uses that checkpoint's recipe)")
+    model = load(checkpoint, device, precision)
+    if random_init:
+        model = Embedder.random_init(model.recipe, seed=seed, device=device, precision=precision)
+    return model.for_modality(modality or _modality_of_data(data, model.modalities))
+
+
 def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False, test_fraction: float = 0.2,
           folds: int = 0, seed: int = 0, device: str = "auto", batch_size: int = 256,
           num_workers: int = 2, test_data: Optional[str] = None, modality: Optional[str] = None,
@@ -292,12 +304,7 @@ def probe(data: str, checkpoint: Optional[str] = None, random_init: bool = False
         {"linear": acc, "knn": acc, ("attentive": acc,) "n_train", "n_test", "seconds_embedding",
         "precision"} (the precision the features were computed in: ``precision`` resolved as in training).
     """
-    if checkpoint is None:
-        raise MultijepaError("probe needs --checkpoint PATH (with --random-init it uses that checkpoint's recipe)")
-    model = load(checkpoint, device, precision)
-    if random_init:
-        model = Embedder.random_init(model.recipe, seed=seed, device=device, precision=precision)
-    model = model.for_modality(modality or _modality_of_data(data, model.modalities))
+    model = model_to_score("probe", data, checkpoint, random_init, seed, device, precision, modality)
     t0 = time.perf_counter()
     feats, names, tokens = _embed_labelled(model, data, batch_size, num_workers, progress=progress,
                                            attentive=attentive)

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 
 from multijepa.core.jepa import Backbone, cosine_schedule, pool_tokens
 from multijepa.datasets.files import FileDataset, FileIndex, expand_samples, list_folder, valid_mask
-from multijepa.embed import Embedder, load
+from multijepa.embed import Embedder
 from multijepa.errors import MultijepaError, TrainingError
-from multijepa.evaluate import _modality_of_data, stratified_split
+from multijepa.evaluate import model_to_score, stratified_split
 from multijepa.modalities import MODALITIES
 from multijepa.recipe import Recipe
 from multijepa.train import autocast
@@ -185,12 +185,7 @@ def finetune(data: str, checkpoint: Optional[str], test_data: Optional[str] = No
     """
     _check_options(epochs, lr, encoder_lr_scale, weight_decay, batch_size, num_workers, test_fraction,
                    test_data is not None)
-    if checkpoint is None:
-        raise MultijepaError("finetune needs --checkpoint PATH (with --random-init it uses that checkpoint's recipe)")
-    model = load(checkpoint, device, precision)
-    if random_init:
-        model = Embedder.random_init(model.recipe, seed=seed, device=device, precision=precision)
-    model = model.for_modality(modality or _modality_of_data(data, model.modalities))
+    model = model_to_score("finetune", data, checkpoint, random_init, seed, device, precision, modality)
     return finetune_model(model, data, test_data, test_fraction, seed, epochs, lr, encoder_lr_scale, weight_decay,
                           batch_size, num_workers, progress)[0]
 
