@@ -46,6 +46,8 @@ def test_loggers__wandb_offline_without_network_and_a_resumed_run_keeps_its_id(s
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials: offline
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "300")  # a busy 2-core machine can take a while to start its service
+    monkeypatch.setenv("WANDB__SERVICE_WAIT", "300")
     run_dir = tmp_path / "wb"
     multijepa.pretrain(_recipe(shapes, run_dir, "train.steps=2", "train.loggers=[wandb]"))
     assert "logging offline" in capsys.readouterr().err
