@@ -233,22 +233,34 @@ def probe_features(features: np.ndarray, labels: np.ndarray, test_fraction: floa
     return {**out, "n_train": int(len(splits[0][0])), "n_test": int(len(splits[0][1]))}
 
 
+def labelled_samples(recipe, data: str, test_split: bool = False, command: str = "probing"):
+    """(FileIndex with one entry per sample, files in order and samples in file order; the recipe that
+    reads them) of a labelled folder or data file with labels inside; ``test_split``: the test split of a
+    file that holds both (an .npz with X_train/X_test), where the modality has one. What ``probe`` and
+    ``finetune`` read."""
+    spec = MODALITIES[recipe.modality]
+    if not os.path.exists(data):
+        raise MultijepaError(f"{data}: no such folder or file; give a folder with one sub-folder per class, or a "
+                             f"data file with labels inside (a .ts file)")
+    if test_split and spec.test_split is not None:
+        recipe = recipe.with_section(spec.name, spec.test_split(recipe.section(spec.name)))
+    base = FileIndex([data], [-1]) if os.path.isfile(data) else list_folder(data, spec.extensions)
+    index = expand_samples(base, recipe)
+    if min(index.labels) < 0 or len(index.classes) < 2:
+        raise MultijepaError(f"{data}: {command} needs labels: one sub-folder per class, or a file with class labels "
+                             f"inside (a .ts file, a UCR .tsv/.txt, a wide CSV with a label column, an .npz with "
+                             f"y), at least two classes")
+    return index, recipe
+
+
 def _embed_labelled(model, data: str, batch_size: int, num_workers: int, test_split: bool = False,
                     progress: bool = False, attentive: bool = False) -> tuple[np.ndarray, list[str], Optional[tuple]]:
     """Features and class names of every sample of a labelled folder, or of one data file with labels
     inside (a .ts file with class labels, a wide CSV with a label column); ``test_split``: read the
     test split of a file that holds both (an .npz with X_train/X_test), where the modality has one."""
-    spec = MODALITIES[model.recipe.modality]
-    if test_split and spec.test_split is not None:
-        reading = spec.test_split(model.recipe.section(spec.name))
-        model = model.with_recipe(model.recipe.with_section(spec.name, reading))
-    recipe = model.recipe
-    base = FileIndex([data], [-1]) if os.path.isfile(data) else list_folder(data, spec.extensions)
-    index = expand_samples(base, recipe)  # one entry per sample, files in order, samples in file order
-    if min(index.labels) < 0 or len(index.classes) < 2:
-        raise MultijepaError(f"{data}: probing needs labels: one sub-folder per class, or a file with class labels "
-                             f"inside (a .ts file, a UCR .tsv/.txt, a wide CSV with a label column, an .npz with "
-                             f"y), at least two classes")
+    index, recipe = labelled_samples(model.recipe, data, test_split)
+    if recipe is not model.recipe:
+        model = model.with_recipe(recipe)
     files = list(dict.fromkeys(index.files))
     tokens = None
     if attentive:  # every view's tokens; the pooled features are computed from them, as embed pools

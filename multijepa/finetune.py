@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,11 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from multijepa.core.jepa import Backbone, cosine_schedule, pool_tokens
-from multijepa.datasets.files import FileDataset, FileIndex, expand_samples, list_folder, valid_mask
+from multijepa.datasets.files import FileDataset, FileIndex, valid_mask
 from multijepa.embed import Embedder
 from multijepa.errors import MultijepaError, TrainingError
-from multijepa.evaluate import model_to_score, stratified_split
-from multijepa.modalities import MODALITIES
+from multijepa.evaluate import labelled_samples, model_to_score, stratified_split
 from multijepa.recipe import Recipe
 from multijepa.train import autocast
 
@@ -53,31 +51,13 @@ class LabelledSplit:
     test: np.ndarray
 
 
-def _labelled_samples(recipe: Recipe, data: str, test_split: bool) -> tuple[FileIndex, Recipe]:
-    """Every sample of a labelled folder or data file, one entry each (the indexing of
-    ``evaluate._embed_labelled``, copied here so that nothing is embedded)."""
-    spec = MODALITIES[recipe.modality]
-    if not os.path.exists(data):
-        raise MultijepaError(f"{data}: no such folder or file; give a folder with one sub-folder per class, or a "
-                             f"data file with labels inside (a .ts file)")
-    if test_split and spec.test_split is not None:
-        recipe = recipe.with_section(spec.name, spec.test_split(recipe.section(spec.name)))
-    base = FileIndex([data], [-1]) if os.path.isfile(data) else list_folder(data, spec.extensions)
-    index = expand_samples(base, recipe)
-    if min(index.labels) < 0 or len(index.classes) < 2:
-        raise MultijepaError(f"{data}: finetuning needs labels: one sub-folder per class, or a file with class "
-                             f"labels inside (a .ts file, a UCR .tsv/.txt, a wide CSV with a label column, an .npz "
-                             f"with y), at least two classes")
-    return index, recipe
-
-
 def split_labelled(recipe: Recipe, data: str, test_data: Optional[str] = None, test_fraction: float = 0.2,
                    seed: int = 0) -> LabelledSplit:
     """DATA's samples for training and TEST_DATA's for testing, or a stratified split of DATA
     (``stratified_split(labels, test_fraction, seed)``, as ``probe``)."""
-    sets = [_labelled_samples(recipe, data, False)]
+    sets = [labelled_samples(recipe, data, False, "finetuning")]
     if test_data is not None:
-        sets.append(_labelled_samples(recipe, test_data, True))
+        sets.append(labelled_samples(recipe, test_data, True, "finetuning"))
     names = [index.classes[i] for index, _ in sets for i in index.labels]
     classes = sorted(set(names))
     labels = np.array([classes.index(n) for n in names])
