@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Callable, Union
 
 import torch
 
@@ -26,28 +26,36 @@ def versions() -> dict[str, str]:
     return {"multijepa": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
-def save_checkpoint(state: dict, path: Union[str, Path]) -> None:
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder.
+def write_atomically(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
+    """Write a file atomically: ``write(f)`` into a temp file in the same folder (made as a plain
+    ``open`` would, 0o666 less the umask), fsync, rename over ``path``, fsync the folder.
 
-    A crash at any moment leaves either the old checkpoint or the new one, never a torn file.
+    A crash at any moment leaves either the old file or the new one, never a torn one. Checkpoints,
+    exports and plots are written through it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "versions": versions(), **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_checkpoint(state: dict, path: Union[str, Path]) -> None:
+    """Write ``state`` (with the format and versions) to ``path`` atomically (:func:`write_atomically`)."""
+    write_atomically(path, lambda f: torch.save({"format": FORMAT, "versions": versions(), **state}, f))
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict:

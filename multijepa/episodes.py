@@ -91,8 +91,9 @@ def _array(data: bytes, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value if value.dtype == np.uint8 else value.astype(np.float32)))
 
 
-def _from_members(members: dict[str, bytes], name: str) -> Episode:
-    """An episode from its members' bytes: ``episode.json`` and ``<key>.npy`` (a shard sample, or a folder's files)."""
+def _from_members(members: dict[str, bytes], name: str, frames: Optional[torch.Tensor] = None) -> Episode:
+    """An episode from its members' bytes: ``episode.json`` and ``<key>.npy`` (a shard sample, or a folder's
+    files), with ``frames`` read from a folder's frames/ where it has no frames.npy."""
     if META not in members:
         raise DecodeError(f"{name}: no {META}; is this an episode (written by multijepa record or write_episode)?")
     try:
@@ -104,6 +105,7 @@ def _from_members(members: dict[str, bytes], name: str) -> Episode:
     if "actions.npy" not in members:
         raise DecodeError(f"{name}: no actions.npy; every episode holds its actions")
     arrays = {key: _array(members[f"{key}.npy"], f"{name}/{key}.npy") for key in ARRAYS if f"{key}.npy" in members}
+    arrays.setdefault("frames", frames)
     return _check(Episode(meta=meta, name=name, **arrays))
 
 
@@ -113,13 +115,12 @@ def read_episode(path: Union[str, Path]) -> Episode:
     if not path.is_dir():
         raise DecodeError(f"{path}: not an episode folder")
     members = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
-    episode = _from_members(members, str(path))
-    frames_dir = path / "frames"
-    if episode.frames is None and frames_dir.is_dir():
-        files = sorted(p for p in frames_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    frames = None
+    if "frames.npy" not in members and (path / "frames").is_dir():
+        files = sorted(p for p in (path / "frames").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if files:
-            episode.frames = torch.stack([read_image(p).permute(1, 2, 0) for p in files])
-    return _check(episode)
+            frames = torch.stack([read_image(p).permute(1, 2, 0) for p in files])
+    return _from_members(members, str(path), frames)
 
 
 def find_episodes(root: Union[str, Path]) -> list[Path]:

@@ -21,12 +21,12 @@ from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from multijepa.checkpoint import load_checkpoint, versions
+from multijepa.checkpoint import load_checkpoint, versions, write_atomically
 from multijepa.errors import MultijepaError, require
 from multijepa.modalities import MODALITIES
-from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict, saved_modalities
+from multijepa.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from multijepa.runlog import METRICS
 from multijepa.train import build_model
 
@@ -55,17 +55,6 @@ def last_metrics(run_dir: PathLike, step: Optional[int] = None) -> Optional[dict
     return None
 
 
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_export(encoder: torch.nn.Module, recipe: Recipe, out_dir: PathLike, provenance: Optional[dict] = None) -> Path:
     """Write a target encoder (a :class:`~multijepa.core.jepa.Backbone`) and its recipe as an export
     folder; returns it. ``provenance``: ``step``, ``trained_from`` and the last ``metrics``, if known.
@@ -82,10 +71,10 @@ def save_export(encoder: torch.nn.Module, recipe: Recipe, out_dir: PathLike, pro
     config = {"format": FORMAT, "versions": versions(), "modalities": list(recipe.modalities),
               "dim": recipe.model.dim, "parameters": sum(v.numel() for v in weights.values()), **(provenance or {}),
               "recipe": recipe_to_dict(recipe)}
-    _write_atomically(out / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": FORMAT}))
-    _write_atomically(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1) + "\n"))
     card = model_card(recipe, config, out.name)
-    _write_atomically(out / CARD, lambda tmp: Path(tmp).write_text(card))
+    write_atomically(out / WEIGHTS, lambda f: f.write(save(weights, metadata={"format": FORMAT})))
+    write_atomically(out / CONFIG, lambda f: f.write((json.dumps(config, indent=1) + "\n").encode()))
+    write_atomically(out / CARD, lambda f: f.write(card.encode()))
     return out
 
 
@@ -251,7 +240,7 @@ def _summary(recipe: Recipe, metrics: Optional[dict]) -> dict:
         health = (f"looks collapsed (std {metrics['target_std']:.4g} < {t.collapse_std} or effective rank "
                   f"{metrics['target_erank']:.3g} < {t.collapse_erank})" if collapsed else
                   f"healthy (std {metrics['target_std']:.4g}, effective rank {metrics['target_erank']:.3g})")
-    return {"modalities": list(saved_modalities(recipe_to_dict(recipe))), "token_grids": grids,
+    return {"modalities": list(recipe.modalities), "token_grids": grids,
             "model": {"dim": m.dim, "depth": m.depth, "heads": m.heads, "predictor_dim": m.predictor_dim,
                       "predictor_depth": m.predictor_depth},
             "training": {"steps": recipe.train.steps, "batch_size": recipe.data.batch_size, "lr": recipe.optim.lr,

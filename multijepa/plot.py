@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,11 @@ from typing import Optional, Sequence, Union
 
 import yaml
 
+from multijepa.checkpoint import write_atomically
 from multijepa.errors import MultijepaError
 from multijepa.recipe import TrainConfig
+from multijepa.runlog import METRICS
 
-METRICS = "metrics.jsonl"
 ONE_RUN_OUT = "metrics.png"  # written into the run folder
 MANY_RUNS_OUT = "runs.png"  # written into the current directory
 LOSS_PARTS = {"loss": ("total loss", "-"), "loss_prediction": ("prediction", "--"),
@@ -260,7 +260,6 @@ def _figure(runs: list, title: str):
     if curves(ax, "bad_files", drawstyle="steps"):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))  # all zero: a 0-1 axis, not fractions of a file
-        ax.set_ylim(bottom=0)
 
     for ax in axes:
         ax.grid(True, alpha=0.3)
@@ -282,18 +281,7 @@ def _save(fig, out: Path) -> None:
     if fmt not in supported:
         raise MultijepaError(f"{out}: cannot write .{fmt} images; name a .png file (or one of "
                              f"{', '.join('.' + s for s in sorted(supported))})")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, as a plain open gives
+        write_atomically(out, lambda f: fig.savefig(f, format=fmt, dpi=100))
     except OSError as e:
         raise MultijepaError(f"{out}: cannot write there ({e.strerror}); pass another --out") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=100)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -27,11 +27,11 @@ TENSORBOARD = "tensorboard"  # the event files' folder inside the run folder
 WANDB_ID = "wandb_id"  # the W&B run id, kept so that a resumed run logs into the same W&B run
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> list[str]:
     """Drop metric lines logged after ``step`` (the checkpoint a run resumes from), so that the
-    curve has no duplicates; a torn last line (a run killed while writing it) goes too."""
+    curve has no duplicates; a torn last line (a run killed while writing it) goes too. Returns the lines kept."""
     if not path.exists():
-        return
+        return []
     keep = []
     for line in path.read_text().splitlines():
         try:
@@ -40,6 +40,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     path.write_text("".join(line + "\n" for line in keep))
+    return keep
 
 
 def _wandb_key_found() -> bool:
@@ -65,8 +66,7 @@ class RunLog:
 
     def __init__(self, run_dir: Path, recipe: Recipe, start_step: int, summary: str):
         self.metrics = run_dir / METRICS
-        truncate_metrics(self.metrics, start_step)
-        kept = self.metrics.read_text().splitlines() if self.metrics.exists() else []
+        kept = truncate_metrics(self.metrics, start_step)
         # bad_files counts over the whole run: a resumed process adds to what the earlier ones logged
         self.bad_files_before = int(json.loads(kept[-1]).get("bad_files", 0)) if kept and start_step else 0
         print(summary, file=sys.stderr)

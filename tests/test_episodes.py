@@ -79,6 +79,10 @@ def test_record__the_cli_state_only_and_its_errors(tmp_path, capsys):
                  "--observations", "state"]) == 0
     ep = read_episode(tmp_path / "s" / "ep_000000")
     assert ep.frames is None and ep.state.shape == (4, 10)
+    assert main(["record", "Reacher-v5", str(tmp_path / "p"), "--episodes", "1", "--steps", "3", "--size", "16",
+                 "--observations", "pixels"]) == 0
+    ep = read_episode(tmp_path / "p" / "ep_000000")
+    assert ep.state is None and ep.frames.shape == (4, 16, 16, 3)
     assert main(["record", "NoSuchEnv-v0", str(tmp_path / "x")]) == 2
     assert "cannot make the Gymnasium environment 'NoSuchEnv-v0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 import types
 from pathlib import Path
@@ -44,6 +46,9 @@ def test_export__embeds_exactly_as_the_checkpoint(run, shapes, tmp_path):
     assert config["format"] == "multijepa-export-v1" and config["step"] == 6 and config["modalities"] == ["image"]
     assert config["metrics"]["step"] == 6 and config["recipe"]["model"]["dim"] == 32
     assert config["versions"]["torch"] and config["trained_from"].endswith("last.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}  # shareable, as umask says
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: multijepa") and "6 steps of 6" in card and "32-dimensional" in card
 
