@@ -15,6 +15,8 @@
     multijepa export runs/image/last.pt exported/image      # safetensors + config.json + model card
     multijepa info runs/image
     multijepa record Reacher-v5 episodes/ --episodes 20 --steps 50   # world-model data from Gymnasium
+    multijepa pretrain recipes/worldmodel.yaml worldmodel.encoder=runs/frames/last.pt data.path=episodes/
+    multijepa plan runs/worldmodel/last.pt --env Reacher-v5 --episodes 20   # closed-loop success rate
     multijepa demo
 """
 
@@ -43,7 +45,10 @@ from multijepa.train import pretrain
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    run = pretrain(load_recipe(args.recipe, args.overrides))
+    from multijepa.worldmodel import WorldModelRecipe, load_any_recipe, train_world_model
+
+    recipe = load_any_recipe(args.recipe, args.overrides)
+    run = train_world_model(recipe) if isinstance(recipe, WorldModelRecipe) else pretrain(recipe)
     print(f"checkpoint: {run / 'last.pt'}")
 
 
@@ -197,6 +202,25 @@ def _record(args: argparse.Namespace) -> None:
                      state="state" in args.observations, size=args.size, policy=args.policy, seed=args.seed,
                      progress=sys.stderr.isatty())
     print(f"wrote {len(written)} episodes to {args.out} ({written[0].name} ... {written[-1].name})")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from multijepa.worldmodel import WorldModel, evaluate_planning
+
+    if args.policy == "plan" and not args.checkpoint:
+        raise MultijepaError("plan: give a world model's checkpoint (the last.pt of multijepa pretrain "
+                             "recipes/worldmodel.yaml), or --policy random")
+    wm = WorldModel.load(args.checkpoint, args.device) if args.policy == "plan" else None
+    planner = {"samples": args.samples, "iterations": args.iterations}
+    if args.method == "cem":
+        planner["elites"] = args.elites
+    result = evaluate_planning(wm, args.env, args.episodes, args.steps, args.horizon, args.method, args.replan_every,
+                               args.context, args.seed, args.policy, args.energy, sys.stderr.isatty(), **planner)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{args.env}, {args.policy}{' (' + args.method + ')' if args.policy == 'plan' else ''}: success "
+          f"{result['success_rate']:.3f} over {result['episodes']} episodes (final distance < {result['threshold']}; "
+          f"mean final distance {result['final_distance']:.4f}) in {result['seconds']:.0f} s")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -373,6 +397,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random: uniform actions; smooth: drifting random actions that travel further")
     p.add_argument("--seed", type=int, default=0, help="seeds resets (episode i: seed + i) and the policy")
     p.set_defaults(func=_record)
+
+    p = command("plan", "closed-loop goal reaching with a world model (CEM or MPPI, replanning), scored by success rate",
+                "Run episodes of a goal-reaching task: each starts from the environment's reset with a goal "
+                "observation, and the planner picks actions whose predicted representation comes closest to "
+                "the goal's, replanning as it goes. --policy random scores uniform random actions instead.")
+    p.add_argument("checkpoint", nargs="?", help="a world model's last.pt (multijepa pretrain recipes/worldmodel.yaml)")
+    p.add_argument("--env", default="Reacher-v5", help="the task's Gymnasium environment")
+    p.add_argument("--policy", choices=("plan", "random"), default="plan")
+    p.add_argument("--method", choices=("cem", "mppi"), default="cem")
+    p.add_argument("--episodes", type=_count(1), default=10, metavar="N")
+    p.add_argument("--steps", type=_count(1), default=50, metavar="N", help="actions per episode")
+    p.add_argument("--horizon", type=_count(1), default=5, metavar="H", help="planned actions")
+    p.add_argument("--replan-every", type=_count(1), default=1, metavar="K", help="execute K planned actions, then plan again")
+    p.add_argument("--context", type=_count(1), default=2, metavar="K", help="latest observations the predictor sees")
+    p.add_argument("--samples", type=_count(2), default=128, metavar="S", help="action sequences per planner iteration")
+    p.add_argument("--iterations", type=_count(1), default=4, metavar="N")
+    p.add_argument("--elites", type=_count(1), default=16, metavar="N", help="CEM: sequences the Gaussian is refitted to")
+    p.add_argument("--energy", choices=("final", "sum"), default="final",
+                   help="distance to the goal at the last planned step, or averaged over the steps")
+    p.add_argument("--seed", type=int, default=1000, help="episode i resets the environment with seed + i")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="FILE", help="also write the result (with every episode's distance) here")
+    p.set_defaults(func=_plan)
 
     p = command("demo", "write a small image set, pretrain, embed and probe against random init (3 min on 2 CPU cores)")
     p.add_argument("--dir", default="demo", help="folder for the data set and the run")

@@ -225,6 +225,21 @@ def write_episode_shards(src: Union[str, Path], out_dir: Union[str, Path], per_s
     return written
 
 
+def state_series(root: Union[str, Path]) -> np.ndarray:
+    """Every episode's states as one array of series, float32 [episodes, D, longest T + 1], shorter episodes
+    padded with NaN at the end: ``np.save("states.npy", state_series("episodes/"))`` is a time-series data
+    set that ``multijepa pretrain recipes/timeseries.yaml data.path=states.npy`` trains a state encoder on."""
+    states = [ep.state for ep in iter_episodes(root) if ep.state is not None]
+    if not states:
+        raise DataError(f"{root}: no episode holds state.npy; record with --observations state")
+    if len({s.shape[1] for s in states}) > 1:
+        raise DataError(f"{root}: episodes with different state sizes; one series set needs one")
+    out = np.full((len(states), states[0].shape[1], max(len(s) for s in states)), np.nan, dtype=np.float32)
+    for i, s in enumerate(states):
+        out[i, :, :len(s)] = s.T.numpy()
+    return out
+
+
 Policy = Callable[[np.ndarray, "np.random.Generator"], np.ndarray]
 
 

@@ -241,6 +241,9 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     sections = {name: build(spec.config, {} if raw.get(name) is None else _mapping(raw[name], name, where), name,
                             where) for name, spec in MODALITIES.items()}
     known = list(_HEAD) + list(MODALITIES) + list(_TAIL)
+    if "worldmodel" in own:
+        raise RecipeError(f"{where}: a world-model recipe (it has a worldmodel section), not a JEPA one: train it "
+                          f"with multijepa pretrain, load it with multijepa.worldmodel.load_worldmodel_recipe")
     for key in own:
         if key not in known:
             hint = difflib.get_close_matches(str(key), known, n=1)
@@ -315,6 +318,12 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
     >>> load_recipe("image", ["train.steps=5"]).train.steps
     5
     """
+    return recipe_from_dict(*read_recipe_file(path, overrides))
+
+
+def read_recipe_file(path: str | Path, overrides: Optional[list[str]] = None) -> tuple[dict, str]:
+    """A recipe file's plain data with ``overrides`` applied, and the ``where`` its errors name (any kind of
+    recipe: :func:`load_recipe` builds a JEPA one, :mod:`multijepa.worldmodel` a world-model one)."""
     path = _recipe_file(path)
     try:
         text = path.read_text()
@@ -330,7 +339,7 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
     if overrides:
         raw = apply_overrides(raw, overrides)
         where = f"{path} (with overrides {' '.join(overrides)})"
-    return recipe_from_dict(raw, where)
+    return raw, where
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -19,6 +19,7 @@ from typing import Optional
 
 import yaml
 
+from multijepa.config import plain
 from multijepa.errors import require
 from multijepa.recipe import Recipe, recipe_to_dict
 
@@ -72,7 +73,7 @@ class RunLog:
         print(summary, file=sys.stderr)
         loggers = recipe.train.loggers
         self.tensorboard = self.wandb = None
-        config = recipe_to_dict(recipe)
+        config = recipe_to_dict(recipe) if isinstance(recipe, Recipe) else plain(recipe)  # a world model's too
         if "tensorboard" in loggers:
             tb = require("torch.utils.tensorboard", "train.loggers: tensorboard")
             self.tensorboard = tb.SummaryWriter(log_dir=str(run_dir / TENSORBOARD), purge_step=start_step or None)

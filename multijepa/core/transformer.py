@@ -337,11 +337,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0) -> torch.Tensor:
-        """x: [B, N, D], every token attending to every other; or, with ``segments``, a packed
-        [T, D] batch whose attention stays within each segment. Returns the shape of x, or with
-        ``outputs_from`` (dense only) the outputs of tokens ``outputs_from:`` alone [B, N - outputs_from, D]:
-        every token is still a key, but no query, projection or output is computed for the others."""
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [B, N, D], every token attending to every other (or, with ``mask`` bool [N, N], True =
+        attend, to those it allows); or, with ``segments``, a packed [T, D] batch whose attention stays
+        within each segment. Returns the shape of x, or with ``outputs_from`` (dense only) the outputs of
+        tokens ``outputs_from:`` alone [B, N - outputs_from, D]: every token is still a key, but no query,
+        projection or output is computed for the others."""
         # Heads are split and merged by view/permute, not einops.rearrange: its ~3 us a call (pattern
         # lookup) measured ~5% of a small model's packed forward + backward, in every block.
         if segments is not None:
@@ -356,7 +358,7 @@ class Attention(nn.Module):
                                                                              ).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v)
+        out = attention(q, k, v, None if mask is None else mask[outputs_from:])
         return self.proj(out.transpose(1, 2).reshape(b, n - outputs_from, d))
 
 
@@ -383,9 +385,10 @@ class Block(nn.Module):
         mask = y.new_empty(y.shape[0], 1, 1).bernoulli_(keep)
         return y * mask / keep
 
-    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0) -> torch.Tensor:
-        """x: [B, N, D], or packed [T, D] with ``segments``; ``outputs_from``: see :class:`Attention`."""
-        x = x[:, outputs_from:] + self._drop(self.attn(self.norm1(x), segments, outputs_from), segments)
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [B, N, D], or packed [T, D] with ``segments``; ``outputs_from``, ``mask``: see :class:`Attention`."""
+        x = x[:, outputs_from:] + self._drop(self.attn(self.norm1(x), segments, outputs_from, mask), segments)
         return x + self._drop(self.mlp(self.norm2(x)), segments)
 
 
@@ -412,16 +415,18 @@ class Transformer(nn.Module):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             blk.mlp[2].weight.data.div_(math.sqrt(2.0 * (i + 1)))
 
-    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: Optional[Segments] = None, outputs_from: int = 0,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B, N, D] -> [B, N, D], or packed x: [T, D] with ``segments`` -> [T, D].
 
         ``outputs_from`` (dense only): return the outputs of tokens ``outputs_from:`` alone, [B, N -
         outputs_from, D], the same numbers for less work (the last block computes nothing else; the
-        predictor needs only its queries' outputs)."""
-        if outputs_from and segments is not None:
-            raise ValueError("outputs_from applies to dense batches only")
+        predictor needs only its queries' outputs). ``mask`` (dense only): bool [N, N], True where
+        query i may attend to key j (the world model's block-causal mask)."""
+        if (outputs_from or mask is not None) and segments is not None:
+            raise ValueError("outputs_from and mask apply to dense batches only")
         for i, block in enumerate(self.blocks):
-            x = block(x, segments, outputs_from if i == len(self.blocks) - 1 else 0)
+            x = block(x, segments, outputs_from if i == len(self.blocks) - 1 else 0, mask)
         return self.norm(x)
 
 

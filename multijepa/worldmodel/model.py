@@ -1,0 +1,352 @@
+"""The action-conditioned predictor over a frozen encoder's tokens, its recipe, and the WorldModel API.
+
+Each step ``t`` of an episode is one block of the predictor's sequence: an action token (the action
+taken after observation ``t``), an optional proprio token, and the frozen encoder's (pooled) tokens of
+observation ``t``. Attention is block-causal (a step sees itself and earlier steps, never a later one)
+and the outputs at step ``t``'s observation slots predict the encoder's tokens of observation ``t + 1``.
+
+>>> wm = WorldModel.load("runs/worldmodel/last.pt")  # doctest: +SKIP
+>>> z = wm.encode(frames)                       # [T, N, F] from uint8 frames [T, H, W, C]
+>>> wm.rollout(z[None, :1], actions[None]).shape  # the next len(actions) steps, predicted
+>>> wm.plan(frames[:1], goal_frame[None], horizon=5, method="cem")  # [5, A] actions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from multijepa.checkpoint import load_checkpoint
+from multijepa.config import build, plain
+from multijepa.core.transformer import Transformer, init_weights, sincos_embed
+from multijepa.errors import MultijepaError, RecipeError, check
+from multijepa.modalities import MODALITIES
+from multijepa.recipe import OptimConfig, Recipe, RunConfig, TrainConfig, recipe_from_dict, token_grid
+from multijepa.train import autocast, build_model, resolve_device, resolve_precision
+
+# Which encoder modality reads which kind of observation.
+OBSERVATION_MODALITY = {"frames": "image", "state": "timeseries"}
+
+
+@dataclass(frozen=True)
+class WorldModelConfig:
+    """The ``worldmodel`` section: the frozen encoder, how observations become tokens, the predictor and its losses."""
+
+    encoder: str = ""  # a multijepa checkpoint (last.pt) or export folder whose target encoder is frozen
+    encoder_init: Literal["trained", "random"] = "trained"  # random: the same encoder at random init (a baseline)
+    observation: Literal["frames", "state"] = "frames"  # frames: an image encoder; state: a timeseries encoder
+    pool: int = 1  # average the encoder's tokens over cells of pool x pool grid positions; 0: one mean token
+    normalize: bool = True  # layer-normalise each token's features, so every target is on one scale
+    proprio: bool = False  # one more token per step from the episodes' proprio.npy
+    dim: int = 192
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    window: int = 8  # steps per training clip: window + 1 observations and window actions
+    rollout_steps: int = 2  # autoregressive steps in the rollout loss; 0: teacher forcing only
+    rollout_weight: float = 1.0
+    loss: Literal["l1", "smooth_l1", "mse"] = "l1"
+    val_fraction: float = 0.1  # share of the episodes held out for the validation losses
+
+
+@dataclass(frozen=True)
+class EpisodeDataConfig:
+    path: str = ""  # a folder of episode folders, a .tar shard of episodes or a folder of shards
+    batch_size: int = 64  # clips per step
+
+
+@dataclass(frozen=True)
+class WorldModelRecipe:
+    """A world-model recipe (``recipes/worldmodel.yaml``): ``multijepa pretrain`` trains it."""
+
+    worldmodel: WorldModelConfig = field(default_factory=WorldModelConfig)
+    data: EpisodeDataConfig = field(default_factory=EpisodeDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=100, weight_decay=0.04,
+                                                                   weight_decay_end=0.04))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/worldmodel"))
+
+
+def validate_worldmodel(recipe: WorldModelRecipe, where: str) -> None:
+    w, t = recipe.worldmodel, recipe.train
+    check(bool(w.encoder), where, "worldmodel.encoder", "names no encoder: give the last.pt (or export folder) of a "
+          "multijepa pretrain run on the episodes' observations")
+    check(w.pool >= 0, where, "worldmodel.pool", "must be 0 (one mean token) or a pooling factor >= 1")
+    check(w.dim > 0 and w.heads > 0 and w.dim % w.heads == 0, where, "worldmodel.dim",
+          f"must be a positive multiple of worldmodel.heads={w.heads}, got {w.dim}")
+    check(w.depth >= 1, where, "worldmodel.depth", "must be at least 1")
+    check(w.window >= 1, where, "worldmodel.window", "must be at least 1 step")
+    check(0 <= w.rollout_steps <= w.window, where, "worldmodel.rollout_steps",
+          f"must be between 0 and worldmodel.window={w.window}, got {w.rollout_steps}")
+    check(w.rollout_weight >= 0, where, "worldmodel.rollout_weight", "must be 0 or more")
+    check(0 <= w.val_fraction < 1, where, "worldmodel.val_fraction", "must be in [0, 1)")
+    check(bool(recipe.data.path), where, "data.path", "names no episodes: record some with multijepa record ENV_ID OUT")
+    check(recipe.data.batch_size > 0, where, "data.batch_size", "must be positive")
+    check(recipe.optim.lr > 0, where, "optim.lr", "must be positive")
+    for key in ("steps", "checkpoint_every", "log_every"):
+        check(getattr(t, key) > 0, where, f"train.{key}", "must be positive")
+
+
+def worldmodel_recipe_from_dict(raw: dict, where: str = "recipe") -> WorldModelRecipe:
+    """Build and validate a :class:`WorldModelRecipe` from plain data (a YAML file's, or a checkpoint's)."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    known = [f.name for f in dataclasses.fields(WorldModelRecipe)]
+    sections = {}
+    for key, value in raw.items():
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            raise RecipeError(f"{where}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else
+                              f" (a world-model recipe has the sections {', '.join(known)})"))
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: '{key}' must be a mapping of keys, got {value!r}")
+        cls = typing.get_type_hints(WorldModelRecipe)[key]
+        defaults = plain(getattr(WorldModelRecipe(), key))
+        sections[key] = build(cls, {**defaults, **value}, key, where)
+    recipe = WorldModelRecipe(**sections)
+    validate_worldmodel(recipe, where)
+    return recipe
+
+
+def block_causal_mask(steps: int, per_step: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """bool [steps * per_step, steps * per_step], True where a query may attend to a key: the key's step
+    is the query's or earlier.
+
+    >>> block_causal_mask(2, 2).int().tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+    """
+    step = torch.arange(steps, device=device).repeat_interleave(per_step)
+    return step[None, :] <= step[:, None]
+
+
+class ActionPredictor(nn.Module):
+    """z [B, T, N, F] (observation tokens), actions [B, T, A], proprio [B, T, P] -> [B, T, N, F], the
+    prediction of each step's next observation tokens, block-causal over steps."""
+
+    def __init__(self, feat_dim: int, tokens: int, action_dim: int, proprio_dim: int, cfg: WorldModelConfig):
+        super().__init__()
+        self.tokens, self.action_dim, self.proprio_dim = tokens, action_dim, proprio_dim
+        self.extra = int(action_dim > 0) + int(proprio_dim > 0)
+        self.obs_in = nn.Linear(feat_dim, cfg.dim)
+        self.action_in = nn.Linear(action_dim, cfg.dim) if action_dim else None
+        self.proprio_in = nn.Linear(proprio_dim, cfg.dim) if proprio_dim else None
+        self.slots = nn.Parameter(torch.zeros(self.extra + tokens, cfg.dim))  # which token of a step this is
+        self.transformer = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.out = nn.Linear(cfg.dim, feat_dim)
+        init_weights(self.obs_in)
+        init_weights(self.out)
+        for layer in (self.action_in, self.proprio_in):
+            if layer is not None:
+                init_weights(layer)
+        nn.init.trunc_normal_(self.slots, std=0.02)
+
+    def forward(self, z: torch.Tensor, actions: Optional[torch.Tensor] = None,
+                proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, t, n, _ = z.shape
+        parts = []
+        if self.action_in is not None:
+            parts.append(self.action_in(actions)[:, :, None])
+        if self.proprio_in is not None:
+            parts.append(self.proprio_in(proprio)[:, :, None])
+        x = torch.cat(parts + [self.obs_in(z)], dim=2)  # [B, T, S, dim]
+        steps = torch.arange(t, device=z.device, dtype=torch.float32)[None, :, None]
+        x = x + self.slots.to(x.dtype) + sincos_embed(steps, x.shape[-1])[0][:, None].to(x.dtype)
+        per_step = x.shape[2]
+        y = self.transformer(x.reshape(b, t * per_step, -1), mask=block_causal_mask(t, per_step, z.device))
+        return self.out(y.reshape(b, t, per_step, -1)[:, :, self.extra:])
+
+
+def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The mean distance between predicted and real tokens (``worldmodel.loss``), in float32."""
+    pred, target = pred.float(), target.float()
+    if kind == "l1":
+        return (pred - target).abs().mean()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target)
+    return F.mse_loss(pred, target)
+
+
+def rollout_latents(predictor: ActionPredictor, z: torch.Tensor, actions: Optional[torch.Tensor],
+                    proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Autoregressive prediction from context tokens z [B, T0, N, F] under actions [B, T0 - 1 + H, A]
+    (the actions between the context steps, then one per predicted step): [B, H, N, F], each step fed its
+    own predictions of the earlier ones. Without actions (``action_dim`` 0) ``actions`` is [B, T0 - 1 + H, 0].
+    ``proprio`` [B, T0, P] is known for the context only; predicted steps repeat the last."""
+    steps = actions.shape[1] - z.shape[1] + 1
+    if steps < 1:
+        raise MultijepaError(f"rollout: {actions.shape[1]} actions for {z.shape[1]} context steps; give at least "
+                             f"one action after the last context observation")
+    seq, out = z, []
+    for _ in range(steps):
+        t = seq.shape[1]
+        p = None if proprio is None else torch.cat([proprio, proprio[:, -1:].expand(-1, t - proprio.shape[1], -1)], 1)
+        nxt = predictor(seq, actions[:, :t], p)[:, -1:]
+        out.append(nxt)
+        seq = torch.cat([seq, nxt.to(seq.dtype)], 1)
+    return torch.cat(out, 1)
+
+
+def pool_grid(feats: torch.Tensor, grid: Optional[tuple[int, ...]], pool: int) -> torch.Tensor:
+    """Encoder tokens [B, N, F] averaged over ``pool``-sized cells of their grid ([B, N / pool^rank, F]), or
+    over all of them with ``pool`` 0 ([B, 1, F]); ``pool`` 1 keeps them."""
+    if pool == 0:
+        return feats.mean(1, keepdim=True)
+    if pool == 1:
+        return feats
+    b, n, f = feats.shape
+    if grid is None or len(grid) > 3 or any(g % pool for g in grid):
+        raise RecipeError(f"worldmodel.pool={pool}: the encoder's token grid {grid} is not divisible into "
+                          f"{pool}-wide cells; use a divisor of its sides, 1 (every token) or 0 (one mean token)")
+    x = feats.transpose(1, 2).reshape(b, f, *grid)
+    x = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(grid) - 1](x, pool)
+    return x.flatten(2).transpose(1, 2)
+
+
+class ObservationEncoder(nn.Module):
+    """The frozen encoder side of a world model: raw observations of one episode -> pooled tokens [T, N, F].
+
+    Frames are uint8 [T, H, W, C], read by the encoder's image section; states float [T, D] are read as
+    windows of the encoder's ``timeseries.length`` states ending at each step (the first state repeated
+    before the episode starts), so the encoder's time-series view of a state includes its recent past.
+    """
+
+    def __init__(self, encoder: nn.Module, recipe: Recipe, cfg: WorldModelConfig):
+        super().__init__()
+        self.modality = OBSERVATION_MODALITY[cfg.observation]
+        if self.modality not in recipe.modalities:
+            raise RecipeError(f"worldmodel.observation={cfg.observation} needs an encoder trained on "
+                              f"{self.modality}, but {cfg.encoder} was trained on {', '.join(recipe.modalities)}")
+        self.recipe = recipe.source(self.modality)
+        self.section = self.recipe.section(self.modality)
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.cfg = cfg
+        spec = MODALITIES[self.modality]
+        self.grid = token_grid(self.recipe) if spec.token_grid is not None else None
+
+    def inputs(self, observations: torch.Tensor) -> torch.Tensor:
+        """Raw observations [T, ...] -> the encoder's inputs [T, ...], as its modality reads them."""
+        spec = MODALITIES[self.modality]
+        if self.modality == "image":
+            if observations.ndim != 4 or observations.dtype != torch.uint8:
+                raise MultijepaError(f"frames must be uint8 [T, H, W, C], got {observations.dtype} "
+                                     f"{list(observations.shape)}")
+            return torch.stack([spec.from_tensor(f.permute(2, 0, 1), self.section, None) for f in observations])
+        if observations.ndim != 2:
+            raise MultijepaError(f"states must be [T, D], got {list(observations.shape)}")
+        h = self.section.length
+        padded = torch.cat([observations[:1].expand(h - 1, -1), observations.float()])
+        return torch.stack([spec.from_tensor(padded[t:t + h].T.contiguous(), self.section, None)
+                            for t in range(len(observations))])
+
+    @torch.no_grad()
+    def forward(self, observations: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        x = self.inputs(observations)
+        device = next(self.encoder.parameters()).device
+        out = []
+        for start in range(0, len(x), batch):
+            feats, _ = self.encoder(x[start:start + batch].to(device), self.modality)
+            z = pool_grid(feats.float(), self.grid, self.cfg.pool)
+            out.append(F.layer_norm(z, z.shape[-1:]) if self.cfg.normalize else z)
+        return torch.cat(out)
+
+
+def load_encoder(cfg: WorldModelConfig, seed: int = 0) -> tuple[nn.Module, Recipe]:
+    """The frozen target encoder named by ``worldmodel.encoder`` and its recipe; with ``encoder_init:
+    random`` the same architecture at random init (seeded), for the baseline world model."""
+    from multijepa.export import read_encoder  # the encoder side of a checkpoint or export
+
+    encoder, recipe, _ = read_encoder(cfg.encoder)
+    if cfg.encoder_init == "random":
+        torch.manual_seed(seed)
+        encoder = build_model(recipe).target
+    return encoder, recipe
+
+
+class WorldModel:
+    """A trained world model: the frozen encoder and the action-conditioned predictor, for rollouts and planning.
+
+    Args:
+        predictor: the trained :class:`ActionPredictor`.
+        observer: the :class:`ObservationEncoder` (frozen encoder + pooling).
+        action_low / action_high: [A], the range of the training actions (the planners' default bounds).
+        device / precision: as ``embed``'s.
+    """
+
+    def __init__(self, predictor: ActionPredictor, observer: ObservationEncoder, action_low: torch.Tensor,
+                 action_high: torch.Tensor, device: str = "auto", precision: str = "auto"):
+        self.device = resolve_device(device)
+        self.precision, _ = resolve_precision(precision, self.device)
+        self.predictor = predictor.to(self.device).eval()
+        self.observer = observer.to(self.device)
+        self.action_low, self.action_high = action_low.float(), action_high.float()
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device: str = "auto", precision: str = "auto") -> "WorldModel":
+        """A world model from the ``last.pt`` of a world-model run (it holds the encoder too)."""
+        state = load_checkpoint(path)
+        if state.get("kind") != "worldmodel":
+            raise MultijepaError(f"{path}: not a world-model checkpoint (train one with multijepa pretrain "
+                                 f"recipes/worldmodel.yaml)")
+        recipe = worldmodel_recipe_from_dict(state["recipe"], f"{path} (its saved recipe)")
+        enc_recipe = recipe_from_dict(state["encoder_recipe"], f"{path} (its encoder's recipe)")
+        encoder = build_model(enc_recipe).target
+        encoder.load_state_dict(state["encoder"])
+        s = state["shapes"]
+        predictor = ActionPredictor(s["feat_dim"], s["tokens"], s["action_dim"], s["proprio_dim"], recipe.worldmodel)
+        predictor.load_state_dict(state["predictor"])
+        return cls(predictor, ObservationEncoder(encoder, enc_recipe, recipe.worldmodel),
+                   torch.tensor(s["action_low"]), torch.tensor(s["action_high"]), device, precision)
+
+    def encode(self, observations: torch.Tensor) -> torch.Tensor:
+        """Raw observations of one episode [T, ...] (uint8 frames [T, H, W, C] or states [T, D]) -> [T, N, F]."""
+        with autocast(self.precision, self.device):
+            return self.observer(torch.as_tensor(observations))
+
+    @torch.no_grad()
+    def rollout(self, z: torch.Tensor, actions: torch.Tensor, proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Predicted representations [B, H, N, F] of the steps after context tokens z [B, T0, N, F] (from
+        :meth:`encode`) under actions [B, T0 - 1 + H, A]; see :func:`rollout_latents`."""
+        with autocast(self.precision, self.device):
+            out = rollout_latents(self.predictor, z.to(self.device), actions.to(self.device).float(),
+                                  None if proprio is None else proprio.to(self.device).float())
+        return out.float()
+
+    def energy(self, z: torch.Tensor, goal: torch.Tensor, actions: torch.Tensor, reduce: str = "final") -> torch.Tensor:
+        """Per action sequence [S, T0 - 1 + H, A], the mean L1 distance of its rollout from context z [T0, N, F]
+        to goal tokens [N, F]: at the final step (``final``) or averaged over the predicted steps (``sum``) -> [S]."""
+        pred = self.rollout(z[None].expand(len(actions), *z.shape), actions)
+        dist = (pred - goal.to(pred.device)).abs().mean((-1, -2))  # [S, H]
+        return (dist[:, -1] if reduce == "final" else dist.mean(1)).cpu()
+
+    def plan(self, observations: torch.Tensor, goal: torch.Tensor, horizon: int = 5, method: str = "cem",
+             past_actions: Optional[torch.Tensor] = None, reduce: str = "final", **planner) -> torch.Tensor:
+        """Actions [horizon, A] that bring the predicted representation closest to the goal's.
+
+        Args:
+            observations: the latest raw observations [T0, ...] (T0 >= 1; a few give the predictor motion).
+            goal: the goal observation(s) [1, ...] as raw observations (the last is the goal).
+            past_actions: [T0 - 1, A], the actions taken between those observations.
+            method: ``cem`` or ``mppi`` (:mod:`multijepa.worldmodel.plan`); ``planner``: its settings.
+        """
+        from multijepa.worldmodel.plan import PLANNERS
+
+        if method not in PLANNERS:
+            raise MultijepaError(f"plan: method {method!r}: use one of {', '.join(PLANNERS)}")
+        z, z_goal = self.encode(observations), self.encode(goal)[-1]
+        past = torch.zeros(0, len(self.action_low)) if past_actions is None else torch.as_tensor(past_actions).float()
+        if len(past) != len(z) - 1:
+            raise MultijepaError(f"plan: {len(past)} past actions for {len(z)} observations; give one fewer")
+
+        def energy(actions: torch.Tensor) -> torch.Tensor:
+            return self.energy(z, z_goal, torch.cat([past[None].expand(len(actions), -1, -1), actions], 1), reduce)
+
+        best, _ = PLANNERS[method](energy, horizon, self.action_low, self.action_high, **planner)
+        return best

@@ -1,0 +1,204 @@
+"""World models: the block-causal action-conditioned predictor, rollouts, the planners, training through
+`multijepa pretrain` (resume included), and `multijepa plan` in a real MuJoCo environment."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_IMAGE
+from multijepa.cli import main
+from multijepa.episodes import state_series, write_episode
+from multijepa.errors import DataError, MultijepaError, RecipeError, TrainingError
+from multijepa.worldmodel import (ActionPredictor, WorldModel, WorldModelConfig, block_causal_mask, cem,
+                                  evaluate_planning, load_worldmodel_recipe, mppi, rollout_latents,
+                                  train_world_model)
+
+TINY_WM = ["worldmodel.dim=32", "worldmodel.depth=1", "worldmodel.heads=2", "worldmodel.window=4",
+           "worldmodel.rollout_steps=2", "worldmodel.pool=2", "data.batch_size=8", "train.progress=false",
+           "train.log_every=2", "train.checkpoint_every=2", "optim.warmup_steps=2", "train.precision=fp32"]
+
+
+def _dot_episodes(root, episodes: int = 6, steps: int = 8, size: int = 16, seed: int = 0) -> None:
+    """A dot that each action moves by up to 2 px: frames uint8 [T + 1, size, size, 3], state = its position."""
+    rng = np.random.default_rng(seed)
+    for e in range(episodes):
+        pos = rng.uniform(4, size - 4, 2)
+        frames, states, actions = [], [], []
+        for t in range(steps + 1):
+            frame = np.zeros((size, size, 3), np.uint8)
+            r, c = np.clip(pos.round().astype(int), 1, size - 2)
+            frame[r - 1:r + 2, c - 1:c + 2] = 255
+            frames.append(frame)
+            states.append(np.concatenate([pos / size, [1.0]]).astype(np.float32))
+            if t < steps:
+                a = rng.uniform(-1, 1, 2).astype(np.float32)
+                actions.append(a)
+                pos = np.clip(pos + 2 * a, 2, size - 3)
+        write_episode(root / f"ep_{e:03d}", np.stack(actions), np.stack(frames), np.stack(states))
+
+
+def _train(*overrides: str):
+    return train_world_model(load_worldmodel_recipe(ROOT / "recipes/worldmodel.yaml", list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Dot episodes, a tiny image encoder pretrained on their frames, and a world model trained on it."""
+    root = tmp_path_factory.mktemp("wm")
+    _dot_episodes(root / "eps")
+    main(["pretrain", str(ROOT / "recipes/frames.yaml"), *TINY_IMAGE, f"data.path={root / 'eps'}", "train.steps=2",
+          f"run.dir={root / 'enc'}"])
+    main(["pretrain", str(ROOT / "recipes/worldmodel.yaml"), *TINY_WM, f"worldmodel.encoder={root / 'enc/last.pt'}",
+          f"data.path={root / 'eps'}", "train.steps=4", f"run.dir={root / 'wm'}"])
+    return root
+
+
+def test_block_causal_mask__a_step_never_sees_a_later_step():
+    torch.manual_seed(0)
+    cfg = WorldModelConfig(dim=32, depth=2, heads=2)
+    predictor = ActionPredictor(8, 3, 2, 1, cfg).eval()
+    z, a, p = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 2), torch.randn(2, 5, 1)
+    out = predictor(z, a, p)
+    assert out.shape == (2, 5, 3, 8)
+    for k in range(5):  # change step k's observation, action and proprio: steps before k are untouched
+        z2, a2, p2 = z.clone(), a.clone(), p.clone()
+        z2[:, k] += 1.0
+        a2[:, k] += 1.0
+        p2[:, k] += 1.0
+        out2 = predictor(z2, a2, p2)
+        assert torch.equal(out2[:, :k], out[:, :k]), k
+        assert not torch.allclose(out2[:, k:], out[:, k:])
+    mask = block_causal_mask(3, 2)
+    assert mask.sum().item() == 2 * 2 + 4 * 2 + 6 * 2 and not mask[0, 2] and mask[5, 0]
+
+
+def test_rollout__shapes_and_teacher_forcing_agree_on_the_first_step():
+    torch.manual_seed(0)
+    predictor = ActionPredictor(8, 4, 2, 0, WorldModelConfig(dim=16, depth=1, heads=2)).eval()
+    z, actions = torch.randn(3, 2, 4, 8), torch.randn(3, 6, 2)  # 2 context steps, 5 predicted
+    with torch.no_grad():
+        rolled = rollout_latents(predictor, z, actions)
+        assert rolled.shape == (3, 5, 4, 8)
+        assert torch.allclose(rolled[:, 0], predictor(z, actions[:, :2])[:, -1], atol=1e-6)
+    with pytest.raises(MultijepaError, match="at least one action"):
+        rollout_latents(predictor, z, actions[:, :1])
+    unconditioned = ActionPredictor(8, 4, 0, 0, WorldModelConfig(dim=16, depth=1, heads=2))  # forecasting: no actions
+    assert rollout_latents(unconditioned, z, torch.zeros(3, 4, 0)).shape == (3, 3, 4, 8)
+
+
+@pytest.mark.parametrize("planner", [cem, mppi])
+def test_planners__find_the_optimum_of_a_known_energy(planner):
+    optimum = torch.tensor([[0.6, -0.3], [0.1, 0.9], [-0.7, 0.2]])
+    low, high = -torch.ones(2), torch.ones(2)
+    g = torch.Generator().manual_seed(0)
+    best, energy = planner(lambda a: ((a - optimum) ** 2).sum((1, 2)), 3, low, high, samples=256, iterations=12,
+                           generator=g)
+    assert best.shape == (3, 2) and (best - optimum).abs().max() < 0.05 and energy < 0.01
+    # an optimum outside the box: the planners stay inside it and end at its edge
+    best, _ = planner(lambda a: ((a - 2.0) ** 2).sum((1, 2)), 2, low, high, samples=256, iterations=8, generator=g)
+    assert (best <= 1).all() and (best > 0.95).all()
+
+
+def test_worldmodel__trains_through_pretrain_logs_and_resumes_exactly(trained, tmp_path):
+    lines = [json.loads(x) for x in (trained / "wm/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert {"loss_teacher", "loss_rollout", "val_rollout", "val_copy_last", "pred_std"} <= set(lines[-1])
+    # a run stopped at step 4 (its kept step_0000004.pt as last.pt) and resumed equals 6 steps straight
+    args = [str(ROOT / "recipes/worldmodel.yaml"), *TINY_WM, f"worldmodel.encoder={trained / 'enc/last.pt'}",
+            f"data.path={trained / 'eps'}", "train.steps=6"]
+    main(["pretrain", *args, "train.keep_every=4", f"run.dir={tmp_path / 'straight'}"])
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight/step_0000004.pt", tmp_path / "resumed/last.pt")
+    main(["pretrain", *args, f"run.dir={tmp_path / 'resumed'}"])
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["predictor"][k], b["predictor"][k]) for k in a["predictor"])
+    with pytest.raises(TrainingError, match="other worldmodel settings .*dim"):
+        _train(*args[1:], "train.steps=8", "worldmodel.dim=16", f"run.dir={tmp_path / 'resumed'}")
+
+
+def test_worldmodel__loads_encodes_rolls_out_and_plans(trained):
+    wm = WorldModel.load(trained / "wm/last.pt", device="cpu")
+    from multijepa.episodes import read_episode
+
+    ep = read_episode(trained / "eps/ep_000")
+    z = wm.encode(ep.frames)
+    assert z.shape == (9, 4, 32)  # 16 px in 4 px patches: a 4 x 4 grid pooled 2 x 2
+    assert wm.rollout(z[None, :2], ep.actions[None, :5]).shape == (1, 4, 4, 32)
+    plan = wm.plan(ep.frames[:2], ep.frames[-1:], horizon=3, past_actions=ep.actions[:1], samples=16, iterations=2,
+                   generator=torch.Generator().manual_seed(0))
+    assert plan.shape == (3, 2) and (plan >= wm.action_low).all() and (plan <= wm.action_high).all()
+    assert wm.plan(ep.frames[:1], ep.frames[-1:], horizon=2, method="mppi", samples=8, iterations=1).shape == (2, 2)
+    with pytest.raises(MultijepaError, match="past actions"):
+        wm.plan(ep.frames[:2], ep.frames[-1:], horizon=2)
+    with pytest.raises(MultijepaError, match="method 'beam'"):
+        wm.plan(ep.frames[:1], ep.frames[-1:], method="beam")
+
+
+def test_worldmodel__state_observations_through_a_timeseries_encoder(tmp_path):
+    _dot_episodes(tmp_path / "eps", episodes=4, steps=6)
+    series = state_series(tmp_path / "eps")
+    assert series.shape == (4, 3, 7)
+    np.save(tmp_path / "states.npy", series)
+    main(["pretrain", "timeseries", "model.dim=32", "model.depth=1", "model.heads=2", "model.predictor_dim=16",
+          "model.predictor_depth=1", "model.predictor_heads=2", "data.batch_size=4", "train.progress=false",
+          "timeseries.length=4", "timeseries.patch_size=1", "timeseries.channel_mode=mixed", "timeseries.channels=3",
+          "timeseries.instance_norm=false", "mask.full_span_axes=[]", "mask.min_context=1", "train.steps=2",
+          f"data.path={tmp_path / 'states.npy'}", f"run.dir={tmp_path / 'enc'}"])
+    main(["pretrain", "worldmodel", *TINY_WM, "worldmodel.observation=state", "worldmodel.pool=0",
+          f"worldmodel.encoder={tmp_path / 'enc/last.pt'}", f"data.path={tmp_path / 'eps'}", "train.steps=2",
+          f"run.dir={tmp_path / 'wm'}"])
+    wm = WorldModel.load(tmp_path / "wm/last.pt", device="cpu")
+    from multijepa.episodes import read_episode
+
+    ep = read_episode(tmp_path / "eps/ep_000")
+    assert wm.encode(ep.state).shape == (7, 1, 32)
+    assert wm.plan(ep.state[:1], ep.state[-1:], horizon=2, samples=8, iterations=1).shape == (2, 2)
+
+
+def test_worldmodel__bad_recipes_and_data_are_named(trained, tmp_path):
+    args = [str(ROOT / "recipes/worldmodel.yaml"), *TINY_WM, f"worldmodel.encoder={trained / 'enc/last.pt'}"]
+    with pytest.raises(RecipeError, match="unknown key 'worldmodel.windw' .*did you mean 'window'"):
+        load_worldmodel_recipe(ROOT / "recipes/worldmodel.yaml", ["worldmodel.windw=3"])
+    with pytest.raises(RecipeError, match="worldmodel.rollout_steps"):
+        load_worldmodel_recipe(ROOT / "recipes/worldmodel.yaml", ["worldmodel.rollout_steps=9", "worldmodel.window=4"])
+    with pytest.raises(RecipeError, match="a world-model recipe"):
+        from multijepa.recipe import load_recipe
+
+        load_recipe(ROOT / "recipes/worldmodel.yaml")
+    with pytest.raises(RecipeError, match="needs an encoder trained on timeseries"):
+        _train(*args[1:], "worldmodel.observation=state", f"data.path={trained / 'eps'}", f"run.dir={tmp_path / 'a'}")
+    with pytest.raises(DataError, match="no episode has worldmodel.window=40 steps"):
+        _train(*args[1:], "worldmodel.window=40", "worldmodel.rollout_steps=2", f"data.path={trained / 'eps'}",
+               f"run.dir={tmp_path / 'b'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no episodes"):
+        _train(*args[1:], f"data.path={tmp_path / 'empty'}", f"run.dir={tmp_path / 'c'}")
+    with pytest.raises(MultijepaError, match="not a world-model checkpoint"):
+        WorldModel.load(trained / "enc/last.pt")
+
+
+def test_plan__closed_loop_in_reacher_with_the_cli(tmp_path, capsys):
+    pytest.importorskip("mujoco")
+    from multijepa.episodes import record
+
+    record("Reacher-v5", tmp_path / "eps", episodes=3, steps=6, size=16, policy="smooth")
+    main(["pretrain", str(ROOT / "recipes/frames.yaml"), *TINY_IMAGE, f"data.path={tmp_path / 'eps'}",
+          "train.steps=1", f"run.dir={tmp_path / 'enc'}"])
+    main(["pretrain", "worldmodel", *TINY_WM, f"worldmodel.encoder={tmp_path / 'enc/last.pt'}",
+          f"data.path={tmp_path / 'eps'}", "train.steps=2", f"run.dir={tmp_path / 'wm'}"])
+    main(["plan", str(tmp_path / "wm/last.pt"), "--episodes", "2", "--steps", "3", "--horizon", "2", "--samples", "8",
+          "--iterations", "1", "--json", str(tmp_path / "plan.json")])
+    out = capsys.readouterr().out
+    assert "Reacher-v5, plan (cem): success" in out and "over 2 episodes" in out
+    result = json.loads((tmp_path / "plan.json").read_text())
+    assert len(result["distances"]) == 2 and 0 <= result["success_rate"] <= 1
+    random = evaluate_planning(None, "Reacher-v5", episodes=2, steps=3, policy="random")
+    assert random["policy"] == "random" and len(random["distances"]) == 2
+    with pytest.raises(MultijepaError, match="no goal task for 'Pendulum-v1'"):
+        evaluate_planning(None, "Pendulum-v1", policy="random")
