@@ -40,7 +40,6 @@ from multijepa.errors import MultijepaError
 from multijepa.evaluate import probe
 from multijepa.export import export, info, info_text
 from multijepa.modalities import MODALITIES, modality_of, readers_of
-from multijepa.recipe import load_recipe
 from multijepa.train import pretrain
 
 

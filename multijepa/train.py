@@ -208,6 +208,9 @@ def pretrain(recipe: Recipe, data: Optional[Mixed] = None) -> Path:
     >>> from multijepa import load_recipe, pretrain
     >>> run = pretrain(load_recipe("recipes/image.yaml", ["data.path=photos/"]))  # doctest: +SKIP
     """
+    if not isinstance(recipe, Recipe):  # a world-model recipe: its trainer sits above this module
+        raise TrainingError(f"pretrain takes a JEPA recipe, got a {type(recipe).__name__}; train a world-model "
+                            f"recipe with multijepa.worldmodel.train_world_model (the CLI's pretrain does both)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parent.parent
 # The shipped recipes are package data in multijepa/recipes/; the top-level recipes/ (the README's paths) links there.
 RECIPES = sorted((ROOT / "multijepa" / "recipes").glob("*.yaml"))
+WORLDMODEL_RECIPES = [p for p in RECIPES if "worldmodel" in yaml.safe_load(p.read_text())]
+JEPA_RECIPES = [p for p in RECIPES if p not in WORLDMODEL_RECIPES]  # the rest train a JEPA
 IMAGE_RECIPE = ROOT / "recipes/image.yaml"
 AUDIO_RECIPE = ROOT / "recipes/audio.yaml"
 

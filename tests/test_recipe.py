@@ -4,24 +4,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import IMAGE_RECIPE, RECIPES, TINY
+from conftest import IMAGE_RECIPE, JEPA_RECIPES, TINY, WORLDMODEL_RECIPES
 from multijepa.errors import RecipeError
 from multijepa.modalities import MODALITIES
 from multijepa.recipe import SourceConfig, load_recipe, recipe_to_dict, save_recipe
 from multijepa.train import build_model
+from multijepa.worldmodel import load_worldmodel_recipe
 
 
 def test_recipes__every_shipped_recipe_loads_and_builds():
-    assert RECIPES, "recipes/ is empty"
-    for path in RECIPES:
+    assert JEPA_RECIPES, "recipes/ is empty"
+    for path in JEPA_RECIPES:
         recipe = load_recipe(path, TINY)
         model = build_model(recipe)
         assert sum(p.numel() for p in model.parameters()) > 0
-    assert {load_recipe(p).modality for p in RECIPES} == set(MODALITIES) | {"mixed"}
+    assert {load_recipe(p).modality for p in JEPA_RECIPES} == set(MODALITIES) | {"mixed"}
+    assert [p.name for p in WORLDMODEL_RECIPES] == ["worldmodel.yaml"]
+    for path in WORLDMODEL_RECIPES:  # a world-model recipe builds with its predictor (tests/test_worldmodel.py)
+        assert load_worldmodel_recipe(path).worldmodel.encoder
 
 
 def test_recipes__shipped_recipe_full_size_builds():
-    for path in RECIPES:
+    for path in JEPA_RECIPES:
         build_model(load_recipe(path))
 
 

@@ -62,6 +62,7 @@ def test_block_causal_mask__a_step_never_sees_a_later_step():
     torch.manual_seed(0)
     cfg = WorldModelConfig(dim=32, depth=2, heads=2)
     predictor = ActionPredictor(8, 3, 2, 1, cfg).eval()
+    torch.nn.init.normal_(predictor.out.weight, std=0.1)  # residual predictors start as copies: make it attend
     z, a, p = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 2), torch.randn(2, 5, 1)
     out = predictor(z, a, p)
     assert out.shape == (2, 5, 3, 8)
@@ -73,6 +74,7 @@ def test_block_causal_mask__a_step_never_sees_a_later_step():
         out2 = predictor(z2, a2, p2)
         assert torch.equal(out2[:, :k], out[:, :k]), k
         assert not torch.allclose(out2[:, k:], out[:, k:])
+        assert not torch.allclose(out2[:, k + 1:], out[:, k + 1:]) or k == 4  # later steps do see step k
     mask = block_causal_mask(3, 2)
     assert mask.sum().item() == 2 * 2 + 4 * 2 + 6 * 2 and not mask[0, 2] and mask[5, 0]
 
@@ -130,6 +132,7 @@ def test_worldmodel__loads_encodes_rolls_out_and_plans(trained):
     z = wm.encode(ep.frames)
     assert z.shape == (9, 4, 32)  # 16 px in 4 px patches: a 4 x 4 grid pooled 2 x 2
     assert wm.rollout(z[None, :2], ep.actions[None, :5]).shape == (1, 4, 4, 32)
+    assert torch.allclose(wm.rollout(ep.frames[:2], ep.actions[:5]), wm.rollout(z[None, :2], ep.actions[None, :5])[0])
     plan = wm.plan(ep.frames[:2], ep.frames[-1:], horizon=3, past_actions=ep.actions[:1], samples=16, iterations=2,
                    generator=torch.Generator().manual_seed(0))
     assert plan.shape == (3, 2) and (plan >= wm.action_low).all() and (plan <= wm.action_high).all()
@@ -159,6 +162,16 @@ def test_worldmodel__state_observations_through_a_timeseries_encoder(tmp_path):
     ep = read_episode(tmp_path / "eps/ep_000")
     assert wm.encode(ep.state).shape == (7, 1, 32)
     assert wm.plan(ep.state[:1], ep.state[-1:], horizon=2, samples=8, iterations=1).shape == (2, 2)
+
+
+def test_worldmodel__trains_on_episode_shards(trained, tmp_path, capsys):
+    from multijepa.episodes import write_episode_shards
+
+    write_episode_shards(trained / "eps", tmp_path / "shards", per_shard=4)
+    run = _train(*TINY_WM, f"worldmodel.encoder={trained / 'enc/last.pt'}", f"data.path={tmp_path / 'shards'}",
+                 "train.steps=2", f"run.dir={tmp_path / 'wm'}")
+    assert "6 episodes (5 train, 1 val)" in capsys.readouterr().err
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_worldmodel__bad_recipes_and_data_are_named(trained, tmp_path):

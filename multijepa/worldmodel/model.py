@@ -46,6 +46,7 @@ class WorldModelConfig:
     pool: int = 1  # average the encoder's tokens over cells of pool x pool grid positions; 0: one mean token
     normalize: bool = True  # layer-normalise each token's features, so every target is on one scale
     proprio: bool = False  # one more token per step from the episodes' proprio.npy
+    residual: bool = True  # predict the change from the current tokens (starts as copying them forward)
     dim: int = 192
     depth: int = 4
     heads: int = 4
@@ -129,7 +130,8 @@ def block_causal_mask(steps: int, per_step: int, device: Optional[torch.device] 
 
 class ActionPredictor(nn.Module):
     """z [B, T, N, F] (observation tokens), actions [B, T, A], proprio [B, T, P] -> [B, T, N, F], the
-    prediction of each step's next observation tokens, block-causal over steps."""
+    prediction of each step's next observation tokens, block-causal over steps (with ``residual``, as the
+    change from step t's own tokens)."""
 
     def __init__(self, feat_dim: int, tokens: int, action_dim: int, proprio_dim: int, cfg: WorldModelConfig):
         super().__init__()
@@ -141,8 +143,11 @@ class ActionPredictor(nn.Module):
         self.slots = nn.Parameter(torch.zeros(self.extra + tokens, cfg.dim))  # which token of a step this is
         self.transformer = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
         self.out = nn.Linear(cfg.dim, feat_dim)
+        self.residual = cfg.residual
         init_weights(self.obs_in)
         init_weights(self.out)
+        if self.residual:  # start as the copy-the-last-step forecast, which the predictor then improves on
+            nn.init.zeros_(self.out.weight)
         for layer in (self.action_in, self.proprio_in):
             if layer is not None:
                 init_weights(layer)
@@ -161,7 +166,8 @@ class ActionPredictor(nn.Module):
         x = x + self.slots.to(x.dtype) + sincos_embed(steps, x.shape[-1])[0][:, None].to(x.dtype)
         per_step = x.shape[2]
         y = self.transformer(x.reshape(b, t * per_step, -1), mask=block_causal_mask(t, per_step, z.device))
-        return self.out(y.reshape(b, t, per_step, -1)[:, :, self.extra:])
+        pred = self.out(y.reshape(b, t, per_step, -1)[:, :, self.extra:])
+        return pred + z if self.residual else pred
 
 
 def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -311,13 +317,25 @@ class WorldModel:
             return self.observer(torch.as_tensor(observations))
 
     @torch.no_grad()
-    def rollout(self, z: torch.Tensor, actions: torch.Tensor, proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Predicted representations [B, H, N, F] of the steps after context tokens z [B, T0, N, F] (from
-        :meth:`encode`) under actions [B, T0 - 1 + H, A]; see :func:`rollout_latents`."""
+    def rollout(self, observations: torch.Tensor, actions: torch.Tensor,
+                proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Predicted representations of the steps after the context, under ``actions``.
+
+        Args:
+            observations: raw observations of one episode [T0, ...] (uint8 frames [T0, H, W, C] or states
+                [T0, D]; then ``actions`` is [T0 - 1 + H, A] and the result [H, N, F]), or a batch of context
+                tokens from :meth:`encode` [B, T0, N, F] (then ``actions`` is [B, T0 - 1 + H, A] and the
+                result [B, H, N, F]); see :func:`rollout_latents`.
+            proprio: [B, T0, P] where the predictor was trained with proprio tokens.
+        """
+        observations = torch.as_tensor(observations)
+        raw = observations.dtype == torch.uint8 or observations.ndim == 2
+        z = self.encode(observations)[None] if raw else observations
+        actions = torch.as_tensor(actions)[None] if raw else torch.as_tensor(actions)
         with autocast(self.precision, self.device):
             out = rollout_latents(self.predictor, z.to(self.device), actions.to(self.device).float(),
                                   None if proprio is None else proprio.to(self.device).float())
-        return out.float()
+        return out.float()[0] if raw else out.float()
 
     def energy(self, z: torch.Tensor, goal: torch.Tensor, actions: torch.Tensor, reduce: str = "final") -> torch.Tensor:
         """Per action sequence [S, T0 - 1 + H, A], the mean L1 distance of its rollout from context z [T0, N, F]

@@ -161,6 +161,9 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
         raise MultijepaError(f"plan: no goal task for {env_id!r}; multijepa plan knows {', '.join(TASKS)}")
     if policy not in ("plan", "random"):
         raise MultijepaError(f"plan: policy {policy!r}: use plan or random")
+    if not 1 <= replan_every <= horizon or context < 1:
+        raise MultijepaError(f"plan: replan every 1 to horizon={horizon} steps from at least one observation "
+                             f"(got replan_every={replan_every}, context={context})")
     observation = "frames" if wm is None else wm.observer.cfg.observation
     size = wm.observer.section.size if wm is not None and observation == "frames" else 64
     task = TASKS[env_id](size=size, pixels=observation == "frames")

@@ -31,8 +31,8 @@ from multijepa.worldmodel.model import (ActionPredictor, ObservationEncoder, Wor
                                         load_encoder, rollout_latents, worldmodel_recipe_from_dict)
 
 # worldmodel keys that fix the predictor's shape or its inputs: a checkpoint resumes only under the same ones
-ARCHITECTURE_KEYS = ("encoder", "encoder_init", "observation", "pool", "normalize", "proprio", "dim", "depth",
-                     "heads", "mlp_ratio")
+ARCHITECTURE_KEYS = ("encoder", "encoder_init", "observation", "pool", "normalize", "proprio", "residual", "dim",
+                     "depth", "heads", "mlp_ratio")
 
 
 def load_worldmodel_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> WorldModelRecipe:
