@@ -15,8 +15,7 @@
     multijepa export runs/image/last.pt exported/image      # safetensors + config.json + model card
     multijepa info runs/image
     multijepa record Reacher-v5 episodes/ --episodes 20 --steps 50   # world-model data from Gymnasium
-    multijepa pretrain recipes/worldmodel.yaml worldmodel.encoder=runs/frames/last.pt data.path=episodes/
-    multijepa plan runs/worldmodel/last.pt --env Reacher-v5 --episodes 20   # closed-loop success rate
+    multijepa plan runs/worldmodel/last.pt --env Reacher-v5   # after pretrain recipes/worldmodel.yaml
     multijepa demo
 """
 
@@ -207,12 +206,10 @@ def _plan(args: argparse.Namespace) -> None:
     from multijepa.worldmodel import WorldModel, evaluate_planning
 
     if args.policy == "plan" and not args.checkpoint:
-        raise MultijepaError("plan: give a world model's checkpoint (the last.pt of multijepa pretrain "
-                             "recipes/worldmodel.yaml), or --policy random")
+        raise MultijepaError("plan: give a world model's last.pt (multijepa pretrain worldmodel), or --policy random")
     wm = WorldModel.load(args.checkpoint, args.device) if args.policy == "plan" else None
     planner = {"samples": args.samples, "iterations": args.iterations}
-    if args.method == "cem":
-        planner["elites"] = args.elites
+    planner.update({"elites": args.elites} if args.method == "cem" else {})
     result = evaluate_planning(wm, args.env, args.episodes, args.steps, args.horizon, args.method, args.replan_every,
                                args.context, args.seed, args.policy, args.energy, sys.stderr.isatty(), **planner)
     if args.json:
@@ -398,9 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_record)
 
     p = command("plan", "closed-loop goal reaching with a world model (CEM or MPPI, replanning), scored by success rate",
-                "Run episodes of a goal-reaching task: each starts from the environment's reset with a goal "
-                "observation, and the planner picks actions whose predicted representation comes closest to "
-                "the goal's, replanning as it goes. --policy random scores uniform random actions instead.")
+                "Goal-reaching episodes from the environment's reset: the planner picks actions whose predicted "
+                "representation comes closest to the goal observation's, replanning as it goes (docs/world-models.md).")
     p.add_argument("checkpoint", nargs="?", help="a world model's last.pt (multijepa pretrain recipes/worldmodel.yaml)")
     p.add_argument("--env", default="Reacher-v5", help="the task's Gymnasium environment")
     p.add_argument("--policy", choices=("plan", "random"), default="plan")

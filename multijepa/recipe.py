@@ -266,8 +266,8 @@ def _mapping(value: Any, key: str, where: str) -> dict:
 def shipped_recipes() -> dict[str, Path]:
     """The recipes that ship inside the package (``multijepa/recipes/*.yaml``), by name, sorted.
 
-    >>> sorted(shipped_recipes())[:2]
-    ['audio', 'image']
+    >>> sorted(shipped_recipes())[:3]
+    ['audio', 'frames', 'image']
     >>> shipped_recipes()["audio"].name
     'audio.yaml'
     """

@@ -213,5 +213,9 @@ def test_plan__closed_loop_in_reacher_with_the_cli(tmp_path, capsys):
     assert len(result["distances"]) == 2 and 0 <= result["success_rate"] <= 1
     random = evaluate_planning(None, "Reacher-v5", episodes=2, steps=3, policy="random")
     assert random["policy"] == "random" and len(random["distances"]) == 2
+    assert main(["plan", "--episodes", "1"]) == 2
+    assert "give a world model's last.pt" in capsys.readouterr().err
+    with pytest.raises(MultijepaError, match="replan every 1 to horizon=2"):
+        evaluate_planning(None, "Reacher-v5", horizon=2, replan_every=3, policy="random")
     with pytest.raises(MultijepaError, match="no goal task for 'Pendulum-v1'"):
         evaluate_planning(None, "Pendulum-v1", policy="random")

@@ -6,9 +6,11 @@ observation ``t``. Attention is block-causal (a step sees itself and earlier ste
 and the outputs at step ``t``'s observation slots predict the encoder's tokens of observation ``t + 1``.
 
 >>> wm = WorldModel.load("runs/worldmodel/last.pt")  # doctest: +SKIP
->>> z = wm.encode(frames)                       # [T, N, F] from uint8 frames [T, H, W, C]
->>> wm.rollout(z[None, :1], actions[None]).shape  # the next len(actions) steps, predicted
->>> wm.plan(frames[:1], goal_frame[None], horizon=5, method="cem")  # [5, A] actions
+>>> z = wm.encode(frames)  # doctest: +SKIP
+>>> wm.rollout(frames[:1], actions).shape  # doctest: +SKIP
+torch.Size([50, 4, 192])
+>>> wm.plan(frames[:1], goal_frame[None], horizon=5, method="cem").shape  # doctest: +SKIP
+torch.Size([5, 2])
 """
 
 from __future__ import annotations
