@@ -1,0 +1,50 @@
+"""Is a world model's representation a good metric for planning? For the Reacher world models of
+``bench/worldmodel_reacher.py``: the rank correlation, within recorded episodes, between the feature
+distance of each frame to a reference frame (steps 10, 25, 50) and the distance of their fingertips.
+
+    python bench/worldmodel_metric.py --out bench/out/reacher      # under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from multijepa.episodes import iter_episodes
+from multijepa.worldmodel import WorldModel
+
+
+def fingertips(state: np.ndarray) -> np.ndarray:
+    """Reacher-v5 observations [T, 10] (cos q0, cos q1, sin q0, sin q1, ...) -> fingertip xy [T, 2]."""
+    q0, q1 = np.arctan2(state[:, 2], state[:, 0]), np.arctan2(state[:, 3], state[:, 1])
+    return np.stack([0.1 * np.cos(q0) + 0.11 * np.cos(q0 + q1), 0.1 * np.sin(q0) + 0.11 * np.sin(q0 + q1)], 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/out/reacher"))
+    ap.add_argument("--episodes", type=int, default=20, help="the last N recorded episodes")
+    args = ap.parse_args()
+    episodes = list(iter_episodes(args.out / "episodes"))[-args.episodes:]
+    for name in ("pixels_trained", "pixels_random"):
+        wm = WorldModel.load(args.out / f"wm_{name}/last.pt", device="cpu")
+        every, near = [], []
+        for ep in episodes:
+            z, tips = wm.encode(ep.frames), fingertips(ep.state.numpy())
+            for ref in (10, 25, 50):
+                feature = (z - z[ref]).abs().mean((1, 2)).numpy()
+                tip = np.linalg.norm(tips - tips[ref], axis=1)
+                every.append(spearmanr(feature, tip).correlation)
+                close = tip < 0.08
+                near.append(spearmanr(feature[close], tip[close]).correlation if close.sum() > 4 else np.nan)
+        print(f"{name}: rank correlation of feature and fingertip distance {np.nanmean(every):.3f}, "
+              f"within 0.08 of the reference {np.nanmean(near):.3f}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
