@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import provenance
 from multijepa.readers.series import read_series
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import knn_accuracy, linear_probe_accuracy, probe_features
@@ -51,13 +52,39 @@ def labelled(path: Path) -> tuple[list[np.ndarray], list[str]]:
     return found.series, [str(v) for v in found.labels]
 
 
-def one_nn_euclidean(train: list[np.ndarray], y_train: np.ndarray, test: list[np.ndarray], y_test: np.ndarray) -> float:
-    """1-NN accuracy with Euclidean distance on series zero-padded to the longest (no padding when equal)."""
+def flat_series(train: list[np.ndarray], test: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """[C, L] series, zero-padded to the longest (no padding when equal) and flattened: (train, test) rows."""
     n = max(x.shape[1] for x in train + test)
     flat = lambda xs: np.stack([np.pad(x, ((0, 0), (0, n - x.shape[1]))).ravel() for x in xs]).astype(np.float64)
-    a, b = flat(train), flat(test)
+    return flat(train), flat(test)
+
+
+def one_nn_euclidean(train: list[np.ndarray], y_train: np.ndarray, test: list[np.ndarray], y_test: np.ndarray) -> float:
+    """1-NN accuracy with Euclidean distance on series zero-padded to the longest (no padding when equal)."""
+    a, b = flat_series(train, test)
     d = (b**2).sum(1, keepdims=True) - 2 * b @ a.T + (a**2).sum(1)
     return float((y_train[d.argmin(1)] == y_test).mean())
+
+
+def baselines(name: str, data: Path) -> dict:
+    """The raw-series baselines of a set: 1-NN Euclidean (on the archive's equal-length ``_eq`` files where a
+    set has them, and on zero-padded series) and the linear probe of the encoders, fitted on the raw values."""
+    x_train, l_train = labelled(data / name / f"{name}_TRAIN.ts")
+    x_test, l_test = labelled(data / name / f"{name}_TEST.ts")
+    classes = sorted(set(l_train) | set(l_test))
+    y_train = np.array([classes.index(v) for v in l_train])
+    y_test = np.array([classes.index(v) for v in l_test])
+    raw_train, raw_test = flat_series(x_train, x_test)
+    result = {"one_nn_ed": one_nn_euclidean(x_train, y_train, x_test, y_test),
+              "raw_linear": linear_probe_accuracy(raw_train, y_train, raw_test, y_test)}
+    eq_train, eq_test = data / name / f"{name}_eq_TRAIN.ts", data / name / f"{name}_eq_TEST.ts"
+    if eq_train.exists():  # unequal length: also the archive's equal-length version
+        result["one_nn_ed_padded"] = result["one_nn_ed"]
+        (xe_train, le_train), (xe_test, le_test) = labelled(eq_train), labelled(eq_test)
+        result["one_nn_ed"] = one_nn_euclidean(xe_train, np.array([classes.index(v) for v in le_train]),
+                                               xe_test, np.array([classes.index(v) for v in le_test]))
+    result["one_nn_ed_published"] = PUBLISHED_1NN_ED.get(name)
+    return result
 
 
 def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: list[str], cv_only: bool = False,
@@ -98,14 +125,7 @@ def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: 
             result[which][f"{key}_std"] = round(float(values.std()), 4)
     if cv_only:
         return result
-    result["one_nn_ed"] = one_nn_euclidean(x_train, y_train, x_test, y_test)
-    eq_train, eq_test = data / name / f"{name}_eq_TRAIN.ts", data / name / f"{name}_eq_TEST.ts"
-    if eq_train.exists():  # unequal length: also the archive's equal-length version
-        result["one_nn_ed_padded"] = result["one_nn_ed"]
-        (xe_train, le_train), (xe_test, le_test) = labelled(eq_train), labelled(eq_test)
-        result["one_nn_ed"] = one_nn_euclidean(xe_train, np.array([classes.index(v) for v in le_train]),
-                                               xe_test, np.array([classes.index(v) for v in le_test]))
-    result["one_nn_ed_published"] = PUBLISHED_1NN_ED.get(name)
+    result.update(baselines(name, data))
     return result
 
 
@@ -116,6 +136,8 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes/timeseries.yaml"))
     ap.add_argument("--sets", nargs="*", default=list(SETS))
     ap.add_argument("--cv-only", action="store_true", help="tuning: 5-fold CV on TRAIN only, TEST never embedded")
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="only the raw-series baselines (1-NN Euclidean, linear probe on raw values); no pretraining")
     ap.add_argument("--seeds", type=int, default=1, help="pretraining runs (and random inits) per set, averaged")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--for", dest="per_set", action="append", default=[], metavar="SET:KEY=VALUE",
@@ -136,6 +158,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    if args.baselines_only:  # scored on TEST: every run of this is a look at the test splits
+        results = {name: baselines(name, Path(args.data)) for name in args.sets}
+        (out / "results_baselines.json").write_text(json.dumps({"meta": provenance(1), "sets": results}, indent=2))
+        print("| set | 1-NN ED | linear probe on the raw series |\n|---|---|---|")
+        for name, r in results.items():
+            print(f"| {name} | {r['one_nn_ed']:.3f} | {r['raw_linear']:.3f} |")
+        return
     for name in args.sets:
         results[name] = evaluate_set(name, Path(args.data), out, args.recipe, args.overrides + per_set.get(name, []),
                                      args.cv_only, args.seeds, args.first_seed)
@@ -152,9 +181,9 @@ def main() -> None:
     # a run that adds seeds (--first-seed) does not overwrite the earlier run's file
     (out / file_name).write_text(json.dumps({"meta": meta, "sets": results}, indent=2))
     print(f"\nMeans over {args.seeds} seed(s) ({args.first_seed} .. {last_seed}), spread (std) in brackets:\n")
-    print("| set | train / test | JEPA linear | random-init linear | 1-NN ED | JEPA > random? | JEPA > 1-NN ED? "
-          "| JEPA kNN / random kNN | train 5-fold CV, JEPA / random | pretrain per seed (wall) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| set | train / test | JEPA linear | random-init linear | 1-NN ED | raw linear | JEPA > random? "
+          "| JEPA > 1-NN ED? | JEPA kNN / random kNN | train 5-fold CV, JEPA / random | pretrain per seed (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ed = f"{r['one_nn_ed']:.3f}" + (f" (published {r['one_nn_ed_published']:.3f})" if r["one_nn_ed_published"] else "")
         if "one_nn_ed_padded" in r:
@@ -163,7 +192,7 @@ def main() -> None:
         verdict = lambda a, b: "yes" if a > b else "tie" if a == b else "no"
         spread = lambda which: f" ({r[which]['linear_std']:.3f})" if args.seeds > 1 else ""
         print(f"| {name} | {r['n_train']} / {r['n_test']} | {j:.3f}{spread('jepa')} | {rnd:.3f}{spread('random_init')} "
-              f"| {ed} | {verdict(j, rnd)} | {verdict(j, r['one_nn_ed'])} "
+              f"| {ed} | {r['raw_linear']:.3f} | {verdict(j, rnd)} | {verdict(j, r['one_nn_ed'])} "
               f"| {r['jepa']['knn']:.3f} / {r['random_init']['knn']:.3f} "
               f"| {r['jepa']['train_cv_linear']:.3f} / {r['random_init']['train_cv_linear']:.3f} "
               f"| {np.mean(r['pretrain_minutes']):.1f} min |")

@@ -4,6 +4,7 @@ for the digit and for its direction of motion; and clips per second decoded + to
     .venv/bin/python bench/quality_video.py --minutes 30            # the reported run (test split)
     .venv/bin/python bench/quality_video.py --eval val --minutes 6  # choosing settings (validation split)
     .venv/bin/python bench/quality_video.py --speed-only            # KTH clips per second, each backend
+    .venv/bin/python bench/quality_video.py --baselines-only        # raw pixels (each video's mean frame)
 
 The moving-digits set (``make_moving_digits``), deterministic given ``--seed``:
 
@@ -23,7 +24,8 @@ torch thread with no DataLoader workers, for a step count fitted to ``--minutes`
 calibration run. Linear probes (``multijepa.evaluate.linear_probe_accuracy``) on frozen, pooled
 features are then fitted on the training videos and scored on the test videos (``--eval test``), or,
 for choosing settings, fitted on 80% of the training videos and scored on the other 20%
-(``--eval val``); the test videos are then not read at all.
+(``--eval val``); the test videos are then not read at all. The field's simple baseline is probed the
+same way: each video's frames averaged into one 64 x 64 image of raw pixels.
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ def write_mp4(path: Path, video: np.ndarray, fps: int = 25) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def raw_pixel_mean(files: list[str]) -> np.ndarray:
+    """The simple baseline: each video's frames averaged, as raw grayscale pixels [N, H * W] in [0, 1]."""
+    import av
+
+    rows = []
+    for f in files:
+        with av.open(f) as container:
+            frames = [frame.to_ndarray(format="gray").astype(np.float32) for frame in container.decode(video=0)]
+        rows.append(np.mean(frames, 0).ravel() / 255)
+    return np.stack(rows)
 
 
 def make_moving_digits(mnist: Path, out: Path, n_train: int, n_test: int, frames: int, seed: int) -> dict:
@@ -183,6 +197,8 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes/video.yaml"))
     ap.add_argument("--no-speed", action="store_true", help="skip the KTH decoding speed")
     ap.add_argument("--speed-only", action="store_true", help="only the KTH decoding speed (no data, no training)")
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="only the raw-pixel baseline (each video's mean frame) on the chosen split; no training")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides (after the bench's own)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -206,6 +222,14 @@ def main() -> None:
         test = data["test"]
         targets = {k: (labels[k], np.array(test[k])) for k in labels}
         fit_files, score_files = files, list(test["files"])
+    pixels = {"fit": raw_pixel_mean(fit_files), "score": raw_pixel_mean(score_files)}
+    baseline = {k: round(linear_probe_accuracy(pixels["fit"], y_fit, pixels["score"], y_score), 4)
+                for k, (y_fit, y_score) in targets.items()}
+    print("raw pixels (mean frame)", baseline, flush=True)
+    if args.baselines_only:
+        (out / f"results_baselines_{args.eval}.json").write_text(json.dumps(
+            {"eval": args.eval, "raw_pixel_mean": baseline, **provenance(1)}, indent=2))
+        return
     filelist = out / "pretrain.txt"
     filelist.write_text("".join(f"{f}\n" for f in files))  # every training video (labels unused)
 
@@ -221,7 +245,7 @@ def main() -> None:
     plot_run(run)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    results: dict = {"eval": args.eval}
+    results: dict = {"eval": args.eval, "raw_pixel_mean": baseline}
     jepa = load(run / "last.pt", device="cpu")
     for name, model in [("jepa", jepa), ("random_init", Embedder.random_init(jepa.recipe, device="cpu"))]:
         fit, score = model.embed(fit_files, batch_size=128), model.embed(score_files, batch_size=128)

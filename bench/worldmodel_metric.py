@@ -3,6 +3,10 @@
 distance of each frame to a reference frame (steps 10, 25, 50) and the distance of their fingertips.
 
     python bench/worldmodel_metric.py --out bench/out/reacher      # under a minute
+    python bench/worldmodel_metric.py --out bench/out/reacher --encoder bench/out/reacher/frames/last.pt --pools 0 4 2 1
+
+With ``--encoder`` it scores an image encoder (trained and at random init) before any world model is
+trained, at each pooling of its token grid, beside the L1 distance of the raw pixels.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 from scipy.stats import spearmanr
 
 from multijepa.episodes import iter_episodes
-from multijepa.worldmodel import WorldModel
+from multijepa.worldmodel import WorldModel, WorldModelConfig
+from multijepa.worldmodel.model import ObservationEncoder, load_encoder
 
 
 def fingertips(state: np.ndarray) -> np.ndarray:
@@ -28,13 +33,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/out/reacher"))
     ap.add_argument("--episodes", type=int, default=20, help="the last N recorded episodes")
+    ap.add_argument("--encoder", help="score this image encoder's checkpoint (trained and at random init) instead")
+    ap.add_argument("--pools", type=int, nargs="*", default=[4], help="with --encoder: worldmodel.pool values")
     args = ap.parse_args()
     episodes = list(iter_episodes(args.out / "episodes"))[-args.episodes:]
-    for name in ("pixels_trained", "pixels_random"):
-        wm = WorldModel.load(args.out / f"wm_{name}/last.pt", device="cpu")
+    if args.encoder:
+        encoders = {}
+        for init in ("trained", "random"):
+            for pool in args.pools:
+                cfg = WorldModelConfig(encoder=args.encoder, encoder_init=init, pool=pool)
+                encoders[f"encoder {init}, pool {pool}"] = ObservationEncoder(*load_encoder(cfg), cfg)
+        encoders["raw pixels"] = lambda frames: frames.float().flatten(1)[:, None]  # [T, 1, H * W * C]
+    else:
+        encoders = {name: WorldModel.load(args.out / f"wm_{name}/last.pt", device="cpu").encode
+                    for name in ("pixels_trained", "pixels_random")}
+    for name, encode in encoders.items():
         every, near = [], []
         for ep in episodes:
-            z, tips = wm.encode(ep.frames), fingertips(ep.state.numpy())
+            z, tips = encode(ep.frames), fingertips(ep.state.numpy())
             for ref in (10, 25, 50):
                 feature = (z - z[ref]).abs().mean((1, 2)).numpy()
                 tip = np.linalg.norm(tips - tips[ref], axis=1)

@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--state-encoder-steps", type=int, default=1500)
     ap.add_argument("--state-wm-steps", type=int, default=1000)
     ap.add_argument("--plan-episodes", type=int, default=20)
+    ap.add_argument("--plan-seed", type=int, default=1000,
+                    help="episode i of planning resets with seed + i: 1000 the test episodes, 5000 validation ones")
     ap.add_argument("--plan", nargs="*", default=["--samples", "128", "--iterations", "3", "--horizon", "5",
                                                   "--replan-every", "2", "--steps", "50"],
                     help="multijepa plan options shared by every planning run")
@@ -105,13 +107,14 @@ def main() -> None:
                   times, done=(run / "last.pt").exists())
             worlds[f"state, {init} encoder"] = run
     results = {}
-    plan_args = ["--episodes", str(args.plan_episodes), *args.plan]
-    random_json = out / "plan_random.json"
+    plan_args = ["--episodes", str(args.plan_episodes), "--seed", str(args.plan_seed), *args.plan]
+    tag = "" if args.plan_seed == 1000 else f"_seed{args.plan_seed}"  # validation plans beside the test ones
+    random_json = out / f"plan_random{tag}.json"
     stage("plan: random policy", ["plan", "--policy", "random", *plan_args, "--json", str(random_json)], times,
           done=random_json.exists())
     results["random policy"] = json.loads(random_json.read_text())
     for name, run in worlds.items():
-        result = run / "plan.json"
+        result = run / f"plan{tag}.json"
         stage(f"plan: {name}", ["plan", str(run / "last.pt"), *plan_args, "--json", str(result)], times,
               done=result.exists())
         results[name] = json.loads(result.read_text())

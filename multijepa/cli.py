@@ -69,8 +69,7 @@ def _embed(args: argparse.Namespace) -> None:
                                       (("window", args.window), ("hop", args.hop)) if value is not None])
     if args.clips is not None:
         if "video" not in model.modalities:
-            raise MultijepaError(f"--clips applies to video models; {checkpoint} is a "
-                                 f"{'/'.join(model.modalities)} model")
+            raise MultijepaError(f"--clips applies to video models; {checkpoint} is a {'/'.join(model.modalities)} model")
         model = model.with_overrides([f"video.embed_clips={args.clips}"])
     model = model.with_overrides(args.set)  # validated like a recipe file: a wrong key is named
     files = expand_inputs(args.files, model.modalities)  # a folder gives the files of the model's types
@@ -198,7 +197,7 @@ def _record(args: argparse.Namespace) -> None:
 
     written = record(args.env, args.out, args.episodes, args.steps, pixels="pixels" in args.observations,
                      state="state" in args.observations, size=args.size, policy=args.policy, seed=args.seed,
-                     progress=sys.stderr.isatty())
+                     camera=args.camera, frames_as=args.frames_as, progress=sys.stderr.isatty())
     print(f"wrote {len(written)} episodes to {args.out} ({written[0].name} ... {written[-1].name})")
 
 
@@ -292,8 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio: one vector per window (audio.embed_window_seconds every audio.embed_hop_seconds) "
                         "instead of their mean; video: one vector per clip")
     p.add_argument("--window", type=float, metavar="SECONDS", help="audio: window length (default: the recipe's)")
-    p.add_argument("--hop", type=float, metavar="SECONDS",
-                   help="audio: seconds between windows (default: the recipe's)")
+    p.add_argument("--hop", type=float, metavar="SECONDS", help="audio: seconds between windows (default: the recipe's)")
     p.add_argument("--clips", type=_count(1), metavar="N",
                    help="video: clips spread evenly over each video and pooled (default: video.embed_clips)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -363,8 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("plot", "one PNG of a run's curves: loss and its parts, lr, collapse monitors, speed, bad files")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.jsonl); several are overlaid")
-    p.add_argument("--out", metavar="PNG", help="the image to write (default: RUN_DIR/metrics.png for one run, "
-                                                "runs.png here for several)")
+    p.add_argument("--out", metavar="PNG", help="the image (default: RUN_DIR/metrics.png, or runs.png here for several)")
     p.set_defaults(func=_plot)
 
     p = command("export", "a checkpoint's encoder as model.safetensors + config.json + README.md (Hub layout)")
@@ -389,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_count(1), default=50, metavar="T", help="most steps per episode")
     p.add_argument("--observations", default="pixels,state", type=_observations, help="pixels, state or pixels,state")
     p.add_argument("--size", type=_count(8), default=64, metavar="PX", help="rendered frame size")
+    p.add_argument("--camera", choices=("auto", "env"), default="auto", help="auto: a task's view (Reacher-v5: top-down)")
+    p.add_argument("--frames-as", choices=("png", "npy", "mp4"), default="png", help="a frames/ folder, .npy or H.264")
     p.add_argument("--policy", default="random", choices=("random", "smooth"),
                    help="random: uniform actions; smooth: drifting random actions that travel further")
     p.add_argument("--seed", type=int, default=0, help="seeds resets (episode i: seed + i) and the policy")

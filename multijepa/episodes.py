@@ -2,15 +2,19 @@
 
 An episode of ``T`` steps is a folder (or one sample of a webdataset shard) holding::
 
-    episode.json   {"format": "multijepa-episode-v1", "steps": T, "env": ..., "policy": ..., "seed": ...}
+    episode.json   {"format": "multijepa-episode-v1", "steps": T, "env": ..., "policy": ..., "seed": ...,
+                    "camera": the MuJoCo view frames were rendered from, null for the environment's own}
     actions.npy    float32 [T, A]: the action taken at step t, after observation t
     frames/        T + 1 images (000000.png, ...; any image type multijepa reads), observation t = file t;
-                   or frames.npy, uint8 [T + 1, H, W, C] (what shards hold: one member instead of T + 1)
+                   or frames.npy, uint8 [T + 1, H, W, C] (what shards hold: one member instead of T + 1);
+                   or frames.mp4 (any video type multijepa reads), T + 1 frames, decoded as RGB
     state.npy      float32 [T + 1, D]: state-vector observations (a time series of D channels)
+    audio.wav      optional, any audio type multijepa reads: the sound over the episode, cut into T + 1
+                   equal slots, one per observation (a world model hears the window ending with slot t)
     proprio.npy    float32 [T + 1, P], optional: proprioceptive state
     rewards.npy    float32 [T], optional
 
-At least one of frames and state is present. Observation t is what was seen before action t;
+At least one of frames, state and audio is present. Observation t is what was seen before action t;
 observation T is what the last action led to.
 
 >>> ep = read_episode("episodes/ep_000000")  # doctest: +SKIP
@@ -35,7 +39,8 @@ import numpy as np
 import torch
 
 from multijepa.errors import DataError, DecodeError, MultijepaError, require
-from multijepa.readers import IMAGE_EXTENSIONS, read_image
+from multijepa.readers import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, _decode_audio, read_image
+from multijepa.readers.video import VIDEO_EXTENSIONS
 
 FORMAT = "multijepa-episode-v1"
 META = "episode.json"
@@ -44,8 +49,9 @@ ARRAYS = ("actions", "state", "proprio", "rewards", "frames")  # the .npy member
 
 @dataclass
 class Episode:
-    """One episode: ``actions`` [T, A]; ``frames`` uint8 [T + 1, H, W, C] and/or ``state`` [T + 1, D];
-    optional ``proprio`` [T + 1, P] and ``rewards`` [T]; ``meta`` from episode.json."""
+    """One episode: ``actions`` [T, A]; ``frames`` uint8 [T + 1, H, W, C], ``state`` [T + 1, D] and/or
+    ``audio`` float [C, S] at ``audio_rate`` Hz; optional ``proprio`` [T + 1, P] and ``rewards`` [T];
+    ``meta`` from episode.json."""
 
     actions: torch.Tensor
     frames: Optional[torch.Tensor] = None
@@ -54,6 +60,8 @@ class Episode:
     rewards: Optional[torch.Tensor] = None
     meta: dict = field(default_factory=dict)
     name: str = ""
+    audio: Optional[torch.Tensor] = None
+    audio_rate: int = 0
 
     @property
     def steps(self) -> int:
@@ -66,8 +74,12 @@ def _check(ep: Episode) -> Episode:
     if ep.actions.ndim != 2 or t == 0:
         raise DecodeError(f"{ep.name}: actions must be [steps, action_dim] with at least one step, got "
                           f"{list(ep.actions.shape)}")
-    if ep.frames is None and ep.state is None:
-        raise DecodeError(f"{ep.name}: no observations (frames/, frames.npy or state.npy); record them with the episode")
+    if ep.frames is None and ep.state is None and ep.audio is None:
+        raise DecodeError(f"{ep.name}: no observations (frames/, frames.npy, a frames video, state.npy or an audio "
+                          f"file); record them with the episode")
+    if ep.audio is not None and (ep.audio.ndim != 2 or ep.audio.shape[1] < t + 1 or ep.audio_rate < 1):
+        raise DecodeError(f"{ep.name}: audio must be [channels, samples] with at least one sample per observation "
+                          f"({t + 1}) and a sample rate, got {list(ep.audio.shape)} at {ep.audio_rate} Hz")
     for key, per in (("frames", t + 1), ("state", t + 1), ("proprio", t + 1), ("rewards", t)):
         value = getattr(ep, key)
         if value is not None and len(value) != per:
@@ -76,7 +88,7 @@ def _check(ep: Episode) -> Episode:
     if ep.frames is not None and (ep.frames.ndim != 4 or ep.frames.dtype != torch.uint8):
         raise DecodeError(f"{ep.name}: frames must be uint8 [steps + 1, H, W, C], got {ep.frames.dtype} "
                           f"{list(ep.frames.shape)}")
-    for key in ("state", "proprio", "actions"):
+    for key in ("state", "proprio", "actions", "audio"):
         value = getattr(ep, key)
         if value is not None and not torch.isfinite(value).all():
             raise DecodeError(f"{ep.name}: {key} holds NaN or infinite values")
@@ -105,8 +117,40 @@ def _from_members(members: dict[str, bytes], name: str, frames: Optional[torch.T
     if "actions.npy" not in members:
         raise DecodeError(f"{name}: no actions.npy; every episode holds its actions")
     arrays = {key: _array(members[f"{key}.npy"], f"{name}/{key}.npy") for key in ARRAYS if f"{key}.npy" in members}
+    videos = [m for m in members if m.startswith("frames.") and "." + m.partition(".")[2].lower() in VIDEO_EXTENSIONS]
+    if frames is None and "frames" not in arrays and videos:
+        frames = _video_frames(members[videos[0]], f"{name}/{videos[0]}")
     arrays.setdefault("frames", frames)
+    sounds = [m for m in members if m.startswith("audio.") and "." + m.partition(".")[2].lower() in AUDIO_EXTENSIONS]
+    if sounds:
+        samples, arrays["audio_rate"] = _decode_audio(members[sounds[0]], f"{name}/{sounds[0]}")
+        arrays["audio"] = torch.from_numpy(np.ascontiguousarray(samples.T, dtype=np.float32))
     return _check(Episode(meta=meta, name=name, **arrays))
+
+
+def _video_frames(data: bytes, name: str) -> torch.Tensor:
+    """Every frame of an encoded video, uint8 [T, H, W, 3] (DecodeError names a bad file)."""
+    from multijepa.readers.video import open_video
+
+    with open_video(data, name) as video:
+        return torch.from_numpy(np.ascontiguousarray(video.read(list(range(video.num_frames)))))
+
+
+def _write_video(path: Path, frames: np.ndarray, fps: int = 20) -> None:
+    """H.264 at near-lossless quality (crf 10); frames uint8 [T, H, W, C] with even H and W."""
+    import av
+
+    t, h, w, c = frames.shape
+    if h % 2 or w % 2:
+        raise MultijepaError(f"{path}: H.264 needs even frame sides, got {w} x {h}; write frames as png or npy")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "10"}
+        for frame in frames:
+            rgb = np.ascontiguousarray(np.repeat(frame, 3, -1) if c == 1 else frame[..., :3])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
 
 
 def read_episode(path: Union[str, Path]) -> Episode:
@@ -153,7 +197,7 @@ def iter_episodes(root: Union[str, Path]) -> Iterator[Episode]:
 
 
 def write_episode(out: Union[str, Path], actions, frames=None, state=None, proprio=None, rewards=None,
-                  meta: Optional[dict] = None, frames_as: str = "png") -> Path:
+                  meta: Optional[dict] = None, frames_as: str = "png", audio=None, audio_rate: int = 0) -> Path:
     """Write one episode folder atomically (a temporary folder renamed into place).
 
     Args:
@@ -161,26 +205,40 @@ def write_episode(out: Union[str, Path], actions, frames=None, state=None, propr
         actions: [T, A]; frames: uint8 [T + 1, H, W, C]; state: [T + 1, D]; proprio: [T + 1, P];
             rewards: [T] (arrays or tensors; see the module's docstring).
         meta: more entries for episode.json (env, policy, seed ...).
-        frames_as: ``png`` (a frames/ folder of images) or ``npy`` (one frames.npy).
+        audio: float [C, S] (or [S]) in [-1, 1] at ``audio_rate`` Hz, the sound over the episode: audio.wav
+            (32-bit float, lossless).
+        frames_as: ``png`` (a frames/ folder of images), ``npy`` (one frames.npy) or ``mp4`` (one H.264
+            frames.mp4, near-lossless: compact for long episodes; gray frames come back as RGB).
     """
     out = Path(out)
     if out.exists():
         raise MultijepaError(f"{out}: exists; episodes are not overwritten (give another folder)")
+    if frames_as not in ("png", "npy", "mp4"):
+        raise MultijepaError(f"write_episode: frames_as={frames_as!r}: use png, npy or mp4")
     arrays = {k: None if v is None else torch.as_tensor(np.asarray(v)) for k, v in
               dict(actions=actions, frames=frames, state=state, proprio=proprio, rewards=rewards).items()}
     for key in ("actions", "state", "proprio", "rewards"):
         if arrays[key] is not None:
             arrays[key] = arrays[key].float()
-    episode = _check(Episode(meta={}, name=str(out), **arrays))
+    if audio is not None:
+        audio = torch.as_tensor(np.asarray(audio)).float()
+        audio = audio[None] if audio.ndim == 1 else audio
+    episode = _check(Episode(meta={}, name=str(out), audio=audio, audio_rate=audio_rate, **arrays))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / META).write_text(json.dumps({"format": FORMAT, "steps": episode.steps, **(meta or {})}) + "\n")
         for key in ARRAYS:
             value = getattr(episode, key)
-            if value is None or (key == "frames" and frames_as == "png"):
+            if value is None or (key == "frames" and frames_as != "npy"):
                 continue
             np.save(tmp / f"{key}.npy", value.numpy())
+        if episode.frames is not None and frames_as == "mp4":
+            _write_video(tmp / "frames.mp4", episode.frames.numpy())
+        if episode.audio is not None:
+            import soundfile
+
+            soundfile.write(tmp / "audio.wav", episode.audio.T.numpy(), episode.audio_rate, subtype="FLOAT")
         if episode.frames is not None and frames_as == "png":
             from PIL import Image
 
@@ -210,6 +268,8 @@ def write_episode_shards(src: Union[str, Path], out_dir: Union[str, Path], per_s
             for k, folder in enumerate(folders[start:start + per_shard], start):
                 episode = read_episode(folder)
                 members = {META: (folder / META).read_bytes()}
+                members.update({p.name: p.read_bytes() for p in folder.glob("audio.*")
+                                if p.suffix.lower() in AUDIO_EXTENSIONS})  # as recorded
                 for key in ARRAYS:
                     value = getattr(episode, key)
                     if value is not None:
@@ -242,6 +302,27 @@ def state_series(root: Union[str, Path]) -> np.ndarray:
 
 Policy = Callable[[np.ndarray, "np.random.Generator"], np.ndarray]
 
+# Views that show what a task is about: Reacher-v5's own camera looks at the whole arena from afar (the arm
+# is a few pixels of a 64 x 64 frame); this one looks straight down on the arm's reach (docs/world-models.md).
+CAMERAS = {"Reacher-v5": {"distance": 0.65, "elevation": -90.0, "azimuth": 90.0, "lookat": [0.0, 0.0, 0.0]}}
+
+
+def make_env(env_id: str, pixels: bool, size: int, camera: Optional[dict], what: str):
+    """A Gymnasium environment rendering ``size`` x ``size`` frames (where ``pixels``) from ``camera`` (a MuJoCo
+    ``default_camera_config``; None: the environment's own view), or a MultijepaError that says what to do."""
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering, before MuJoCo is imported
+    gym = require("gymnasium", what)
+    kwargs = {"render_mode": "rgb_array", "width": size, "height": size} if pixels else {}
+    if pixels and camera:
+        kwargs["default_camera_config"] = {k: np.asarray(v, dtype=np.float64) if isinstance(v, (list, tuple)) else v
+                                           for k, v in camera.items()}
+    try:
+        return gym.make(env_id, **kwargs)
+    except Exception as e:  # an unknown id, a missing simulator, a kwargs mismatch
+        raise MultijepaError(f"{what}: cannot make the Gymnasium environment {env_id!r} ({type(e).__name__}: {e}); "
+                             f"check the id (gymnasium.pprint_registry() lists them) and that its simulator is "
+                             f"installed (MuJoCo: pip install 'multijepa[worldmodel]')") from None
+
 
 def smooth_random(action_space, rng: np.random.Generator, keep: float = 0.8) -> Policy:
     """Random actions that drift (each ``keep`` times the last plus fresh noise, clipped to the box):
@@ -259,7 +340,7 @@ def smooth_random(action_space, rng: np.random.Generator, keep: float = 0.8) -> 
 
 def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 50, pixels: bool = True,
            state: bool = True, size: int = 64, policy: Union[str, Policy] = "random", seed: int = 0,
-           progress: bool = False) -> list[Path]:
+           camera: Union[str, dict, None] = "auto", frames_as: str = "png", progress: bool = False) -> list[Path]:
     """Write ``episodes`` episodes of a Gymnasium environment into ``out/ep_NNNNNN`` (``multijepa record``).
 
     Args:
@@ -269,23 +350,24 @@ def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 
         policy: ``random`` (uniform in the action box), ``smooth`` (:func:`smooth_random`), or a callable
             ``(observation, rng) -> action``.
         seed: seeds the environment's resets and the policy; episode i resets with ``seed + i``.
+        camera: ``auto`` (the view of :data:`CAMERAS` for a known task, else the environment's own), ``env``
+            (the environment's own) or a MuJoCo ``default_camera_config`` dict; kept in episode.json, so that a
+            world model trained on the frames plans from the same view.
+        frames_as: how frames are stored, as :func:`write_episode` takes it (``png``, ``npy`` or ``mp4``).
     """
     if not (pixels or state):
         raise MultijepaError("record: ask for pixels, state or both")
     if episodes < 1 or steps < 1 or size < 8:
         raise MultijepaError(f"record: episodes and steps must be at least 1 and size at least 8 "
                              f"(got {episodes}, {steps}, {size})")
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering, before MuJoCo is imported
-    gym = require("gymnasium", "multijepa record")
     from tqdm.auto import tqdm
 
-    try:
-        env = gym.make(env_id, render_mode="rgb_array" if pixels else None,
-                       **({"width": size, "height": size} if pixels else {}))
-    except Exception as e:  # an unknown id, a missing simulator, a kwargs mismatch
-        raise MultijepaError(f"record: cannot make the Gymnasium environment {env_id!r} ({type(e).__name__}: {e}); "
-                             f"check the id (gymnasium.pprint_registry() lists them) and that its simulator is "
-                             f"installed (MuJoCo: pip install 'multijepa[worldmodel]')") from None
+    if camera in ("auto", "env"):
+        camera = CAMERAS.get(env_id) if camera == "auto" else None
+    elif camera is not None and not isinstance(camera, dict):
+        raise MultijepaError(f"record: camera {camera!r}: use auto, env or a MuJoCo default_camera_config dict")
+    camera = camera if pixels else None
+    env = make_env(env_id, pixels, size, camera, "record")
     rng = np.random.default_rng(seed)
     env.action_space.seed(seed)
     out = Path(out)
@@ -315,6 +397,7 @@ def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 
         written.append(write_episode(out / f"ep_{i:06d}", np.stack(actions), np.stack(frames) if pixels else None,
                                      np.stack(states) if state else None, rewards=np.asarray(rewards, np.float32),
                                      meta={"env": env_id, "policy": policy if isinstance(policy, str) else "custom",
-                                           "seed": seed + i, "size": size if pixels else None}))
+                                           "seed": seed + i, "size": size if pixels else None, "camera": camera},
+                                     frames_as=frames_as))
     env.close()
     return written

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from multijepa.cli import main
-from multijepa.episodes import iter_episodes, read_episode, record, write_episode, write_episode_shards
+from multijepa.episodes import CAMERAS, iter_episodes, read_episode, record, write_episode, write_episode_shards
 from multijepa.errors import DataError, DecodeError, MissingExtraError, MultijepaError
 
 
@@ -33,6 +33,43 @@ def test_write_episode__reads_back_exactly(tmp_path, frames_as):
     assert (folder / "frames").is_dir() == (frames_as == "png")
     with pytest.raises(MultijepaError, match="exists"):
         write_episode(folder, **parts)
+
+
+def test_episode__frames_as_a_video_file(tmp_path):
+    """frames.mp4 (written here, or by any encoder: PyAV below, as ffmpeg would) decodes to T + 1 frames."""
+    av = pytest.importorskip("av")
+    parts = _episode(t=7)
+    frames = np.zeros((8, 32, 48, 3), np.uint8)  # smooth content, which a video codec keeps closely
+    for i in range(8):
+        frames[i, 4 + 2 * i:14 + 2 * i, 6:30] = (220, 60, 120)
+    parts["frames"] = frames
+    ep = read_episode(write_episode(tmp_path / "ep", **parts, frames_as="mp4"))
+    assert (tmp_path / "ep/frames.mp4").is_file() and not (tmp_path / "ep/frames").exists()
+    assert ep.frames.shape == (8, 32, 48, 3) and ep.frames.dtype == torch.uint8
+    assert (ep.frames.float() - torch.from_numpy(frames).float()).abs().mean() < 3  # near-lossless
+    assert torch.equal(ep.state, torch.from_numpy(parts["state"]))
+    (shard,) = write_episode_shards(tmp_path / "ep", tmp_path / "shards")
+    assert torch.equal(next(iter_episodes(shard)).frames, ep.frames)
+    # a video made elsewhere, one frame short of the actions: named
+    folder = tmp_path / "other"
+    folder.mkdir()
+    np.save(folder / "actions.npy", parts["actions"])
+    (folder / "episode.json").write_text(json.dumps({"format": "multijepa-episode-v1", "steps": 7}))
+    with av.open(str(folder / "frames.mkv"), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for frame in frames[:7]:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    with pytest.raises(DecodeError, match="frames has 7 entries for 7 actions"):
+        read_episode(folder)
+    (folder / "frames.mkv").write_bytes(b"not a video")
+    with pytest.raises(DecodeError, match="frames.mkv"):
+        read_episode(folder)
+    with pytest.raises(MultijepaError, match="even frame sides"):
+        write_episode(tmp_path / "odd", **{**parts, "frames": frames[:, :31]}, frames_as="mp4")
+    with pytest.raises(MultijepaError, match="frames_as='gif'"):
+        write_episode(tmp_path / "gif", **parts, frames_as="gif")
 
 
 def test_episode_shards__hold_the_same_episodes(tmp_path):
@@ -69,9 +106,15 @@ def test_record__reacher_pixels_and_state_headless(tmp_path):
     assert eps[0].frames.shape == (7, 32, 32, 3) and eps[0].state.shape == (7, 10) and eps[0].actions.shape == (6, 2)
     assert eps[0].frames.float().std() > 1 and not torch.equal(eps[0].frames[0], eps[0].frames[-1])  # it moved
     assert eps[0].meta == {"format": "multijepa-episode-v1", "steps": 6, "env": "Reacher-v5", "policy": "smooth",
-                           "seed": 3, "size": 32}
+                           "seed": 3, "size": 32, "camera": CAMERAS["Reacher-v5"]}  # top-down on the arm
     again = record("Reacher-v5", tmp_path / "again", episodes=1, steps=6, size=32, policy="smooth", seed=3)
     assert torch.equal(read_episode(again[0]).frames, eps[0].frames)  # seeded: the same episode
+    own = read_episode(record("Reacher-v5", tmp_path / "own", episodes=1, steps=6, size=32, policy="smooth", seed=3,
+                              camera="env")[0])
+    assert own.meta["camera"] is None and torch.equal(own.state, eps[0].state)  # the same run, another view:
+    assert (own.frames.float() - eps[0].frames.float()).abs().mean() > 20       # the arena from afar
+    with pytest.raises(MultijepaError, match="camera 'top'"):
+        record("Reacher-v5", tmp_path / "bad", episodes=1, steps=1, camera="top")
 
 
 def test_record__the_cli_state_only_and_its_errors(tmp_path, capsys):

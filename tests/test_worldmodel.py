@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_IMAGE
+from conftest import ROOT, TINY_AUDIO, TINY_IMAGE
 from multijepa.cli import main
-from multijepa.episodes import state_series, write_episode
+from multijepa.episodes import CAMERAS, read_episode, state_series, write_episode
 from multijepa.errors import DataError, MultijepaError, RecipeError, TrainingError
 from multijepa.worldmodel import (ActionPredictor, WorldModel, WorldModelConfig, block_causal_mask, cem,
                                   evaluate_planning, load_worldmodel_recipe, mppi, rollout_latents,
                                   train_world_model)
+from multijepa.worldmodel.plan import ReacherGoals
 
 TINY_WM = ["worldmodel.dim=32", "worldmodel.depth=1", "worldmodel.heads=2", "worldmodel.window=4",
            "worldmodel.rollout_steps=2", "worldmodel.pool=2", "data.batch_size=8", "train.progress=false",
@@ -164,6 +165,40 @@ def test_worldmodel__state_observations_through_a_timeseries_encoder(tmp_path):
     assert wm.plan(ep.state[:1], ep.state[-1:], horizon=2, samples=8, iterations=1).shape == (2, 2)
 
 
+@pytest.mark.filterwarnings("ignore:step 1. target representations look collapsed")  # one pretraining step
+def test_worldmodel__audio_observations_through_an_audio_encoder(tmp_path):
+    """Episodes whose sound is a tone that the actions retune: each step hears its window of the sound."""
+    rate, slot, steps = 16000, 0.1, 6  # the file's rate; the encoder resamples to its 8 kHz
+    rng = np.random.default_rng(0)
+    for e in range(3):
+        actions = rng.uniform(-1, 1, (steps, 1)).astype(np.float32)
+        pitch = np.repeat(300 * 2 ** np.cumsum(np.concatenate([[0.0], actions[:, 0]]) * 0.5), int(slot * rate))
+        write_episode(tmp_path / "eps" / f"ep_{e}", actions, audio=0.5 * np.sin(2 * np.pi * np.cumsum(pitch) / rate),
+                      audio_rate=rate)
+    ep = read_episode(tmp_path / "eps/ep_0")
+    assert ep.audio.shape == (1, 11200) and ep.audio_rate == rate and ep.frames is None
+    main(["pretrain", "audio", *TINY_AUDIO, f"data.path={tmp_path / 'eps'}", "train.steps=1", "data.batch_size=3",
+          f"run.dir={tmp_path / 'enc'}"])
+    main(["pretrain", "worldmodel", *TINY_WM, "worldmodel.observation=audio", "worldmodel.pool=4",
+          f"worldmodel.encoder={tmp_path / 'enc/last.pt'}", f"data.path={tmp_path / 'eps'}", "train.steps=2",
+          f"run.dir={tmp_path / 'wm'}"])
+    wm = WorldModel.load(tmp_path / "wm/last.pt", device="cpu")
+    windows = wm.observer.observations(ep)  # T + 1 windows of 0.5 s at 8 kHz, each ending with its step's slot
+    assert windows.shape == (7, 1, 4000)
+    assert windows[0, 0, :3200].abs().max() == 0 and windows[0, 0, -800:].abs().max() > 0.1  # silence, then slot 0
+    assert torch.equal(windows[6, :, :-800], windows[5, :, 800:])  # one slot later
+    z = wm.encode(windows)
+    assert z.shape == (7, 3, 32)  # a (4, 12) grid pooled in 4 x 4 cells
+    assert wm.rollout(windows[:2], ep.actions).shape == (5, 3, 32)
+    assert wm.plan(windows[:1], windows[-1:], horizon=2, samples=8, iterations=1).shape == (2, 1)
+    with pytest.raises(MultijepaError, match="no goal task for an audio world model"):
+        evaluate_planning(wm, "Reacher-v5", episodes=1)
+    write_episode(tmp_path / "silent" / "ep", np.zeros((steps, 1)), state=np.zeros((steps + 1, 2)))
+    with pytest.raises(DataError, match="has no audio file, which worldmodel.observation=audio reads"):
+        _train(*TINY_WM, "worldmodel.observation=audio", f"worldmodel.encoder={tmp_path / 'enc/last.pt'}",
+               f"data.path={tmp_path / 'silent'}", f"run.dir={tmp_path / 'wm2'}")
+
+
 def test_worldmodel__trains_on_episode_shards(trained, tmp_path, capsys):
     from multijepa.episodes import write_episode_shards
 
@@ -209,6 +244,14 @@ def test_plan__closed_loop_in_reacher_with_the_cli(tmp_path, capsys):
           "--iterations", "1", "--json", str(tmp_path / "plan.json")])
     out = capsys.readouterr().out
     assert "Reacher-v5, plan (cem): success" in out and "over 2 episodes" in out
+    wm = WorldModel.load(tmp_path / "wm/last.pt")
+    assert wm.render == {"env": "Reacher-v5", "camera": CAMERAS["Reacher-v5"]}
+    recorded = read_episode(tmp_path / "eps/ep_000000").frames[0].float()  # the reset of seed 0, as recorded
+    for camera, same in ((wm.render["camera"], True), (None, False)):    # plan renders the recording's view
+        task = ReacherGoals(size=16, camera=camera)
+        start = task.reset(0)[0]["frames"].float()  # the same arm; only the target dot has moved
+        task.close()
+        assert ((start - recorded).abs().mean() < 10) == same
     result = json.loads((tmp_path / "plan.json").read_text())
     assert len(result["distances"]) == 2 and 0 <= result["success_rate"] <= 1
     random = evaluate_planning(None, "Reacher-v5", episodes=2, steps=3, policy="random")

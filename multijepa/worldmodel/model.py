@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,13 +30,13 @@ import torch.nn.functional as F
 from multijepa.checkpoint import load_checkpoint
 from multijepa.config import build, plain
 from multijepa.core.transformer import Transformer, init_weights, sincos_embed
-from multijepa.errors import MultijepaError, RecipeError, check
+from multijepa.errors import DataError, MultijepaError, RecipeError, check
 from multijepa.modalities import MODALITIES
 from multijepa.recipe import OptimConfig, Recipe, RunConfig, TrainConfig, recipe_from_dict, token_grid
 from multijepa.train import autocast, build_model, resolve_device, resolve_precision
 
 # Which encoder modality reads which kind of observation.
-OBSERVATION_MODALITY = {"frames": "image", "state": "timeseries"}
+OBSERVATION_MODALITY = {"frames": "image", "state": "timeseries", "audio": "audio"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class WorldModelConfig:
 
     encoder: str = ""  # a multijepa checkpoint (last.pt) or export folder whose target encoder is frozen
     encoder_init: Literal["trained", "random"] = "trained"  # random: the same encoder at random init (a baseline)
-    observation: Literal["frames", "state"] = "frames"  # frames: an image encoder; state: a timeseries encoder
+    observation: Literal["frames", "state", "audio"] = "frames"  # read by an image, timeseries or audio encoder
     pool: int = 1  # average the encoder's tokens over cells of pool x pool grid positions; 0: one mean token
     normalize: bool = True  # layer-normalise each token's features, so every target is on one scale
     proprio: bool = False  # one more token per step from the episodes' proprio.npy
@@ -223,7 +224,9 @@ class ObservationEncoder(nn.Module):
 
     Frames are uint8 [T, H, W, C], read by the encoder's image section; states float [T, D] are read as
     windows of the encoder's ``timeseries.length`` states ending at each step (the first state repeated
-    before the episode starts), so the encoder's time-series view of a state includes its recent past.
+    before the episode starts), so the encoder's time-series view of a state includes its recent past;
+    audio is a window per step [T, C, W] (``W``: the encoder's embedding window, ``audio.embed_window_seconds``
+    or else ``audio.clip_seconds``), which :meth:`observations` cuts from an episode's sound.
     """
 
     def __init__(self, encoder: nn.Module, recipe: Recipe, cfg: WorldModelConfig):
@@ -239,9 +242,41 @@ class ObservationEncoder(nn.Module):
         spec = MODALITIES[self.modality]
         self.grid = token_grid(self.recipe) if spec.token_grid is not None else None
 
+    def observations(self, episode) -> Optional[torch.Tensor]:
+        """What this encoder reads of an :class:`~multijepa.episodes.Episode` (None where it has none): its
+        frames [T + 1, H, W, C], states [T + 1, D], or audio windows [T + 1, C, W]: the sound is cut into
+        T + 1 equal slots and observation t is the encoder's embedding window ending with slot t (silence
+        before the start), resampled to the encoder's rate."""
+        if self.cfg.observation != "audio":
+            return episode.frames if self.cfg.observation == "frames" else episode.state
+        if episode.audio is None:
+            return None
+        a = self.section
+        sound = episode.audio
+        if a.model_channels == 1:
+            sound = sound.mean(0, keepdim=True)  # mixed down, as the audio reader does
+        elif len(sound) == 1:
+            sound = sound.expand(a.model_channels, -1)
+        elif len(sound) != a.model_channels:
+            raise DataError(f"{episode.name}: its audio has {len(sound)} channels, the encoder reads {a.model_channels}")
+        if episode.audio_rate != a.sample_rate:
+            import soxr
+
+            sound = torch.from_numpy(np.ascontiguousarray(
+                soxr.resample(sound.T.numpy(), episode.audio_rate, a.sample_rate, quality="HQ").T))
+        w, slots = a.window_samples, episode.steps + 1
+        padded = torch.cat([sound.new_zeros(len(sound), w), sound], 1)
+        ends = [w + round((t + 1) * sound.shape[1] / slots) for t in range(slots)]
+        return torch.stack([padded[:, end - w:end] for end in ends])
+
     def inputs(self, observations: torch.Tensor) -> torch.Tensor:
         """Raw observations [T, ...] -> the encoder's inputs [T, ...], as its modality reads them."""
         spec = MODALITIES[self.modality]
+        if self.modality == "audio":
+            if observations.ndim != 3 or not observations.is_floating_point():
+                raise MultijepaError(f"audio observations must be float windows [T, C, W], got {observations.dtype} "
+                                     f"{list(observations.shape)} (ObservationEncoder.observations cuts them)")
+            return torch.stack([spec.from_tensor(x.float(), self.section, None)[-1] for x in observations])
         if self.modality == "image":
             if observations.ndim != 4 or observations.dtype != torch.uint8:
                 raise MultijepaError(f"frames must be uint8 [T, H, W, C], got {observations.dtype} "
@@ -295,6 +330,7 @@ class WorldModel:
         self.predictor = predictor.to(self.device).eval()
         self.observer = observer.to(self.device)
         self.action_low, self.action_high = action_low.float(), action_high.float()
+        self.render: dict = {}  # the recording's env and camera ({"env", "camera"}), from the checkpoint
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "auto", precision: str = "auto") -> "WorldModel":
@@ -310,11 +346,14 @@ class WorldModel:
         s = state["shapes"]
         predictor = ActionPredictor(s["feat_dim"], s["tokens"], s["action_dim"], s["proprio_dim"], recipe.worldmodel)
         predictor.load_state_dict(state["predictor"])
-        return cls(predictor, ObservationEncoder(encoder, enc_recipe, recipe.worldmodel),
-                   torch.tensor(s["action_low"]), torch.tensor(s["action_high"]), device, precision)
+        wm = cls(predictor, ObservationEncoder(encoder, enc_recipe, recipe.worldmodel),
+                 torch.tensor(s["action_low"]), torch.tensor(s["action_high"]), device, precision)
+        wm.render = state.get("render") or {}
+        return wm
 
     def encode(self, observations: torch.Tensor) -> torch.Tensor:
-        """Raw observations of one episode [T, ...] (uint8 frames [T, H, W, C] or states [T, D]) -> [T, N, F]."""
+        """Raw observations of one episode [T, ...] (uint8 frames [T, H, W, C], states [T, D] or audio windows
+        [T, C, W] from ``observer.observations(episode)``) -> [T, N, F]."""
         with autocast(self.precision, self.device):
             return self.observer(torch.as_tensor(observations))
 
@@ -331,7 +370,7 @@ class WorldModel:
             proprio: [B, T0, P] where the predictor was trained with proprio tokens.
         """
         observations = torch.as_tensor(observations)
-        raw = observations.dtype == torch.uint8 or observations.ndim == 2
+        raw = observations.dtype == torch.uint8 or observations.ndim in (2, 3)  # tokens are [B, T0, N, F]
         z = self.encode(observations)[None] if raw else observations
         actions = torch.as_tensor(actions)[None] if raw else torch.as_tensor(actions)
         with autocast(self.precision, self.device):

@@ -12,14 +12,13 @@ True
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from multijepa.errors import MultijepaError, require
+from multijepa.errors import MultijepaError
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
 
@@ -93,16 +92,17 @@ class ReacherGoals:
 
     The target dot is moved under the goal pose's fingertip, in the start and the goal observation alike,
     so the goal image differs from the start only in the arm. Success: the fingertip ends within
-    ``threshold`` of it (the arm spans 0.21).
+    ``threshold`` of it (the arm spans 0.21). ``camera``: the view frames are rendered from (a world model
+    plans from the view its episodes were recorded with).
     """
 
     env_id = "Reacher-v5"
 
-    def __init__(self, size: int = 64, goal_steps: int = 20, threshold: float = 0.05, pixels: bool = True):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-        gym = require("gymnasium", "multijepa plan")
-        self.env = gym.make(self.env_id, render_mode="rgb_array" if pixels else None,
-                            **({"width": size, "height": size} if pixels else {}))
+    def __init__(self, size: int = 64, goal_steps: int = 20, threshold: float = 0.05, pixels: bool = True,
+                 camera: Optional[dict] = None):
+        from multijepa.episodes import make_env
+
+        self.env = make_env(self.env_id, pixels, size, camera, "plan")
         self.pixels, self.goal_steps, self.threshold = pixels, goal_steps, threshold
         self.action_low = torch.as_tensor(self.env.action_space.low, dtype=torch.float32)
         self.action_high = torch.as_tensor(self.env.action_space.high, dtype=torch.float32)
@@ -165,8 +165,12 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
         raise MultijepaError(f"plan: replan every 1 to horizon={horizon} steps from at least one observation "
                              f"(got replan_every={replan_every}, context={context})")
     observation = "frames" if wm is None else wm.observer.cfg.observation
+    if observation not in ("frames", "state"):
+        raise MultijepaError(f"plan: no goal task for an {observation} world model in {env_id} (it gives frames and "
+                             f"states); plan with WorldModel.plan in your own loop")
     size = wm.observer.section.size if wm is not None and observation == "frames" else 64
-    task = TASKS[env_id](size=size, pixels=observation == "frames")
+    camera = wm.render.get("camera") if wm is not None else None
+    task = TASKS[env_id](size=size, pixels=observation == "frames", camera=camera)
     rng = torch.Generator().manual_seed(seed)
     distances, started = [], time.perf_counter()
     from tqdm.auto import tqdm

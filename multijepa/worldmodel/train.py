@@ -9,6 +9,7 @@ and the divergence guard are the JEPA trainer's.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -55,26 +56,32 @@ class EpisodeLatents:
                  use_proprio: bool, progress: bool = False):
         from tqdm.auto import tqdm
 
-        self.z, self.actions, self.proprio, self.names = [], [], [], []
+        self.z, self.actions, self.proprio, self.names, views = [], [], [], [], []
         key = observer.cfg.observation
         with autocast(precision, device):
             for ep in tqdm(iter_episodes(path), disable=not progress, desc="encode episodes", unit="episode",
                            leave=False):
-                obs = ep.frames if key == "frames" else ep.state
+                obs = observer.observations(ep)
                 if obs is None:
-                    raise DataError(f"{ep.name}: has no {'frames' if key == 'frames' else 'state.npy'}, which "
-                                    f"worldmodel.observation={key} reads; record them, or change the observation")
+                    raise DataError(f"{ep.name}: has no {dict(frames='frames', state='state.npy').get(key, 'audio file')}"
+                                    f", which worldmodel.observation={key} reads; record them, or change the observation")
                 if use_proprio and ep.proprio is None:
                     raise DataError(f"{ep.name}: no proprio.npy, but worldmodel.proprio is true")
                 self.z.append(observer(obs).cpu())
                 self.actions.append(ep.actions)
                 self.proprio.append(ep.proprio if use_proprio else None)
                 self.names.append(ep.name)
+                views.append((ep.meta.get("env"), json.dumps(ep.meta.get("camera"), sort_keys=True)))
         dims = {a.shape[1] for a in self.actions}
         if len(dims) > 1:
             raise DataError(f"{path}: episodes with different action sizes {sorted(dims)}; one world model needs one")
         self.action_dim = dims.pop()
         self.proprio_dim = self.proprio[0].shape[1] if use_proprio else 0
+        if key == "frames" and len(set(views)) > 1:
+            warnings.warn(f"{path}: episodes recorded from {len(set(views))} different environments or cameras; "
+                          f"multijepa plan renders from the first episode's", stacklevel=2)
+        # where the frames came from, so that planning renders the view the world model was trained on
+        self.render = {"env": views[0][0], "camera": json.loads(views[0][1])} if views else {}
         every = torch.cat(self.actions)
         self.action_low, self.action_high = every.min(0).values, every.max(0).values
 
@@ -230,7 +237,7 @@ def _train(recipe: WorldModelRecipe) -> Path:
                 save_checkpoint({"kind": "worldmodel", "step": step, "recipe": plain(recipe),
                                  "encoder_recipe": recipe_to_dict(enc_recipe), "encoder": observer.encoder.state_dict(),
                                  "predictor": predictor.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "shapes": shapes}, ckpt_path)
+                                 "shapes": shapes, "render": data.render}, ckpt_path)
                 saved_step = step
                 if keep:
                     keep_copy(ckpt_path, run_dir / f"step_{step:07d}.pt")
