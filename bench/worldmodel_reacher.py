@@ -2,11 +2,13 @@
 
 Runs what docs/world-models.md shows, as a user runs it (the CLI), timing every stage:
 
-1. ``multijepa record Reacher-v5`` (smooth random actions, 64 x 64 frames and state vectors);
+1. ``multijepa record Reacher-v5`` (smooth random actions, each for ``--action-repeat`` environment steps, 64 x 64
+   frames from the top-down camera and state vectors);
 2. pixels: ``multijepa pretrain frames`` (the image encoder), ``multijepa pretrain worldmodel`` on it, and the
    same world model on the encoder at random init (``worldmodel.encoder_init=random``);
 3. states: a time-series JEPA on windows of recent states, and its two world models the same way;
-4. ``multijepa plan`` (CEM, model-predictive control) with each world model, and ``--policy random``.
+4. ``multijepa plan`` (CEM, model-predictive control) with each world model, and ``--policy random`` (at
+   every environment step, and at the world models' action repeat).
 
     python bench/worldmodel_reacher.py --out bench/out/reacher      # about an hour on 2 cores
 
@@ -62,9 +64,10 @@ def main() -> None:
     ap.add_argument("--plan-episodes", type=int, default=20)
     ap.add_argument("--plan-seed", type=int, default=1000,
                     help="episode i of planning resets with seed + i: 1000 the test episodes, 5000 validation ones")
-    ap.add_argument("--plan", nargs="*", default=["--samples", "128", "--iterations", "3", "--horizon", "5",
-                                                  "--replan-every", "2", "--steps", "50"],
-                    help="multijepa plan options shared by every planning run")
+    ap.add_argument("--action-repeat", type=int, default=4,
+                    help="record (and plan) with each action applied for this many environment steps")
+    ap.add_argument("--plan", default="--samples 128 --iterations 3 --horizon 5 --replan-every 1 --steps 50",
+                    help="multijepa plan options shared by every planning run (one quoted string)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["pixels", "state"])
     args = ap.parse_args()
     out = args.out
@@ -75,7 +78,8 @@ def main() -> None:
     episodes = out / "episodes"
 
     stage("record", ["record", "Reacher-v5", str(episodes), "--episodes", str(args.episodes), "--steps", "50",
-                     "--policy", "smooth"], times, done=(episodes / f"ep_{args.episodes - 1:06d}").is_dir())
+                     "--policy", "smooth", "--action-repeat", str(args.action_repeat)], times,
+          done=(episodes / f"ep_{args.episodes - 1:06d}").is_dir())
     worlds = {}
     if "pixels" not in args.skip:
         stage("pixel encoder", ["pretrain", "frames", f"data.path={episodes}", f"run.dir={out / 'frames'}",
@@ -107,12 +111,18 @@ def main() -> None:
                   times, done=(run / "last.pt").exists())
             worlds[f"state, {init} encoder"] = run
     results = {}
-    plan_args = ["--episodes", str(args.plan_episodes), "--seed", str(args.plan_seed), *args.plan]
+    plan_args = ["--episodes", str(args.plan_episodes), "--seed", str(args.plan_seed), *args.plan.split()]
     tag = "" if args.plan_seed == 1000 else f"_seed{args.plan_seed}"  # validation plans beside the test ones
     random_json = out / f"plan_random{tag}.json"
     stage("plan: random policy", ["plan", "--policy", "random", *plan_args, "--json", str(random_json)], times,
           done=random_json.exists())
     results["random policy"] = json.loads(random_json.read_text())
+    if args.action_repeat > 1:  # random actions at the world models' time step too
+        repeated_json = out / f"plan_random_repeat{args.action_repeat}{tag}.json"
+        stage(f"plan: random policy, action repeat {args.action_repeat}",
+              ["plan", "--policy", "random", *plan_args, "--action-repeat", str(args.action_repeat),
+               "--json", str(repeated_json)], times, done=repeated_json.exists())
+        results[f"random policy, action repeat {args.action_repeat}"] = json.loads(repeated_json.read_text())
     for name, run in worlds.items():
         result = run / f"plan{tag}.json"
         stage(f"plan: {name}", ["plan", str(run / "last.pt"), *plan_args, "--json", str(result)], times,

@@ -25,6 +25,7 @@ observation T is what the last action led to.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -307,12 +308,20 @@ Policy = Callable[[np.ndarray, "np.random.Generator"], np.ndarray]
 CAMERAS = {"Reacher-v5": {"distance": 0.65, "elevation": -90.0, "azimuth": 90.0, "lookat": [0.0, 0.0, 0.0]}}
 
 
-def make_env(env_id: str, pixels: bool, size: int, camera: Optional[dict], what: str):
+def make_env(env_id: str, pixels: bool, size: int, camera: Optional[dict], what: str,
+             max_episode_steps: Optional[int] = None):
     """A Gymnasium environment rendering ``size`` x ``size`` frames (where ``pixels``) from ``camera`` (a MuJoCo
-    ``default_camera_config``; None: the environment's own view), or a MultijepaError that says what to do."""
+    ``default_camera_config``; None: the environment's own view), or a MultijepaError that says what to do.
+    ``max_episode_steps`` replaces the environment's own time limit."""
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering, before MuJoCo is imported
+    if pixels and importlib.util.find_spec("triton") is not None:
+        # Triton (which torch.compile and fused optimisers import) segfaults when it loads after MuJoCo has made
+        # an EGL context in the process (their LLVMs clash); loaded first, both work.
+        importlib.import_module("triton")
     gym = require("gymnasium", what)
     kwargs = {"render_mode": "rgb_array", "width": size, "height": size} if pixels else {}
+    if max_episode_steps:
+        kwargs["max_episode_steps"] = max_episode_steps
     if pixels and camera:
         kwargs["default_camera_config"] = {k: np.asarray(v, dtype=np.float64) if isinstance(v, (list, tuple)) else v
                                            for k, v in camera.items()}
@@ -340,7 +349,8 @@ def smooth_random(action_space, rng: np.random.Generator, keep: float = 0.8) -> 
 
 def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 50, pixels: bool = True,
            state: bool = True, size: int = 64, policy: Union[str, Policy] = "random", seed: int = 0,
-           camera: Union[str, dict, None] = "auto", frames_as: str = "png", progress: bool = False) -> list[Path]:
+           camera: Union[str, dict, None] = "auto", frames_as: str = "png", action_repeat: int = 1,
+           progress: bool = False) -> list[Path]:
     """Write ``episodes`` episodes of a Gymnasium environment into ``out/ep_NNNNNN`` (``multijepa record``).
 
     Args:
@@ -354,12 +364,15 @@ def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 
             (the environment's own) or a MuJoCo ``default_camera_config`` dict; kept in episode.json, so that a
             world model trained on the frames plans from the same view.
         frames_as: how frames are stored, as :func:`write_episode` takes it (``png``, ``npy`` or ``mp4``).
+        action_repeat: each recorded action is applied for this many environment steps (its rewards summed)
+            and the next observation is the one after them: a coarser time step, over which an action moves
+            things further (the usual setting for planning from pixels). Kept in episode.json.
     """
     if not (pixels or state):
         raise MultijepaError("record: ask for pixels, state or both")
-    if episodes < 1 or steps < 1 or size < 8:
-        raise MultijepaError(f"record: episodes and steps must be at least 1 and size at least 8 "
-                             f"(got {episodes}, {steps}, {size})")
+    if episodes < 1 or steps < 1 or size < 8 or action_repeat < 1:
+        raise MultijepaError(f"record: episodes, steps and action_repeat must be at least 1 and size at least 8 "
+                             f"(got {episodes}, {steps}, {action_repeat}, {size})")
     from tqdm.auto import tqdm
 
     if camera in ("auto", "env"):
@@ -367,7 +380,7 @@ def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 
     elif camera is not None and not isinstance(camera, dict):
         raise MultijepaError(f"record: camera {camera!r}: use auto, env or a MuJoCo default_camera_config dict")
     camera = camera if pixels else None
-    env = make_env(env_id, pixels, size, camera, "record")
+    env = make_env(env_id, pixels, size, camera, "record", max_episode_steps=steps * action_repeat)
     rng = np.random.default_rng(seed)
     env.action_space.seed(seed)
     out = Path(out)
@@ -386,9 +399,14 @@ def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 
             if len(actions) == steps:
                 break
             action = np.asarray(act(obs, rng), dtype=np.float32)
-            obs, reward, terminated, truncated, _ = env.step(action)
+            reward = 0.0
+            for _ in range(action_repeat):
+                obs, r, terminated, truncated, _ = env.step(action)
+                reward += float(r)
+                if terminated or truncated:
+                    break
             actions.append(action.reshape(-1))
-            rewards.append(float(reward))
+            rewards.append(reward)
             if terminated or truncated:
                 states.append(np.asarray(obs, dtype=np.float32).reshape(-1))
                 if pixels:
@@ -397,7 +415,8 @@ def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 
         written.append(write_episode(out / f"ep_{i:06d}", np.stack(actions), np.stack(frames) if pixels else None,
                                      np.stack(states) if state else None, rewards=np.asarray(rewards, np.float32),
                                      meta={"env": env_id, "policy": policy if isinstance(policy, str) else "custom",
-                                           "seed": seed + i, "size": size if pixels else None, "camera": camera},
+                                           "seed": seed + i, "size": size if pixels else None, "camera": camera,
+                                           "action_repeat": action_repeat},
                                      frames_as=frames_as))
     env.close()
     return written

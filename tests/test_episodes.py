@@ -4,6 +4,7 @@ from a real Gymnasium MuJoCo environment rendered headless."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -115,6 +116,26 @@ def test_record__reacher_pixels_and_state_headless(tmp_path):
     assert (own.frames.float() - eps[0].frames.float()).abs().mean() > 20       # the arena from afar
     with pytest.raises(MultijepaError, match="camera 'top'"):
         record("Reacher-v5", tmp_path / "bad", episodes=1, steps=1, camera="top")
+
+
+def test_record__then_torch_compile_in_one_process(tmp_path):
+    """Rendering made an EGL context; Triton, loaded after it, used to segfault the process (a fresh one here)."""
+    code = (f"from multijepa.episodes import record; record('Reacher-v5', {str(tmp_path / 'e')!r}, episodes=1, "
+            f"steps=1, size=16); import torch._dynamo; print('fine')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "fine" in done.stdout, done.stderr[-2000:]
+
+
+def test_record__action_repeat_applies_each_action_for_r_steps(tmp_path):
+    push = lambda obs, rng: np.array([0.5, -0.3], np.float32)  # the same action at every step
+    coarse = read_episode(record("Reacher-v5", tmp_path / "r2", episodes=1, steps=3, pixels=False, policy=push,
+                                 action_repeat=2)[0])
+    fine = read_episode(record("Reacher-v5", tmp_path / "r1", episodes=1, steps=6, pixels=False, policy=push)[0])
+    assert coarse.steps == 3 and coarse.meta["action_repeat"] == 2 and fine.meta["action_repeat"] == 1
+    assert torch.allclose(coarse.state, fine.state[::2])  # observation k: after 2k environment steps
+    assert torch.allclose(coarse.rewards, fine.rewards.reshape(3, 2).sum(1))  # the repeated steps' rewards, summed
+    with pytest.raises(MultijepaError, match="action_repeat must be at least 1"):
+        record("Reacher-v5", tmp_path / "bad", episodes=1, steps=1, action_repeat=0)
 
 
 def test_record__the_cli_state_only_and_its_errors(tmp_path, capsys):

@@ -231,7 +231,7 @@ def test_worldmodel__bad_recipes_and_data_are_named(trained, tmp_path):
         WorldModel.load(trained / "enc/last.pt")
 
 
-def test_plan__closed_loop_in_reacher_with_the_cli(tmp_path, capsys):
+def test_plan__closed_loop_in_reacher_with_the_cli(tmp_path, capsys, monkeypatch):
     pytest.importorskip("mujoco")
     from multijepa.episodes import record
 
@@ -245,7 +245,7 @@ def test_plan__closed_loop_in_reacher_with_the_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Reacher-v5, plan (cem): success" in out and "over 2 episodes" in out
     wm = WorldModel.load(tmp_path / "wm/last.pt")
-    assert wm.render == {"env": "Reacher-v5", "camera": CAMERAS["Reacher-v5"]}
+    assert wm.render == {"env": "Reacher-v5", "camera": CAMERAS["Reacher-v5"], "action_repeat": 1}
     recorded = read_episode(tmp_path / "eps/ep_000000").frames[0].float()  # the reset of seed 0, as recorded
     for camera, same in ((wm.render["camera"], True), (None, False)):    # plan renders the recording's view
         task = ReacherGoals(size=16, camera=camera)
@@ -255,7 +255,15 @@ def test_plan__closed_loop_in_reacher_with_the_cli(tmp_path, capsys):
     result = json.loads((tmp_path / "plan.json").read_text())
     assert len(result["distances"]) == 2 and 0 <= result["success_rate"] <= 1
     random = evaluate_planning(None, "Reacher-v5", episodes=2, steps=3, policy="random")
-    assert random["policy"] == "random" and len(random["distances"]) == 2
+    assert random["policy"] == "random" and len(random["distances"]) == 2 and random["action_repeat"] == 1
+    assert wm.render["action_repeat"] == 1 and result["action_repeat"] == 1
+    # actions held for 2 environment steps: 7 steps are 4 decisions (2 + 2 + 2 + 1), the same time as 7 of 1
+    held, step = [], ReacherGoals.step
+    monkeypatch.setattr(ReacherGoals, "step", lambda self, action, repeat=1: held.append(repeat) or
+                        step(self, action, repeat))
+    result = evaluate_planning(None, "Reacher-v5", episodes=1, steps=7, policy="random", action_repeat=2)
+    assert result["action_repeat"] == 2
+    assert held == [2, 2, 2, 1]
     assert main(["plan", "--episodes", "1"]) == 2
     assert "give a world model's last.pt" in capsys.readouterr().err
     with pytest.raises(MultijepaError, match="replan every 1 to horizon=2"):

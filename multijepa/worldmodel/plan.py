@@ -134,8 +134,10 @@ class ReacherGoals:
         u.set_state(start_qpos, start_qvel)
         return self._observe(), goal
 
-    def step(self, action: torch.Tensor) -> dict:
-        self.env.step(action.numpy().astype(np.float32))
+    def step(self, action: torch.Tensor, repeat: int = 1) -> dict:
+        """Apply ``action`` for ``repeat`` environment steps; the observation after them."""
+        for _ in range(repeat):
+            self.env.step(action.numpy().astype(np.float32))
         return self._observe()
 
     def distance(self) -> float:
@@ -150,10 +152,15 @@ TASKS = {"Reacher-v5": ReacherGoals}
 
 def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps: int = 50, horizon: int = 5,
                       method: str = "cem", replan_every: int = 1, context: int = 2, seed: int = 1000,
-                      policy: str = "plan", reduce: str = "final", progress: bool = False, **planner) -> dict:
+                      policy: str = "plan", reduce: str = "final", progress: bool = False,
+                      action_repeat: Optional[int] = None, **planner) -> dict:
     """Closed-loop goal reaching: each episode plans ``horizon`` actions, executes the first ``replan_every``,
     and plans again (model-predictive control), from the latest ``context`` observations. ``policy``:
     ``plan`` (the world model ``wm``) or ``random`` (uniform actions; ``wm`` may be None).
+
+    ``steps`` is the episode's length in environment steps, the same for every policy. Each chosen action
+    is applied for ``action_repeat`` of them (default: the repeat the world model's episodes were recorded
+    with, 1 for the random policy), the last one for what remains.
 
     Returns {"success_rate", "final_distance" (mean), "episodes", "seconds", "distances": [...]}.
     """
@@ -170,6 +177,8 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
                              f"states); plan with WorldModel.plan in your own loop")
     size = wm.observer.section.size if wm is not None and observation == "frames" else 64
     camera = wm.render.get("camera") if wm is not None else None
+    repeat = action_repeat or (wm.render.get("action_repeat", 1) if wm is not None and policy == "plan" else 1)
+    decisions = -(-steps // repeat)
     task = TASKS[env_id](size=size, pixels=observation == "frames", camera=camera)
     rng = torch.Generator().manual_seed(seed)
     distances, started = [], time.perf_counter()
@@ -179,7 +188,7 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
         for i in tqdm(range(episodes), disable=not progress, desc=f"plan ({policy})", unit="episode", leave=False):
             obs, goal = task.reset(seed + i)
             seen, done, plan = [obs[observation]], [], None
-            for t in range(steps):
+            for t in range(decisions):
                 if policy == "random":
                     action = task.action_low + (task.action_high - task.action_low) * torch.rand(
                         len(task.action_low), generator=rng)
@@ -192,13 +201,14 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
                                        torch.stack(done[len(done) - k + 1:]) if k > 1 else None, reduce,
                                        mean=warm, generator=rng, **planner)
                     action = plan[t % replan_every]
-                obs = task.step(action)
+                obs = task.step(action, min(repeat, steps - t * repeat))
                 seen.append(obs[observation])
                 done.append(action)
             distances.append(task.distance())
     finally:
         task.close()
     hits = [d < task.threshold for d in distances]
-    return {"env": env_id, "policy": policy, "episodes": episodes, "success_rate": sum(hits) / len(hits),
+    return {"env": env_id, "policy": policy, "episodes": episodes, "action_repeat": repeat,
+            "success_rate": sum(hits) / len(hits),
             "final_distance": float(np.mean(distances)), "threshold": task.threshold,
             "seconds": time.perf_counter() - started, "distances": distances}

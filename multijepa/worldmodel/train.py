@@ -71,17 +71,20 @@ class EpisodeLatents:
                 self.actions.append(ep.actions)
                 self.proprio.append(ep.proprio if use_proprio else None)
                 self.names.append(ep.name)
-                views.append((ep.meta.get("env"), json.dumps(ep.meta.get("camera"), sort_keys=True)))
+                views.append((ep.meta.get("env"), json.dumps(ep.meta.get("camera"), sort_keys=True),
+                              int(ep.meta.get("action_repeat", 1))))
         dims = {a.shape[1] for a in self.actions}
         if len(dims) > 1:
             raise DataError(f"{path}: episodes with different action sizes {sorted(dims)}; one world model needs one")
         self.action_dim = dims.pop()
         self.proprio_dim = self.proprio[0].shape[1] if use_proprio else 0
-        if key == "frames" and len(set(views)) > 1:
-            warnings.warn(f"{path}: episodes recorded from {len(set(views))} different environments or cameras; "
-                          f"multijepa plan renders from the first episode's", stacklevel=2)
-        # where the frames came from, so that planning renders the view the world model was trained on
-        self.render = {"env": views[0][0], "camera": json.loads(views[0][1])} if views else {}
+        if len(set(views)) > 1:
+            warnings.warn(f"{path}: episodes recorded from {len(set(views))} different environments, cameras or "
+                          f"action repeats; multijepa plan acts and renders as the first episode was recorded",
+                          stacklevel=2)
+        # how the episodes were made, so that planning acts at their time step and renders their view
+        self.render = {"env": views[0][0], "camera": json.loads(views[0][1]), "action_repeat": views[0][2]} \
+            if views else {}
         every = torch.cat(self.actions)
         self.action_low, self.action_high = every.min(0).values, every.max(0).values
 
