@@ -64,9 +64,9 @@ def main() -> None:
     ap.add_argument("--plan-episodes", type=int, default=20)
     ap.add_argument("--plan-seed", type=int, default=1000,
                     help="episode i of planning resets with seed + i: 1000 the test episodes, 5000 validation ones")
-    ap.add_argument("--action-repeat", type=int, default=4,
+    ap.add_argument("--action-repeat", type=int, default=1,
                     help="record (and plan) with each action applied for this many environment steps")
-    ap.add_argument("--plan", default="--samples 128 --iterations 3 --horizon 5 --replan-every 1 --steps 50",
+    ap.add_argument("--plan", default="--samples 128 --iterations 3 --horizon 5 --replan-every 2 --steps 50",
                     help="multijepa plan options shared by every planning run (one quoted string)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["pixels", "state"])
     args = ap.parse_args()

@@ -107,7 +107,7 @@ def test_record__reacher_pixels_and_state_headless(tmp_path):
     assert eps[0].frames.shape == (7, 32, 32, 3) and eps[0].state.shape == (7, 10) and eps[0].actions.shape == (6, 2)
     assert eps[0].frames.float().std() > 1 and not torch.equal(eps[0].frames[0], eps[0].frames[-1])  # it moved
     assert eps[0].meta == {"format": "multijepa-episode-v1", "steps": 6, "env": "Reacher-v5", "policy": "smooth",
-                           "seed": 3, "size": 32, "camera": CAMERAS["Reacher-v5"]}  # top-down on the arm
+                           "seed": 3, "size": 32, "camera": CAMERAS["Reacher-v5"], "action_repeat": 1}  # top-down
     again = record("Reacher-v5", tmp_path / "again", episodes=1, steps=6, size=32, policy="smooth", seed=3)
     assert torch.equal(read_episode(again[0]).frames, eps[0].frames)  # seeded: the same episode
     own = read_episode(record("Reacher-v5", tmp_path / "own", episodes=1, steps=6, size=32, policy="smooth", seed=3,

@@ -18,6 +18,7 @@ from multijepa.worldmodel import (ActionPredictor, WorldModel, WorldModelConfig,
                                   evaluate_planning, load_worldmodel_recipe, mppi, rollout_latents,
                                   train_world_model)
 from multijepa.worldmodel.plan import ReacherGoals
+from multijepa.worldmodel.train import clip_losses
 
 TINY_WM = ["worldmodel.dim=32", "worldmodel.depth=1", "worldmodel.heads=2", "worldmodel.window=4",
            "worldmodel.rollout_steps=2", "worldmodel.pool=2", "data.batch_size=8", "train.progress=false",
@@ -105,6 +106,18 @@ def test_planners__find_the_optimum_of_a_known_energy(planner):
     # an optimum outside the box: the planners stay inside it and end at its edge
     best, _ = planner(lambda a: ((a - 2.0) ** 2).sum((1, 2)), 2, low, high, samples=256, iterations=8, generator=g)
     assert (best <= 1).all() and (best > 0.95).all()
+
+
+def test_clip_losses__rollouts_start_from_the_first_context_observations():
+    torch.manual_seed(0)
+    predictor = ActionPredictor(6, 2, 3, 0, WorldModelConfig(dim=16, depth=1, heads=2)).eval()
+    torch.nn.init.normal_(predictor.out.weight, std=0.1)  # not the zero-initialised copy-last start
+    clip = {"z": torch.randn(2, 9, 2, 6), "actions": torch.randn(2, 8, 3), "proprio": None}
+    with torch.no_grad():
+        out = clip_losses(predictor, clip, 3, "l1", baseline=True, context=2)
+        rolled = rollout_latents(predictor, clip["z"][:, :2], clip["actions"][:, :4])  # 2 seen, 3 predicted
+    assert torch.allclose(out["rollout"], (rolled - clip["z"][:, 2:5]).abs().mean())
+    assert torch.allclose(out["copy_last"], (clip["z"][:, 1:2] - clip["z"][:, 2:5]).abs().mean())
 
 
 def test_worldmodel__trains_through_pretrain_logs_and_resumes_exactly(trained, tmp_path):
@@ -215,6 +228,11 @@ def test_worldmodel__bad_recipes_and_data_are_named(trained, tmp_path):
         load_worldmodel_recipe(ROOT / "recipes/worldmodel.yaml", ["worldmodel.windw=3"])
     with pytest.raises(RecipeError, match="worldmodel.rollout_steps"):
         load_worldmodel_recipe(ROOT / "recipes/worldmodel.yaml", ["worldmodel.rollout_steps=9", "worldmodel.window=4"])
+    with pytest.raises(RecipeError, match="worldmodel.rollout_context"):
+        load_worldmodel_recipe(ROOT / "recipes/worldmodel.yaml", ["worldmodel.rollout_context=0"])
+    with pytest.raises(RecipeError, match=r"worldmodel.rollout_steps.*window \+ 1 - worldmodel.rollout_context = 3"):
+        load_worldmodel_recipe(ROOT / "recipes/worldmodel.yaml", ["worldmodel.window=4", "worldmodel.rollout_context=2",
+                                                                  "worldmodel.rollout_steps=4"])
     with pytest.raises(RecipeError, match="a world-model recipe"):
         from multijepa.recipe import load_recipe
 

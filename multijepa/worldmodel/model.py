@@ -56,6 +56,7 @@ class WorldModelConfig:
     mlp_ratio: float = 4.0
     window: int = 8  # steps per training clip: window + 1 observations and window actions
     rollout_steps: int = 2  # autoregressive steps in the rollout loss; 0: teacher forcing only
+    rollout_context: int = 1  # real observations the rollouts (loss and validation) start from
     rollout_weight: float = 1.0
     loss: Literal["l1", "smooth_l1", "mse"] = "l1"
     val_fraction: float = 0.1  # share of the episodes held out for the validation losses
@@ -88,8 +89,11 @@ def validate_worldmodel(recipe: WorldModelRecipe, where: str) -> None:
           f"must be a positive multiple of worldmodel.heads={w.heads}, got {w.dim}")
     check(w.depth >= 1, where, "worldmodel.depth", "must be at least 1")
     check(w.window >= 1, where, "worldmodel.window", "must be at least 1 step")
-    check(0 <= w.rollout_steps <= w.window, where, "worldmodel.rollout_steps",
-          f"must be between 0 and worldmodel.window={w.window}, got {w.rollout_steps}")
+    check(1 <= w.rollout_context <= w.window, where, "worldmodel.rollout_context",
+          f"must be between 1 and worldmodel.window={w.window} observations, got {w.rollout_context}")
+    check(0 <= w.rollout_steps <= w.window + 1 - w.rollout_context, where, "worldmodel.rollout_steps",
+          f"must be between 0 and worldmodel.window + 1 - worldmodel.rollout_context = "
+          f"{w.window + 1 - w.rollout_context}, got {w.rollout_steps}")
     check(w.rollout_weight >= 0, where, "worldmodel.rollout_weight", "must be 0 or more")
     check(0 <= w.val_fraction < 1, where, "worldmodel.val_fraction", "must be in [0, 1)")
     check(bool(recipe.data.path), where, "data.path", "names no episodes: record some with multijepa record ENV_ID OUT")

@@ -116,17 +116,20 @@ class EpisodeLatents:
         return {"z": torch.stack(z), "actions": torch.stack(a), "proprio": torch.stack(p) if p else None}
 
 
-def clip_losses(predictor: ActionPredictor, clip: dict, rollout_steps: int, kind: str, baseline: bool = False) -> dict:
-    """Teacher-forcing and rollout losses of a batch of clips, and with ``baseline`` the copy-the-last-observation
-    error of the same rollout (what a predictor must beat to have learned anything)."""
+def clip_losses(predictor: ActionPredictor, clip: dict, rollout_steps: int, kind: str, baseline: bool = False,
+                context: int = 1) -> dict:
+    """Teacher-forcing and rollout losses of a batch of clips (the rollout: ``rollout_steps`` predicted from the
+    first ``context`` observations), and with ``baseline`` the copy-the-last-observation error of the same
+    rollout (what a predictor must beat to have learned anything)."""
     z, a, p = clip["z"], clip["actions"], clip["proprio"]
     pred = predictor(z[:, :-1], a, None if p is None else p[:, :-1])
     out = {"teacher": latent_loss(pred, z[:, 1:], kind), "pred": pred.detach().float().mean(2)[:, -1]}
     if rollout_steps:
-        rolled = rollout_latents(predictor, z[:, :1], a[:, :rollout_steps], None if p is None else p[:, :1])
-        out["rollout"] = latent_loss(rolled, z[:, 1:rollout_steps + 1], kind)
+        c, target = context, z[:, context:context + rollout_steps]
+        rolled = rollout_latents(predictor, z[:, :c], a[:, :c - 1 + rollout_steps], None if p is None else p[:, :c])
+        out["rollout"] = latent_loss(rolled, target, kind)
         if baseline:
-            out["copy_last"] = latent_loss(z[:, :1].expand_as(rolled), z[:, 1:rollout_steps + 1], kind)
+            out["copy_last"] = latent_loss(z[:, c - 1:c].expand_as(rolled), target, kind)
     return out
 
 
@@ -201,7 +204,7 @@ def _train(recipe: WorldModelRecipe) -> Path:
             clip = {k: v if v is None else v.to(device) for k, v in clip.items()}
             predictor.train()
             with autocast(precision, device):
-                out = clip_losses(predictor, clip, w.rollout_steps, w.loss)
+                out = clip_losses(predictor, clip, w.rollout_steps, w.loss, context=w.rollout_context)
             loss = out["teacher"] + w.rollout_weight * out.get("rollout", torch.zeros(()))
             loss.backward()
             if o.grad_clip > 0:
@@ -225,7 +228,8 @@ def _train(recipe: WorldModelRecipe) -> Path:
                     predictor.eval()
                     with torch.no_grad(), autocast(precision, device):
                         v = clip_losses(predictor, {k: x if x is None else x.to(device) for k, x in val.items()},
-                                        w.window, w.loss, baseline=True)
+                                        w.window + 1 - w.rollout_context, w.loss, baseline=True,
+                                        context=w.rollout_context)
                     record.update({"val_teacher": v["teacher"].item(), "val_rollout": v["rollout"].item(),
                                    "val_copy_last": v["copy_last"].item()})
                 log.write(record)
