@@ -3,7 +3,8 @@
 An episode of ``T`` steps is a folder (or one sample of a webdataset shard) holding::
 
     episode.json   {"format": "multijepa-episode-v1", "steps": T, "env": ..., "policy": ..., "seed": ...,
-                    "camera": the MuJoCo view frames were rendered from, null for the environment's own}
+                    "camera": the MuJoCo view frames were rendered from, null for the environment's own,
+                    "action_repeat": environment steps each recorded action was held for}
     actions.npy    float32 [T, A]: the action taken at step t, after observation t
     frames/        T + 1 images (000000.png, ...; any image type multijepa reads), observation t = file t;
                    or frames.npy, uint8 [T + 1, H, W, C] (what shards hold: one member instead of T + 1);
