@@ -334,7 +334,7 @@ class WorldModel:
         self.predictor = predictor.to(self.device).eval()
         self.observer = observer.to(self.device)
         self.action_low, self.action_high = action_low.float(), action_high.float()
-        self.render: dict = {}  # the recording's env and camera ({"env", "camera"}), from the checkpoint
+        self.render: dict = {}  # how its episodes were recorded: {"env", "camera", "action_repeat"}
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "auto", precision: str = "auto") -> "WorldModel":
