@@ -45,7 +45,7 @@ from multijepa.embed import Embedder, load
 from multijepa.evaluate import linear_probe_accuracy, stratified_split
 from multijepa.modalities import MODALITIES
 from multijepa.modalities.video import read_clips
-from multijepa.readers.video import open_video
+from multijepa.readers.video import open_video, write_video
 from multijepa.recipe import load_recipe
 from multijepa.train import pretrain
 
@@ -85,21 +85,6 @@ def render(digit: np.ndarray, direction: int, speed: float, frames: int, rng: np
     return video
 
 
-def write_mp4(path: Path, video: np.ndarray, fps: int = 25) -> None:
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = CANVAS, CANVAS, "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast"}
-        for frame in video:
-            rgb = np.repeat(frame[:, :, None], 3, axis=2)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def raw_pixel_mean(files: list[str]) -> np.ndarray:
     """The simple baseline: each video's frames averaged, as raw grayscale pixels [N, H * W] in [0, 1]."""
     import av
@@ -133,7 +118,7 @@ def make_moving_digits(mnist: Path, out: Path, n_train: int, n_test: int, frames
             direction = int(rng.integers(DIRECTIONS))
             video = render(images[i], direction, rng.uniform(1.0, 2.0), frames, rng)
             path = folder / f"{k:05d}_d{digits[i]}_m{direction}.mp4"
-            write_mp4(path, video)
+            write_video(path, video[..., None], fps=25, crf=12, preset="veryfast")
             entry["files"].append(str(path.resolve()))
             entry["digit"].append(int(digits[i]))
             entry["direction"].append(direction)

@@ -42,7 +42,7 @@ import torch
 
 from multijepa.errors import DataError, DecodeError, MultijepaError, require
 from multijepa.readers import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, _decode_audio, read_image
-from multijepa.readers.video import VIDEO_EXTENSIONS
+from multijepa.readers.video import VIDEO_EXTENSIONS, write_video
 
 FORMAT = "multijepa-episode-v1"
 META = "episode.json"
@@ -138,23 +138,6 @@ def _video_frames(data: bytes, name: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(video.read(list(range(video.num_frames)))))
 
 
-def _write_video(path: Path, frames: np.ndarray, fps: int = 20) -> None:
-    """H.264 at near-lossless quality (crf 10); frames uint8 [T, H, W, C] with even H and W."""
-    import av
-
-    t, h, w, c = frames.shape
-    if h % 2 or w % 2:
-        raise MultijepaError(f"{path}: H.264 needs even frame sides, got {w} x {h}; write frames as png or npy")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "10"}
-        for frame in frames:
-            rgb = np.ascontiguousarray(np.repeat(frame, 3, -1) if c == 1 else frame[..., :3])
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
-
-
 def read_episode(path: Union[str, Path]) -> Episode:
     """Read an episode folder (see the module's docstring), checking it; DecodeError names what is wrong."""
     path = Path(path)
@@ -236,7 +219,7 @@ def write_episode(out: Union[str, Path], actions, frames=None, state=None, propr
                 continue
             np.save(tmp / f"{key}.npy", value.numpy())
         if episode.frames is not None and frames_as == "mp4":
-            _write_video(tmp / "frames.mp4", episode.frames.numpy())
+            write_video(tmp / "frames.mp4", episode.frames.numpy())
         if episode.audio is not None:
             import soundfile
 

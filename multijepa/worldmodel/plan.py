@@ -162,7 +162,7 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
     is applied for ``action_repeat`` of them (default: the repeat the world model's episodes were recorded
     with, 1 for the random policy), the last one for what remains.
 
-    Returns {"success_rate", "final_distance" (mean), "episodes", "seconds", "distances": [...]}.
+    Returns {"success_rate", "final_distance" (mean), "episodes", "action_repeat", "seconds", "distances": [...]}.
     """
     if env_id not in TASKS:
         raise MultijepaError(f"plan: no goal task for {env_id!r}; multijepa plan knows {', '.join(TASKS)}")
