@@ -68,6 +68,8 @@ def main() -> None:
                     help="record (and plan) with each action applied for this many environment steps")
     ap.add_argument("--plan", default="--samples 128 --iterations 3 --horizon 5 --replan-every 2 --steps 50",
                     help="multijepa plan options shared by every planning run (one quoted string)")
+    ap.add_argument("--proprio", action="store_true",
+                    help="pixel world models also read (and predict) the arm's proprio, as V-JEPA 2-AC does")
     ap.add_argument("--skip", nargs="*", default=[], choices=["pixels", "state"])
     args = ap.parse_args()
     out = args.out
@@ -85,13 +87,15 @@ def main() -> None:
         stage("pixel encoder", ["pretrain", "frames", f"data.path={episodes}", f"run.dir={out / 'frames'}",
                                 f"train.steps={args.encoder_steps}", "train.progress=false"], times,
               done=(out / "frames/last.pt").exists())
+        kind = "pixels + proprio" if args.proprio else "pixels"
         for init in ("trained", "random"):
-            run = out / f"wm_pixels_{init}"
-            stage(f"pixel world model ({init} encoder)",
+            run = out / f"wm_pixels{'_proprio' if args.proprio else ''}_{init}"
+            stage(f"{kind} world model ({init} encoder)",
                   ["pretrain", "worldmodel", f"worldmodel.encoder={out / 'frames/last.pt'}",
-                   f"worldmodel.encoder_init={init}", f"data.path={episodes}", f"run.dir={run}",
-                   f"train.steps={args.wm_steps}", "train.progress=false"], times, done=(run / "last.pt").exists())
-            worlds[f"pixels, {init} encoder"] = run
+                   f"worldmodel.encoder_init={init}", f"worldmodel.proprio={str(args.proprio).lower()}",
+                   f"data.path={episodes}", f"run.dir={run}", f"train.steps={args.wm_steps}", "train.progress=false"],
+                  times, done=(run / "last.pt").exists())
+            worlds[f"{kind}, {init} encoder"] = run
     if "state" not in args.skip:
         states = out / "states.npy"
         if not states.exists():

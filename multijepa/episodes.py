@@ -12,7 +12,8 @@ An episode of ``T`` steps is a folder (or one sample of a webdataset shard) hold
     state.npy      float32 [T + 1, D]: state-vector observations (a time series of D channels)
     audio.wav      optional, any audio type multijepa reads: the sound over the episode, cut into T + 1
                    equal slots, one per observation (a world model hears the window ending with slot t)
-    proprio.npy    float32 [T + 1, P], optional: proprioceptive state
+    proprio.npy    float32 [T + 1, P], optional: proprioceptive state (the robot's joints; ``record`` writes
+                   what :data:`PROPRIO` says for a MuJoCo environment)
     rewards.npy    float32 [T], optional
 
 At least one of frames, state and audio is present. Observation t is what was seen before action t;
@@ -292,6 +293,26 @@ Policy = Callable[[np.ndarray, "np.random.Generator"], np.ndarray]
 CAMERAS = {"Reacher-v5": {"distance": 0.65, "elevation": -90.0, "azimuth": 90.0, "lookat": [0.0, 0.0, 0.0]}}
 
 
+def _reacher_proprio(data) -> np.ndarray:
+    q = data.qpos[:2]  # the arm's two joints (qpos[2:] is the target's position)
+    return np.concatenate([np.cos(q), np.sin(q), data.qvel[:2]])
+
+
+# The proprioceptive state ``record`` writes (proprio.npy) for a known task: the robot's own joints, what a
+# world model may be told beside its frames (V-JEPA 2-AC gives its predictor the arm's state). Any other
+# MuJoCo environment gets its joint positions and velocities (qpos, qvel) whole; others none.
+PROPRIO: dict[str, Callable] = {"Reacher-v5": _reacher_proprio}
+
+
+def proprio_of(env, env_id: str) -> Optional[np.ndarray]:
+    """The proprioceptive state of ``env`` now, float32 [P], as :data:`PROPRIO` defines it (None: not MuJoCo)."""
+    data = getattr(env.unwrapped, "data", None)
+    if data is None or not hasattr(data, "qpos"):
+        return None
+    fn = PROPRIO.get(env_id)
+    return np.asarray(fn(data) if fn else np.concatenate([data.qpos, data.qvel]), dtype=np.float32).reshape(-1)
+
+
 def make_env(env_id: str, pixels: bool, size: int, camera: Optional[dict], what: str,
              max_episode_steps: Optional[int] = None):
     """A Gymnasium environment rendering ``size`` x ``size`` frames (where ``pixels``) from ``camera`` (a MuJoCo
@@ -375,11 +396,16 @@ def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 
         if not callable(act):
             raise MultijepaError(f"record: policy {policy!r}: use random, smooth or a callable (observation, rng) -> action")
         obs, _ = env.reset(seed=seed + i)
-        frames, states, actions, rewards = [], [], [], []
-        for _ in range(steps + 1):
+        frames, states, actions, rewards, proprio = [], [], [], [], []
+
+        def observe():
             states.append(np.asarray(obs, dtype=np.float32).reshape(-1))
+            proprio.append(proprio_of(env, env_id))
             if pixels:
                 frames.append(np.asarray(env.render(), dtype=np.uint8))
+
+        for _ in range(steps + 1):
+            observe()
             if len(actions) == steps:
                 break
             action = np.asarray(act(obs, rng), dtype=np.float32)
@@ -392,12 +418,12 @@ def record(env_id: str, out: Union[str, Path], episodes: int = 10, steps: int = 
             actions.append(action.reshape(-1))
             rewards.append(reward)
             if terminated or truncated:
-                states.append(np.asarray(obs, dtype=np.float32).reshape(-1))
-                if pixels:
-                    frames.append(np.asarray(env.render(), dtype=np.uint8))
+                observe()
                 break
         written.append(write_episode(out / f"ep_{i:06d}", np.stack(actions), np.stack(frames) if pixels else None,
-                                     np.stack(states) if state else None, rewards=np.asarray(rewards, np.float32),
+                                     np.stack(states) if state else None,
+                                     None if proprio[0] is None else np.stack(proprio),
+                                     rewards=np.asarray(rewards, np.float32),
                                      meta={"env": env_id, "policy": policy if isinstance(policy, str) else "custom",
                                            "seed": seed + i, "size": size if pixels else None, "camera": camera,
                                            "action_repeat": action_repeat},

@@ -106,6 +106,8 @@ def test_record__reacher_pixels_and_state_headless(tmp_path):
     assert [e.steps for e in eps] == [6, 6]
     assert eps[0].frames.shape == (7, 32, 32, 3) and eps[0].state.shape == (7, 10) and eps[0].actions.shape == (6, 2)
     assert eps[0].frames.float().std() > 1 and not torch.equal(eps[0].frames[0], eps[0].frames[-1])  # it moved
+    # proprio: the arm's joints (cos, sin, velocity), which Reacher's observation holds in columns 0-3 and 6-7
+    assert torch.allclose(eps[0].proprio, eps[0].state[:, [0, 1, 2, 3, 6, 7]], atol=1e-6)
     assert eps[0].meta == {"format": "multijepa-episode-v1", "steps": 6, "env": "Reacher-v5", "policy": "smooth",
                            "seed": 3, "size": 32, "camera": CAMERAS["Reacher-v5"], "action_repeat": 1}  # top-down
     again = record("Reacher-v5", tmp_path / "again", episodes=1, steps=6, size=32, policy="smooth", seed=3)

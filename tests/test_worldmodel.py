@@ -66,15 +66,15 @@ def test_block_causal_mask__a_step_never_sees_a_later_step():
     predictor = ActionPredictor(8, 3, 2, 1, cfg).eval()
     torch.nn.init.normal_(predictor.out.weight, std=0.1)  # residual predictors start as copies: make it attend
     z, a, p = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 2), torch.randn(2, 5, 1)
-    out = predictor(z, a, p)
-    assert out.shape == (2, 5, 3, 8)
+    out, p_out = predictor(z, a, p)
+    assert out.shape == (2, 5, 3, 8) and p_out.shape == (2, 5, 1)
     for k in range(5):  # change step k's observation, action and proprio: steps before k are untouched
         z2, a2, p2 = z.clone(), a.clone(), p.clone()
         z2[:, k] += 1.0
         a2[:, k] += 1.0
         p2[:, k] += 1.0
-        out2 = predictor(z2, a2, p2)
-        assert torch.equal(out2[:, :k], out[:, :k]), k
+        out2, p_out2 = predictor(z2, a2, p2)
+        assert torch.equal(out2[:, :k], out[:, :k]) and torch.equal(p_out2[:, :k], p_out[:, :k]), k
         assert not torch.allclose(out2[:, k:], out[:, k:])
         assert not torch.allclose(out2[:, k + 1:], out[:, k + 1:]) or k == 4  # later steps do see step k
     mask = block_causal_mask(3, 2)
@@ -86,13 +86,30 @@ def test_rollout__shapes_and_teacher_forcing_agree_on_the_first_step():
     predictor = ActionPredictor(8, 4, 2, 0, WorldModelConfig(dim=16, depth=1, heads=2)).eval()
     z, actions = torch.randn(3, 2, 4, 8), torch.randn(3, 6, 2)  # 2 context steps, 5 predicted
     with torch.no_grad():
-        rolled = rollout_latents(predictor, z, actions)
-        assert rolled.shape == (3, 5, 4, 8)
-        assert torch.allclose(rolled[:, 0], predictor(z, actions[:, :2])[:, -1], atol=1e-6)
+        rolled, no_proprio = rollout_latents(predictor, z, actions)
+        assert rolled.shape == (3, 5, 4, 8) and no_proprio is None
+        assert torch.allclose(rolled[:, 0], predictor(z, actions[:, :2])[0][:, -1], atol=1e-6)
     with pytest.raises(MultijepaError, match="at least one action"):
         rollout_latents(predictor, z, actions[:, :1])
     unconditioned = ActionPredictor(8, 4, 0, 0, WorldModelConfig(dim=16, depth=1, heads=2))  # forecasting: no actions
-    assert rollout_latents(unconditioned, z, torch.zeros(3, 4, 0)).shape == (3, 3, 4, 8)
+    assert rollout_latents(unconditioned, z, torch.zeros(3, 4, 0))[0].shape == (3, 3, 4, 8)
+
+
+def test_rollout__predicts_proprio_and_feeds_it_back():
+    torch.manual_seed(0)
+    predictor = ActionPredictor(8, 2, 2, 3, WorldModelConfig(dim=16, depth=1, heads=2)).eval()
+    for layer in (predictor.out, predictor.proprio_out):  # not the zero-initialised copy-last start
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    predictor.set_proprio_scale(torch.randn(100, 3) * torch.tensor([1.0, 10.0, 0.1]) + 5)
+    z, actions, p = torch.randn(2, 2, 2, 8), torch.randn(2, 4, 2), torch.randn(2, 2, 3)
+    with torch.no_grad():
+        rolled, p_rolled = rollout_latents(predictor, z, actions, p)
+        assert rolled.shape == (2, 3, 2, 8) and p_rolled.shape == (2, 3, 3)
+        # the second predicted step is what teacher forcing gives on the first step's own predictions
+        z1, p1 = predictor(torch.cat([z, rolled[:, :1]], 1), actions[:, :3], torch.cat([p, p_rolled[:, :1]], 1))
+        assert torch.allclose(z1[:, -1], rolled[:, 1], atol=1e-5) and torch.allclose(p1[:, -1], p_rolled[:, 1], atol=1e-5)
+    with pytest.raises(MultijepaError, match="give the proprio"):
+        predictor(z, actions[:, :2])
 
 
 @pytest.mark.parametrize("planner", [cem, mppi])
@@ -115,7 +132,7 @@ def test_clip_losses__rollouts_start_from_the_first_context_observations():
     clip = {"z": torch.randn(2, 9, 2, 6), "actions": torch.randn(2, 8, 3), "proprio": None}
     with torch.no_grad():
         out = clip_losses(predictor, clip, 3, "l1", baseline=True, context=2)
-        rolled = rollout_latents(predictor, clip["z"][:, :2], clip["actions"][:, :4])  # 2 seen, 3 predicted
+        rolled, _ = rollout_latents(predictor, clip["z"][:, :2], clip["actions"][:, :4])  # 2 seen, 3 predicted
     assert torch.allclose(out["rollout"], (rolled - clip["z"][:, 2:5]).abs().mean())
     assert torch.allclose(out["copy_last"], (clip["z"][:, 1:2] - clip["z"][:, 2:5]).abs().mean())
 
@@ -155,6 +172,30 @@ def test_worldmodel__loads_encodes_rolls_out_and_plans(trained):
         wm.plan(ep.frames[:2], ep.frames[-1:], horizon=2)
     with pytest.raises(MultijepaError, match="method 'beam'"):
         wm.plan(ep.frames[:1], ep.frames[-1:], method="beam")
+
+
+def test_worldmodel__proprio_tokens_train_roll_out_and_plan(trained, tmp_path):
+    for ep in sorted((trained / "eps").iterdir()):  # the dot's position as its proprio
+        (tmp_path / "eps" / ep.name).mkdir(parents=True)
+        for f in ep.iterdir():
+            (tmp_path / "eps" / ep.name / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
+        np.save(tmp_path / "eps" / ep.name / "proprio.npy", np.load(ep / "state.npy")[:, :2])
+    args = [*TINY_WM, f"worldmodel.encoder={trained / 'enc/last.pt'}", "worldmodel.proprio=true", "train.steps=4"]
+    with pytest.raises(DataError, match="no proprio.npy"):
+        _train(*args, f"data.path={trained / 'eps'}", f"run.dir={tmp_path / 'no'}")
+    run = _train(*args, f"data.path={tmp_path / 'eps'}", f"run.dir={tmp_path / 'wm'}")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_proprio", "val_proprio_rollout"} <= set(lines[-1]) and np.isfinite(lines[-1]["loss_proprio"])
+    wm = WorldModel.load(run / "last.pt", device="cpu")
+    ep = read_episode(tmp_path / "eps/ep_000")
+    assert wm.uses_proprio and torch.allclose(wm.predictor.proprio_std, torch.cat(
+        [read_episode(tmp_path / "eps" / f"ep_{i:03d}").proprio for i in range(6)]).std(0), rtol=0.5)
+    assert wm.rollout(ep.frames[:2], ep.actions[:5], ep.proprio[:2]).shape == (4, 4, 32)
+    plan = wm.plan(ep.frames[:2], ep.frames[-1:], horizon=3, past_actions=ep.actions[:1], proprio=ep.proprio[:2],
+                   samples=16, iterations=2)
+    assert plan.shape == (3, 2)
+    with pytest.raises(MultijepaError, match="reads proprio tokens"):
+        wm.plan(ep.frames[:2], ep.frames[-1:], horizon=3, past_actions=ep.actions[:1])
 
 
 def test_worldmodel__state_observations_through_a_timeseries_encoder(tmp_path):

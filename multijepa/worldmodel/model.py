@@ -48,7 +48,8 @@ class WorldModelConfig:
     observation: Literal["frames", "state", "audio"] = "frames"  # read by an image, timeseries or audio encoder
     pool: int = 1  # average the encoder's tokens over cells of pool x pool grid positions; 0: one mean token
     normalize: bool = True  # layer-normalise each token's features, so every target is on one scale
-    proprio: bool = False  # one more token per step from the episodes' proprio.npy
+    proprio: bool = False  # one more token per step from the episodes' proprio.npy, whose next value it predicts
+    proprio_weight: float = 1.0  # the proprio prediction's share of the loss (its L1 in units of its spread)
     residual: bool = True  # predict the change from the current tokens (starts as copying them forward)
     dim: int = 192
     depth: int = 4
@@ -95,6 +96,7 @@ def validate_worldmodel(recipe: WorldModelRecipe, where: str) -> None:
           f"must be between 0 and worldmodel.window + 1 - worldmodel.rollout_context = "
           f"{w.window + 1 - w.rollout_context}, got {w.rollout_steps}")
     check(w.rollout_weight >= 0, where, "worldmodel.rollout_weight", "must be 0 or more")
+    check(w.proprio_weight >= 0, where, "worldmodel.proprio_weight", "must be 0 or more")
     check(0 <= w.val_fraction < 1, where, "worldmodel.val_fraction", "must be in [0, 1)")
     check(bool(recipe.data.path), where, "data.path", "names no episodes: record some with multijepa record ENV_ID OUT")
     check(recipe.data.batch_size > 0, where, "data.batch_size", "must be positive")
@@ -136,9 +138,12 @@ def block_causal_mask(steps: int, per_step: int, device: Optional[torch.device] 
 
 
 class ActionPredictor(nn.Module):
-    """z [B, T, N, F] (observation tokens), actions [B, T, A], proprio [B, T, P] -> [B, T, N, F], the
-    prediction of each step's next observation tokens, block-causal over steps (with ``residual``, as the
-    change from step t's own tokens)."""
+    """z [B, T, N, F] (observation tokens), actions [B, T, A], proprio [B, T, P] -> (the prediction of each
+    step's next observation tokens [B, T, N, F], and of its next proprio [B, T, P] or None without it),
+    block-causal over steps (with ``residual``, as the change from step t's own tokens and proprio).
+
+    Proprio is read and predicted in units of the training episodes' spread (``proprio_mean`` /
+    ``proprio_std``, buffers saved with the weights), so rollouts can feed the predictor its own proprio."""
 
     def __init__(self, feat_dim: int, tokens: int, action_dim: int, proprio_dim: int, cfg: WorldModelConfig):
         super().__init__()
@@ -147,34 +152,52 @@ class ActionPredictor(nn.Module):
         self.obs_in = nn.Linear(feat_dim, cfg.dim)
         self.action_in = nn.Linear(action_dim, cfg.dim) if action_dim else None
         self.proprio_in = nn.Linear(proprio_dim, cfg.dim) if proprio_dim else None
+        self.proprio_out = nn.Linear(cfg.dim, proprio_dim) if proprio_dim else None
+        if proprio_dim:  # (only then: checkpoints of world models without proprio load as before)
+            self.register_buffer("proprio_mean", torch.zeros(proprio_dim))
+            self.register_buffer("proprio_std", torch.ones(proprio_dim))
         self.slots = nn.Parameter(torch.zeros(self.extra + tokens, cfg.dim))  # which token of a step this is
         self.transformer = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
         self.out = nn.Linear(cfg.dim, feat_dim)
         self.residual = cfg.residual
-        init_weights(self.obs_in)
-        init_weights(self.out)
-        if self.residual:  # start as the copy-the-last-step forecast, which the predictor then improves on
-            nn.init.zeros_(self.out.weight)
-        for layer in (self.action_in, self.proprio_in):
+        for layer in (self.obs_in, self.out, self.action_in, self.proprio_in, self.proprio_out):
             if layer is not None:
                 init_weights(layer)
+        if self.residual:  # start as the copy-the-last-step forecast, which the predictor then improves on
+            for layer in (self.out, self.proprio_out):
+                if layer is not None:
+                    nn.init.zeros_(layer.weight)
         nn.init.trunc_normal_(self.slots, std=0.02)
 
+    def set_proprio_scale(self, proprio: torch.Tensor) -> None:
+        """Read proprio in units of the spread of ``proprio`` [M, P] (the training episodes')."""
+        self.proprio_mean.copy_(proprio.mean(0))
+        self.proprio_std.copy_(proprio.std(0).clamp_min(1e-3 * float(proprio.std(0).max().clamp_min(1e-6))))
+
     def forward(self, z: torch.Tensor, actions: Optional[torch.Tensor] = None,
-                proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
+                proprio: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         b, t, n, _ = z.shape
         parts = []
         if self.action_in is not None:
             parts.append(self.action_in(actions)[:, :, None])
         if self.proprio_in is not None:
-            parts.append(self.proprio_in(proprio)[:, :, None])
+            if proprio is None:
+                raise MultijepaError("this world model was trained with proprio tokens: give the proprio of the "
+                                     "context steps")
+            p_unit = (proprio.float() - self.proprio_mean) / self.proprio_std
+            parts.append(self.proprio_in(p_unit.to(z.dtype))[:, :, None])
         x = torch.cat(parts + [self.obs_in(z)], dim=2)  # [B, T, S, dim]
         steps = torch.arange(t, device=z.device, dtype=torch.float32)[None, :, None]
         x = x + self.slots.to(x.dtype) + sincos_embed(steps, x.shape[-1])[0][:, None].to(x.dtype)
         per_step = x.shape[2]
         y = self.transformer(x.reshape(b, t * per_step, -1), mask=block_causal_mask(t, per_step, z.device))
-        pred = self.out(y.reshape(b, t, per_step, -1)[:, :, self.extra:])
-        return pred + z if self.residual else pred
+        y = y.reshape(b, t, per_step, -1)
+        pred = self.out(y[:, :, self.extra:])
+        p_next = None
+        if self.proprio_out is not None:
+            p_next = self.proprio_out(y[:, :, self.extra - 1]).float() * self.proprio_std
+            p_next = p_next + (proprio.float() if self.residual else self.proprio_mean)
+        return (pred + z if self.residual else pred), p_next
 
 
 def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -188,23 +211,25 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Te
 
 
 def rollout_latents(predictor: ActionPredictor, z: torch.Tensor, actions: Optional[torch.Tensor],
-                    proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    proprio: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Autoregressive prediction from context tokens z [B, T0, N, F] under actions [B, T0 - 1 + H, A]
-    (the actions between the context steps, then one per predicted step): [B, H, N, F], each step fed its
-    own predictions of the earlier ones. Without actions (``action_dim`` 0) ``actions`` is [B, T0 - 1 + H, 0].
-    ``proprio`` [B, T0, P] is known for the context only; predicted steps repeat the last."""
+    (the actions between the context steps, then one per predicted step): ([B, H, N, F], and the predicted
+    proprio [B, H, P] or None), each step fed its own predictions of the earlier ones, proprio included.
+    Without actions (``action_dim`` 0) ``actions`` is [B, T0 - 1 + H, 0]. ``proprio`` [B, T0, P]: the context's."""
     steps = actions.shape[1] - z.shape[1] + 1
     if steps < 1:
         raise MultijepaError(f"rollout: {actions.shape[1]} actions for {z.shape[1]} context steps; give at least "
                              f"one action after the last context observation")
-    seq, out = z, []
+    seq, p, out, p_out = z, proprio, [], []
     for _ in range(steps):
         t = seq.shape[1]
-        p = None if proprio is None else torch.cat([proprio, proprio[:, -1:].expand(-1, t - proprio.shape[1], -1)], 1)
-        nxt = predictor(seq, actions[:, :t], p)[:, -1:]
-        out.append(nxt)
-        seq = torch.cat([seq, nxt.to(seq.dtype)], 1)
-    return torch.cat(out, 1)
+        nxt, p_nxt = predictor(seq, actions[:, :t], p)
+        out.append(nxt[:, -1:])
+        seq = torch.cat([seq, nxt[:, -1:].to(seq.dtype)], 1)
+        if p_nxt is not None:
+            p_out.append(p_nxt[:, -1:])
+            p = torch.cat([p.float(), p_nxt[:, -1:]], 1)
+    return torch.cat(out, 1), (torch.cat(p_out, 1) if p_out else None)
 
 
 def pool_grid(feats: torch.Tensor, grid: Optional[tuple[int, ...]], pool: int) -> torch.Tensor:
@@ -371,32 +396,47 @@ class WorldModel:
                 [T0, D]; then ``actions`` is [T0 - 1 + H, A] and the result [H, N, F]), or a batch of context
                 tokens from :meth:`encode` [B, T0, N, F] (then ``actions`` is [B, T0 - 1 + H, A] and the
                 result [B, H, N, F]); see :func:`rollout_latents`.
-            proprio: [B, T0, P] where the predictor was trained with proprio tokens.
+            proprio: the context's proprio, [T0, P] with raw observations or [B, T0, P] with tokens, where
+                the predictor was trained with proprio tokens (``uses_proprio``); its rollout predicts the rest.
         """
         observations = torch.as_tensor(observations)
         raw = observations.dtype == torch.uint8 or observations.ndim in (2, 3)  # tokens are [B, T0, N, F]
         z = self.encode(observations)[None] if raw else observations
         actions = torch.as_tensor(actions)[None] if raw else torch.as_tensor(actions)
+        if proprio is not None:
+            proprio = torch.as_tensor(proprio).float()
+            proprio = proprio[None] if raw else proprio
         with autocast(self.precision, self.device):
-            out = rollout_latents(self.predictor, z.to(self.device), actions.to(self.device).float(),
-                                  None if proprio is None else proprio.to(self.device).float())
+            out, _ = rollout_latents(self.predictor, z.to(self.device), actions.to(self.device).float(),
+                                     None if proprio is None else proprio.to(self.device))
         return out.float()[0] if raw else out.float()
 
-    def energy(self, z: torch.Tensor, goal: torch.Tensor, actions: torch.Tensor, reduce: str = "final") -> torch.Tensor:
+    @property
+    def uses_proprio(self) -> bool:
+        """Whether the predictor reads proprio tokens (then rollouts and plans need the context's proprio)."""
+        return self.predictor.proprio_dim > 0
+
+    def energy(self, z: torch.Tensor, goal: torch.Tensor, actions: torch.Tensor, reduce: str = "final",
+               proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per action sequence [S, T0 - 1 + H, A], the mean L1 distance of its rollout from context z [T0, N, F]
-        to goal tokens [N, F]: at the final step (``final``) or averaged over the predicted steps (``sum``) -> [S]."""
-        pred = self.rollout(z[None].expand(len(actions), *z.shape), actions)
+        (and proprio [T0, P]) to goal tokens [N, F]: at the final step (``final``) or averaged over the predicted
+        steps (``sum``) -> [S]."""
+        p = None if proprio is None else torch.as_tensor(proprio).float()[None].expand(len(actions), -1, -1)
+        pred = self.rollout(z[None].expand(len(actions), *z.shape), actions, p)
         dist = (pred - goal.to(pred.device)).abs().mean((-1, -2))  # [S, H]
         return (dist[:, -1] if reduce == "final" else dist.mean(1)).cpu()
 
     def plan(self, observations: torch.Tensor, goal: torch.Tensor, horizon: int = 5, method: str = "cem",
-             past_actions: Optional[torch.Tensor] = None, reduce: str = "final", **planner) -> torch.Tensor:
+             past_actions: Optional[torch.Tensor] = None, reduce: str = "final",
+             proprio: Optional[torch.Tensor] = None, **planner) -> torch.Tensor:
         """Actions [horizon, A] that bring the predicted representation closest to the goal's.
 
         Args:
             observations: the latest raw observations [T0, ...] (T0 >= 1; a few give the predictor motion).
             goal: the goal observation(s) [1, ...] as raw observations (the last is the goal).
             past_actions: [T0 - 1, A], the actions taken between those observations.
+            proprio: [T0, P], the proprio at those observations, for a world model that ``uses_proprio`` (the
+                goal is an observation alone: its proprio is not needed).
             method: ``cem`` or ``mppi`` (:mod:`multijepa.worldmodel.plan`); ``planner``: its settings.
         """
         from multijepa.worldmodel.plan import PLANNERS
@@ -407,9 +447,13 @@ class WorldModel:
         past = torch.zeros(0, len(self.action_low)) if past_actions is None else torch.as_tensor(past_actions).float()
         if len(past) != len(z) - 1:
             raise MultijepaError(f"plan: {len(past)} past actions for {len(z)} observations; give one fewer")
+        if self.uses_proprio and (proprio is None or len(proprio) != len(z)):
+            raise MultijepaError(f"plan: this world model reads proprio tokens; give proprio [T0, P] for the {len(z)} "
+                                 f"observations (got {None if proprio is None else list(proprio.shape)})")
 
         def energy(actions: torch.Tensor) -> torch.Tensor:
-            return self.energy(z, z_goal, torch.cat([past[None].expand(len(actions), -1, -1), actions], 1), reduce)
+            return self.energy(z, z_goal, torch.cat([past[None].expand(len(actions), -1, -1), actions], 1), reduce,
+                               proprio if self.uses_proprio else None)
 
         best, _ = PLANNERS[method](energy, horizon, self.action_low, self.action_high, **planner)
         return best

@@ -108,14 +108,17 @@ class ReacherGoals:
         self.action_high = torch.as_tensor(self.env.action_space.high, dtype=torch.float32)
 
     def _observe(self) -> dict:
+        from multijepa.episodes import proprio_of
+
         u = self.env.unwrapped
-        out = {"state": torch.as_tensor(u._get_obs(), dtype=torch.float32)}
+        out = {"state": torch.as_tensor(u._get_obs(), dtype=torch.float32),
+               "proprio": torch.as_tensor(proprio_of(self.env, self.env_id))}
         if self.pixels:
             out["frames"] = torch.as_tensor(np.asarray(self.env.render(), dtype=np.uint8).copy())
         return out
 
     def reset(self, seed: int) -> tuple[dict, dict]:
-        """Start the episode of ``seed``: (start observation, goal observation), each {"frames", "state"}."""
+        """Start the episode of ``seed``: (start observation, goal observation), each {"frames", "state", "proprio"}."""
         from multijepa.episodes import smooth_random
 
         self.env.reset(seed=seed)
@@ -187,7 +190,7 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
     try:
         for i in tqdm(range(episodes), disable=not progress, desc=f"plan ({policy})", unit="episode", leave=False):
             obs, goal = task.reset(seed + i)
-            seen, done, plan = [obs[observation]], [], None
+            seen, felt, done, plan = [obs[observation]], [obs["proprio"]], [], None
             for t in range(decisions):
                 if policy == "random":
                     action = task.action_low + (task.action_high - task.action_low) * torch.rand(
@@ -199,10 +202,12 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
                             min(replan_every, horizon), -1)])[:horizon]
                         plan = wm.plan(torch.stack(seen[-k:]), goal[observation][None], horizon, method,
                                        torch.stack(done[len(done) - k + 1:]) if k > 1 else None, reduce,
+                                       torch.stack(felt[-k:]) if wm.uses_proprio else None,
                                        mean=warm, generator=rng, **planner)
                     action = plan[t % replan_every]
                 obs = task.step(action, min(repeat, steps - t * repeat))
                 seen.append(obs[observation])
+                felt.append(obs["proprio"])
                 done.append(action)
             distances.append(task.distance())
     finally:

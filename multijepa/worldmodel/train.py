@@ -120,14 +120,21 @@ def clip_losses(predictor: ActionPredictor, clip: dict, rollout_steps: int, kind
                 context: int = 1) -> dict:
     """Teacher-forcing and rollout losses of a batch of clips (the rollout: ``rollout_steps`` predicted from the
     first ``context`` observations), and with ``baseline`` the copy-the-last-observation error of the same
-    rollout (what a predictor must beat to have learned anything)."""
+    rollout (what a predictor must beat to have learned anything). With proprio, ``proprio_teacher`` and
+    ``proprio_rollout`` are the L1 errors of the predicted proprio in units of its spread."""
     z, a, p = clip["z"], clip["actions"], clip["proprio"]
-    pred = predictor(z[:, :-1], a, None if p is None else p[:, :-1])
+    pred, p_pred = predictor(z[:, :-1], a, None if p is None else p[:, :-1])
     out = {"teacher": latent_loss(pred, z[:, 1:], kind), "pred": pred.detach().float().mean(2)[:, -1]}
+    std = predictor.proprio_std if p_pred is not None else None
+    if p_pred is not None:
+        out["proprio_teacher"] = ((p_pred - p[:, 1:].float()) / std).abs().mean()
     if rollout_steps:
         c, target = context, z[:, context:context + rollout_steps]
-        rolled = rollout_latents(predictor, z[:, :c], a[:, :c - 1 + rollout_steps], None if p is None else p[:, :c])
+        rolled, p_rolled = rollout_latents(predictor, z[:, :c], a[:, :c - 1 + rollout_steps],
+                                           None if p is None else p[:, :c])
         out["rollout"] = latent_loss(rolled, target, kind)
+        if p_rolled is not None:
+            out["proprio_rollout"] = ((p_rolled - p[:, c:c + rollout_steps].float()) / std).abs().mean()
         if baseline:
             out["copy_last"] = latent_loss(z[:, c - 1:c].expand_as(rolled), target, kind)
     return out
@@ -167,6 +174,8 @@ def _train(recipe: WorldModelRecipe) -> Path:
     torch.manual_seed(t.seed)
     feat_dim, tokens = data.z[0].shape[-1], data.z[0].shape[1]
     predictor = ActionPredictor(feat_dim, tokens, data.action_dim, data.proprio_dim, w).to(device)
+    if data.proprio_dim:
+        predictor.set_proprio_scale(torch.cat([data.proprio[i] for i in train_eps]).float().to(device))
     optimizer = torch.optim.AdamW(param_groups(predictor, o.weight_decay), lr=o.lr, betas=o.betas)
     step = saved_step = 0
     if state is not None:
@@ -192,7 +201,7 @@ def _train(recipe: WorldModelRecipe) -> Path:
                f"{'resuming from step ' + str(step) if step else 'from step 0'}, into {run_dir}")
     log = RunLog(run_dir, recipe, step, summary)
     progress = _progress(t.progress, t.steps, step)
-    sums, interval, t_last = torch.zeros(3), 0, time.perf_counter()
+    sums, interval, t_last = torch.zeros(4), 0, time.perf_counter()
     finite = torch.ones((), dtype=torch.bool)
     with _StopRequest() as stop, log:
         while step < t.steps:
@@ -205,14 +214,17 @@ def _train(recipe: WorldModelRecipe) -> Path:
             predictor.train()
             with autocast(precision, device):
                 out = clip_losses(predictor, clip, w.rollout_steps, w.loss, context=w.rollout_context)
-            loss = out["teacher"] + w.rollout_weight * out.get("rollout", torch.zeros(()))
+            zero = torch.zeros((), device=device)
+            loss = out["teacher"] + w.rollout_weight * out.get("rollout", zero)
+            proprio_loss = out.get("proprio_teacher", zero) + w.rollout_weight * out.get("proprio_rollout", zero)
+            loss = loss + w.proprio_weight * proprio_loss
             loss.backward()
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(predictor.parameters(), o.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([loss.detach().cpu(), out["teacher"].detach().cpu(),
-                                 out.get("rollout", torch.zeros(())).detach().cpu()])
+            sums += torch.stack([loss.detach(), out["teacher"].detach(), out.get("rollout", zero).detach(),
+                                 proprio_loss.detach()]).float().cpu()
             finite &= torch.isfinite(loss.detach().cpu())
             step, interval = step + 1, interval + 1
             progress.update(1)
@@ -223,6 +235,8 @@ def _train(recipe: WorldModelRecipe) -> Path:
                 now = time.perf_counter()
                 record = {"step": step, "loss": mean[0], "loss_teacher": mean[1], "loss_rollout": mean[2], "lr": lr,
                           "samples_per_s": interval * recipe.data.batch_size / (now - t_last)}
+                if data.proprio_dim:
+                    record["loss_proprio"] = mean[3]
                 record.update({f"pred_{k.split('_')[1]}": v.item() for k, v in feature_health(out["pred"]).items()})
                 if val is not None:
                     predictor.eval()
@@ -232,6 +246,8 @@ def _train(recipe: WorldModelRecipe) -> Path:
                                         context=w.rollout_context)
                     record.update({"val_teacher": v["teacher"].item(), "val_rollout": v["rollout"].item(),
                                    "val_copy_last": v["copy_last"].item()})
+                    if "proprio_rollout" in v:
+                        record["val_proprio_rollout"] = v["proprio_rollout"].item()
                 log.write(record)
                 progress.set_postfix(loss=f"{mean[0]:.4f}", refresh=False)
                 sums.zero_()
