@@ -108,7 +108,7 @@ def test_rollout__predicts_proprio_and_feeds_it_back():
         # the second predicted step is what teacher forcing gives on the first step's own predictions
         z1, p1 = predictor(torch.cat([z, rolled[:, :1]], 1), actions[:, :3], torch.cat([p, p_rolled[:, :1]], 1))
         assert torch.allclose(z1[:, -1], rolled[:, 1], atol=1e-5) and torch.allclose(p1[:, -1], p_rolled[:, 1], atol=1e-5)
-    with pytest.raises(MultijepaError, match="give the proprio"):
+    with pytest.raises(MultijepaError, match="reads proprio tokens"):
         predictor(z, actions[:, :2])
 
 

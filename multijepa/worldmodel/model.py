@@ -138,12 +138,10 @@ def block_causal_mask(steps: int, per_step: int, device: Optional[torch.device] 
 
 
 class ActionPredictor(nn.Module):
-    """z [B, T, N, F] (observation tokens), actions [B, T, A], proprio [B, T, P] -> (the prediction of each
-    step's next observation tokens [B, T, N, F], and of its next proprio [B, T, P] or None without it),
-    block-causal over steps (with ``residual``, as the change from step t's own tokens and proprio).
-
-    Proprio is read and predicted in units of the training episodes' spread (``proprio_mean`` /
-    ``proprio_std``, buffers saved with the weights), so rollouts can feed the predictor its own proprio."""
+    """z [B, T, N, F] (observation tokens), actions [B, T, A], proprio [B, T, P] -> (each step's next tokens
+    [B, T, N, F], and next proprio [B, T, P] or None), block-causal over steps (with ``residual``, as the change
+    from step t's own). Proprio is read and predicted in units of the training episodes' spread (buffers
+    ``proprio_mean`` / ``proprio_std``), so that rollouts can feed the predictor its own proprio."""
 
     def __init__(self, feat_dim: int, tokens: int, action_dim: int, proprio_dim: int, cfg: WorldModelConfig):
         super().__init__()
@@ -160,13 +158,10 @@ class ActionPredictor(nn.Module):
         self.transformer = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
         self.out = nn.Linear(cfg.dim, feat_dim)
         self.residual = cfg.residual
-        for layer in (self.obs_in, self.out, self.action_in, self.proprio_in, self.proprio_out):
-            if layer is not None:
-                init_weights(layer)
-        if self.residual:  # start as the copy-the-last-step forecast, which the predictor then improves on
-            for layer in (self.out, self.proprio_out):
-                if layer is not None:
-                    nn.init.zeros_(layer.weight)
+        for layer in filter(None, (self.obs_in, self.out, self.action_in, self.proprio_in, self.proprio_out)):
+            init_weights(layer)
+        for layer in filter(None, (self.out, self.proprio_out) if self.residual else ()):
+            nn.init.zeros_(layer.weight)  # residual: start as the copy-the-last-step forecast, then improve on it
         nn.init.trunc_normal_(self.slots, std=0.02)
 
     def set_proprio_scale(self, proprio: torch.Tensor) -> None:
@@ -181,9 +176,9 @@ class ActionPredictor(nn.Module):
         if self.action_in is not None:
             parts.append(self.action_in(actions)[:, :, None])
         if self.proprio_in is not None:
-            if proprio is None:
-                raise MultijepaError("this world model was trained with proprio tokens: give the proprio of the "
-                                     "context steps")
+            if proprio is None or proprio.shape[:2] != z.shape[:2]:
+                raise MultijepaError(f"this world model reads proprio tokens: give proprio [B, T, P] for the context "
+                                     f"tokens {list(z.shape[:2])}, got {None if proprio is None else list(proprio.shape)}")
             p_unit = (proprio.float() - self.proprio_mean) / self.proprio_std
             parts.append(self.proprio_in(p_unit.to(z.dtype))[:, :, None])
         x = torch.cat(parts + [self.obs_in(z)], dim=2)  # [B, T, S, dim]
@@ -193,10 +188,8 @@ class ActionPredictor(nn.Module):
         y = self.transformer(x.reshape(b, t * per_step, -1), mask=block_causal_mask(t, per_step, z.device))
         y = y.reshape(b, t, per_step, -1)
         pred = self.out(y[:, :, self.extra:])
-        p_next = None
-        if self.proprio_out is not None:
-            p_next = self.proprio_out(y[:, :, self.extra - 1]).float() * self.proprio_std
-            p_next = p_next + (proprio.float() if self.residual else self.proprio_mean)
+        p_next = None if self.proprio_out is None else self.proprio_out(y[:, :, self.extra - 1]).float() * \
+            self.proprio_std + (proprio.float() if self.residual else self.proprio_mean)
         return (pred + z if self.residual else pred), p_next
 
 
@@ -447,9 +440,6 @@ class WorldModel:
         past = torch.zeros(0, len(self.action_low)) if past_actions is None else torch.as_tensor(past_actions).float()
         if len(past) != len(z) - 1:
             raise MultijepaError(f"plan: {len(past)} past actions for {len(z)} observations; give one fewer")
-        if self.uses_proprio and (proprio is None or len(proprio) != len(z)):
-            raise MultijepaError(f"plan: this world model reads proprio tokens; give proprio [T0, P] for the {len(z)} "
-                                 f"observations (got {None if proprio is None else list(proprio.shape)})")
 
         def energy(actions: torch.Tensor) -> torch.Tensor:
             return self.energy(z, z_goal, torch.cat([past[None].expand(len(actions), -1, -1), actions], 1), reduce,

@@ -125,8 +125,8 @@ def clip_losses(predictor: ActionPredictor, clip: dict, rollout_steps: int, kind
     z, a, p = clip["z"], clip["actions"], clip["proprio"]
     pred, p_pred = predictor(z[:, :-1], a, None if p is None else p[:, :-1])
     out = {"teacher": latent_loss(pred, z[:, 1:], kind), "pred": pred.detach().float().mean(2)[:, -1]}
-    std = predictor.proprio_std if p_pred is not None else None
     if p_pred is not None:
+        std = predictor.proprio_std
         out["proprio_teacher"] = ((p_pred - p[:, 1:].float()) / std).abs().mean()
     if rollout_steps:
         c, target = context, z[:, context:context + rollout_steps]
