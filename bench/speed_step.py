@@ -41,7 +41,8 @@ from multijepa.core import transformer as transformer_module
 from multijepa.datasets.mixed import MaskCollate, build_train_loader
 from multijepa.datasets.files import resolve_recipe
 from multijepa.recipe import Recipe, load_recipe
-from multijepa.train import autocast, build_model, compile_transformers, param_groups, pretrain, resolve_precision
+from multijepa.train import (autocast, build_model, compile_transformers, keep_freed_memory, param_groups, pretrain,
+                             resolve_precision)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, provenance  # noqa: E402
@@ -315,8 +316,13 @@ def main() -> None:
     parser.add_argument("--recipe-steps", type=int, default=40, help="end-to-end steps per recipe")
     parser.add_argument("--data", default=str(SHARED), help="the shared data folder (see its README)")
     parser.add_argument("--out", default=str(ROOT / "bench/out/speed_step.json"))
+    parser.add_argument("--malloc", choices=("tuned", "system"), default="tuned",
+                        help="tuned: keep freed memory, as every multijepa command on the CPU does (for the "
+                             "reference too: one process); system: glibc's defaults")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc == "tuned":
+        keep_freed_memory()
     ceilings = {p: gemm_ceiling(torch.float32 if p == "fp32" else torch.bfloat16) for p in ("fp32", "bf16")}
     print(json.dumps({"gemm_ceiling_gflops": ceilings}), flush=True)
     rows: list[dict] = []
@@ -327,7 +333,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             for name in args.recipes:
                 rows.append(bench_recipe(name, args, Path(work)))
-    result = {**provenance(args.threads), "cpu_seconds": time.process_time() - cpu0,
+    result = {**provenance(args.threads), "malloc": args.malloc, "cpu_seconds": time.process_time() - cpu0,
               "gemm_ceiling_gflops": ceilings, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
