@@ -78,14 +78,14 @@ _MALLOC_TUNED: list = []
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse: by default it serves blocks over 128 KiB-32 MiB
     from a fresh ``mmap`` and unmaps them when freed, so each step page-faults its activations in again
-    (the image recipe's step ran 1.27x faster without; docs/results.md, "the allocator"). mmap threshold
+    (with this the image recipe's step ran 1.27x faster; docs/results.md, "the allocator"). mmap threshold
     1 GiB, trim threshold 2 GiB: the process keeps its peak heap, as PyTorch's CUDA allocator does. Once
     per process; True where it applied (not glibc, or ``MULTIJEPA_MALLOC=system``: nothing changes)."""
     if not _MALLOC_TUNED:
         _MALLOC_TUNED.append(False)
         if os.environ.get("MULTIJEPA_MALLOC", "") != "system" and sys.platform.startswith("linux"):
             import ctypes
-            mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # None on musl
+            mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # musl's is a stub that returns 0
             m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h; the values are C ints
             _MALLOC_TUNED[0] = bool(mallopt and mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2**31 - 1))
     return _MALLOC_TUNED[0]
