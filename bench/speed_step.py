@@ -318,7 +318,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/out/speed_step.json"))
     parser.add_argument("--malloc", choices=("tuned", "system"), default="tuned",
                         help="tuned: keep freed memory, as every multijepa command on the CPU does (for the "
-                             "reference too: one process); system: glibc's defaults")
+                             "reference too: one process); system: glibc's defaults for the model-only timings "
+                             "(the end-to-end runs go through pretrain, which always tunes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.malloc == "tuned":
