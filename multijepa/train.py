@@ -27,7 +27,8 @@ except ImportError:  # not POSIX
     fcntl = None
 
 from multijepa.checkpoint import keep_copy, load_checkpoint, save_checkpoint
-from multijepa.core.jepa import JEPA, Backbone, Predictor, cosine_schedule, feature_health
+from multijepa.core.jepa import JEPA, Backbone, Predictor, cosine_schedule
+from multijepa.core.losses import feature_health
 from multijepa.datasets.files import resolve_recipe
 from multijepa.datasets.mixed import Mixed, build_train_loader
 from multijepa.errors import DataError, RecipeError, TrainingError
@@ -177,9 +178,8 @@ def _check_resumable(saved: dict, recipe: Recipe, path: Path) -> None:
                             f"{list(recipe.modalities)}; use another run.dir, or run.resume=false to start over")
     for section in ARCHITECTURE_SECTIONS + recipe.modalities:
         if saved.get(section) != now[section]:
-            raise TrainingError(
-                f"{path}: this checkpoint was trained with a different '{section}' section "
-                f"({saved.get(section)} vs {now[section]}); use another run.dir, or run.resume=false to start over")
+            raise TrainingError(f"{path}: this checkpoint was trained with a different '{section}' section ("
+                                f"{saved.get(section)} vs {now[section]}); use another run.dir, or run.resume=false to start over")
 
 
 @contextlib.contextmanager
@@ -274,6 +274,7 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
         optimizer.load_state_dict(state["optimizer"])
         step = saved_step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
+        model.sigreg_draws = int(state["rng"].get("sigreg_draws", 0))
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     if step >= t.steps:
@@ -372,9 +373,8 @@ def _train(recipe: Recipe, device: torch.device, rank: int, world: int, data: Op
                 if not (finite_since_saved & _all_finite(model.state_dict().values())).item():
                     raise _diverged(f"the loss or the weights became NaN or infinite between steps {saved_step} and "
                                     f"{step}", ckpt_path, saved_step, o.lr)
-                rng = {"torch": torch.get_rng_state()}
-                if device.type == "cuda":
-                    rng["cuda"] = torch.cuda.get_rng_state(device)
+                rng = {"torch": torch.get_rng_state(), "sigreg_draws": model.sigreg_draws}  # SIGReg's directions
+                rng |= {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
                 save_checkpoint({"step": step, "recipe": recipe_to_dict(recipe), "model": model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "rng": rng}, ckpt_path)
                 saved_step = step

@@ -16,6 +16,7 @@ import torch
 
 from conftest import ROOT, TINY_IMAGE, check_killed_run_resumes_on_the_same_curve, losses, run_cli
 
+from multijepa.checkpoint import load_checkpoint
 from multijepa.cli import main
 
 RECIPE = str(ROOT / "recipes/image.yaml")
@@ -37,6 +38,8 @@ def test_pretrain__writes_checkpoint_recipe_and_metrics(trained):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 and r["target_erank"] >= 1 for r in rows)
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    # SIGReg's directions go on from where the run stopped: one draw per step here
+    assert load_checkpoint(run / "last.pt")["rng"]["sigreg_draws"] == 6
 
 
 def test_pretrain__killed_run_resumes_on_the_same_loss_curve(tmp_path, shapes):

@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from multijepa.core.jepa import cosine_schedule, feature_health, latent_loss, normalize_targets, sigreg, vicreg
+from multijepa.core.jepa import cosine_schedule
+from multijepa.core.losses import feature_health, latent_loss, normalize_targets, sigreg, vicreg
 from multijepa.core.masking import sample_block_masks
 from multijepa.core.transformer import sincos_embed
 from multijepa.recipe import load_recipe, token_grid
@@ -39,6 +40,34 @@ def test_jepa__forward_backward_finite(loss, regularizer):
     grads = [p.grad for p in model.context.parameters()] + [p.grad for p in model.predictor.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for p in model.target.parameters())
+
+
+@pytest.mark.parametrize("regularizer", ["sigreg", "vicreg"])
+def test_jepa__regularizer_sees_one_embedding_per_sample_or_every_real_context_token(monkeypatch, regularizer):
+    """loss.regularizer_on=samples: the mean of each sample's real context tokens; tokens: all of them,
+    padding left out. SIGReg draws its directions from a counter (the same on every rank)."""
+    from multijepa.core import jepa
+
+    seen, real = [], getattr(jepa, regularizer)
+    monkeypatch.setattr(jepa, regularizer, lambda z, *a, **k: (seen.append(z.detach().clone()), real(z, *a, **k))[1])
+    x = torch.randn(4, 3, 16, 16)
+    ctx, tgt = sample_block_masks(token_grid(load_recipe(IMAGE_RECIPE, TINY_IMAGE)), load_recipe(IMAGE_RECIPE).mask, 4,
+                                  torch.Generator().manual_seed(0))
+    ctx[0, -2:] = -1  # two padded context slots in sample 0
+    part = {"input": x, "context_idx": ctx, "target_idx": tgt, "valid": torch.ones(4, 16, dtype=torch.bool)}
+    for on in ("samples", "tokens"):
+        recipe = load_recipe(IMAGE_RECIPE, TINY_IMAGE + [f"loss.regularizer={regularizer}", f"loss.regularizer_on={on}"])
+        torch.manual_seed(0)
+        model = build_model(recipe)
+        assert torch.isfinite(model({"image": part})["loss"])
+        contexts, _ = model.context.encode({"image": (x, ctx.clamp_min(0), ctx >= 0)})
+        enc, real_ctx = contexts["image"][0], ctx >= 0
+        if on == "samples":
+            expected = torch.stack([enc[i][real_ctx[i]].mean(0) for i in range(4)])
+        else:
+            expected = enc[real_ctx]
+        torch.testing.assert_close(seen[-1], expected, rtol=1e-4, atol=1e-5)
+        assert model.sigreg_draws == (1 if regularizer == "sigreg" else 0)
 
 
 def test_normalize_targets__none_layer_and_instance_over_real_tokens():
@@ -98,7 +127,7 @@ def test_sigreg__small_for_gaussian_large_for_collapsed():
     g = torch.Generator().manual_seed(0)
     gaussian = torch.randn(2048, 32, generator=g)
     collapsed = torch.randn(2048, 1, generator=g).expand(-1, 32) * 0.01
-    assert sigreg(gaussian, 64, g) < 0.01 < sigreg(collapsed, 64, g)
+    assert sigreg(gaussian, 64, g) < 2 < 100 < sigreg(collapsed, 64, g)  # N-scaled: ~1 and ~0.4 N
 
 
 def test_vicreg__penalises_collapse():

@@ -16,7 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
 from conftest import ROOT
-from multijepa.core.jepa import Backbone, Predictor, gather_tokens, latent_loss, normalize_targets, sigreg, vicreg
+from multijepa.core.jepa import Backbone, Predictor, gather_tokens
+from multijepa.core.losses import latent_loss, normalize_targets, sigreg, vicreg
 from multijepa.core.transformer import sincos_embed
 from multijepa.errors import TrainingError
 from multijepa.evaluate import _fit_logistic, knn_accuracy, linear_probe_accuracy, stratified_split
@@ -200,52 +201,59 @@ def _sigreg_cases() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("case", ["gaussian", "collapsed"])
-def test_sigreg__equals_the_epps_pulley_integral_averaged_over_directions(case):
+def test_sigreg__equals_n_times_the_epps_pulley_integral_averaged_over_directions(case):
+    """LeJEPA's statistic: N times the integral, so that its weights carry over from the paper."""
     z = _sigreg_cases()[case]
+    n = z.shape[0]
     a = _directions(16, K_DIRS, seed=7)
     lib = sigreg(z, K_DIRS, torch.Generator().manual_seed(7)).item()
     z64 = z.double().numpy()
     # (a) the continuous integral over [-t_max, t_max] on a fine grid
-    continuous = _epps_pulley_integral(z64, a, FINE).mean()
+    continuous = n * _epps_pulley_integral(z64, a, FINE).mean()
     # (b) the same statistic discretised as the library does: 17-point trapezoid on [0, t_max], doubled
-    coarse = 2 * _epps_pulley_integral(z64, a, np.linspace(0.0, T_MAX, NUM_POINTS)).mean()
+    coarse = n * 2 * _epps_pulley_integral(z64, a, np.linspace(0.0, T_MAX, NUM_POINTS)).mean()
     assert lib == pytest.approx(coarse, rel=1e-5)  # float32 vs float64 on the same grid
     assert lib == pytest.approx(continuous, rel=1e-3)  # the coarse quadrature's error: 1.2e-4, 4.6e-4 here
-    # the values themselves: ~1/N for Gaussian samples (see the N-scaled test), ~0.4 when collapsed
-    expected = {"gaussian": 2.14542e-3, "collapsed": 0.402085}[case]
+    # the values themselves: near 1 for Gaussian samples (see the null-mean test), ~0.4 N when collapsed
+    expected = {"gaussian": 512 * 2.14542e-3, "collapsed": 512 * 0.402085}[case]
     assert continuous == pytest.approx(expected, rel=1e-5)
 
 
 def test_sigreg__exactly_collapsed_samples_equal_the_closed_form():
-    """All samples at 0: phi_emp = 1, so the statistic is the integral over [-3, 3] of
+    """All samples at 0: phi_emp = 1, so the statistic is N times the integral over [-3, 3] of
     (1 - g)^2 g with g = exp(-t^2/2), i.e. sum of c * int exp(-a t^2/2) = c sqrt(2 pi / a) erf(3 sqrt(a/2))
     over (a, c) in (1, 1), (2, -2), (3, 1): 0.4022337... for every direction."""
     closed = sum(c * math.sqrt(2 * math.pi / a) * math.erf(T_MAX * math.sqrt(a / 2)) for a, c in [(1, 1), (2, -2), (3, 1)])
     assert closed == pytest.approx(0.4022337, rel=1e-6)
     lib = sigreg(torch.zeros(64, 8), 4, torch.Generator().manual_seed(0)).item()
-    assert lib == pytest.approx(closed, rel=1e-3)  # 17-point trapezoid vs the exact integral
+    assert lib == pytest.approx(64 * closed, rel=1e-3)  # 17-point trapezoid vs the exact integral
 
 
-def test_sigreg__times_n_is_the_lejepa_statistic():
-    """LeJEPA's Epps-Pulley test statistic is N times the integral; the library returns the integral
-    alone (no factor N). If the library adopts LeJEPA's scaling, update this test and the test above.
+def test_sigreg__on_a_wide_grid_equals_the_closed_form_over_the_real_line():
+    """Integrated over all t, the Epps-Pulley statistic of a 1-D sample x_1..x_N has a closed form
+    (expand |phi_N|^2 and the cross term; each piece is a Gaussian integral):
+    N [sqrt(2 pi) / N^2 sum_jk exp(-(x_j - x_k)^2 / 2) - 2 sqrt(pi) / N sum_j exp(-x_j^2 / 4) + sqrt(2 pi / 3)].
+    A one-dimensional z makes every direction the same (up to sign, and the statistic is even)."""
+    g = torch.Generator().manual_seed(11)
+    for z in (torch.randn(300, 1, generator=g), 0.5 * torch.randn(300, 1, generator=g) + 0.7):
+        x = z[:, 0].double().numpy()
+        n = len(x)
+        closed = n * (math.sqrt(2 * math.pi) / n**2 * np.exp(-0.5 * (x[:, None] - x[None, :]) ** 2).sum()
+                      - 2 * math.sqrt(math.pi) / n * np.exp(-(x**2) / 4).sum() + math.sqrt(2 * math.pi / 3))
+        lib = sigreg(z, 3, torch.Generator().manual_seed(0), num_points=801, t_max=10.0).item()
+        assert lib == pytest.approx(closed, rel=1e-4, abs=1e-4)
 
-    Under the null (Gaussian samples) E|phi_emp - phi|^2 = (1 - exp(-t^2)) / N, so the N-scaled
-    statistic has the N-free mean int (exp(-t^2/2) - exp(-3t^2/2)) dt = 1.05266 over [-3, 3], and the
-    library's value shrinks as 1/N."""
-    a = _directions(16, K_DIRS, seed=7)
+
+def test_sigreg__null_mean_does_not_depend_on_n():
+    """Under the null (Gaussian samples) E|phi_emp - phi|^2 = (1 - exp(-t^2)) / N, so the N-scaled
+    statistic has the N-free mean int (exp(-t^2/2) - exp(-3t^2/2)) dt = 1.05266 over [-3, 3]."""
     null_mean = math.sqrt(2 * math.pi) * math.erf(T_MAX / math.sqrt(2)) \
         - math.sqrt(2 * math.pi / 3) * math.erf(T_MAX * math.sqrt(1.5))
     assert null_mean == pytest.approx(1.052659, rel=1e-6)
-    for case, z in _sigreg_cases().items():
-        n = z.shape[0]
-        lejepa = n * _epps_pulley_integral(z.double().numpy(), a, FINE).mean()
-        lib = sigreg(z, K_DIRS, torch.Generator().manual_seed(7)).item()
-        assert n * lib == pytest.approx(lejepa, rel=1e-3), case
     g = torch.Generator().manual_seed(8)
-    for n in (256, 4096):  # the N-scaled statistic stays near its null mean whatever N (1.234, 1.043 here)
+    for n in (256, 4096):  # 1.234 and 1.043 here
         z = torch.randn(n, 16, generator=g)
-        assert n * sigreg(z, 64, torch.Generator().manual_seed(9)).item() == pytest.approx(null_mean, rel=0.25)
+        assert sigreg(z, 64, torch.Generator().manual_seed(9)).item() == pytest.approx(null_mean, rel=0.25)
 
 
 # =========================================================================== 3. VICReg

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from multijepa.core.transformer import (PosEmbed, Segments, Transformer, init_weights, masked_moments, padding_waste,
-                                        unpack)
+from multijepa.core.losses import latent_loss, normalize_targets, sigreg, vicreg
+from multijepa.core.transformer import PosEmbed, Segments, Transformer, init_weights, padding_waste, unpack
 from multijepa.errors import check
 
 
@@ -49,7 +48,12 @@ class LossConfig:
     # sample (a speaker, a recording), as data2vec does for speech; none: as the target encoder gives them
     target_norm: TargetNorm = "layer"
     regularizer: Literal["none", "sigreg", "vicreg"] = "none"
+    # SIGReg is LeJEPA's N-scaled statistic, so a weight w here is LeJEPA's lambda = w / (1 + w) (its
+    # 0.05 is w = 0.0526): the loss is prediction + w x regulariser
     regularizer_weight: float = 0.05
+    # What the regulariser sees: samples: one embedding per sample, the mean of its context tokens
+    # (LeJEPA); tokens: every context token of the batch, pooled together
+    regularizer_on: Literal["samples", "tokens"] = "samples"
     sigreg_directions: int = 256
 
 
@@ -255,63 +259,6 @@ class Predictor(nn.Module):
         return preds[modality]
 
 
-def normalize_targets(feats: torch.Tensor, how: str, valid: Optional[torch.Tensor] = None,
-                      eps: float = 1e-5) -> torch.Tensor:
-    """Target features [B, N, D] as they are (``none``), normalised per token (``layer``) or per sample
-    and feature over the sample's real tokens (``instance``; ``valid`` [B, N] marks them, padding
-    comes out as zeros)."""
-    if how == "none":
-        return feats
-    if how == "layer":
-        return F.layer_norm(feats, feats.shape[-1:])
-    if how != "instance":
-        raise ValueError(f"target normalisation {how!r}: expected none, layer or instance (loss.target_norm)")
-    w = torch.ones_like(feats[..., :1]) if valid is None else valid.to(feats.dtype).unsqueeze(-1)
-    mean, var = masked_moments(feats, w, (1,))
-    return (feats - mean) * torch.rsqrt(var + eps) * w
-
-
-def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean L1, L2 or smooth-L1 distance between predicted and target features (any equal shapes)."""
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    if kind == "l2":
-        return F.mse_loss(pred, target)
-    return F.smooth_l1_loss(pred, target)
-
-
-def sigreg(z: torch.Tensor, directions: int, generator: Optional[torch.Generator] = None,
-           num_points: int = 17, t_max: float = 3.0) -> torch.Tensor:
-    """Sketched isotropic-Gaussian regulariser (SIGReg, LeJEPA).
-
-    Projects ``z [N, D]`` on random unit directions and measures, with the Epps-Pulley statistic,
-    how far each 1-D projection's characteristic function is from a standard normal's. Zero for
-    isotropic Gaussian embeddings, large for collapsed ones.
-    """
-    d = z.shape[1]
-    a = torch.randn(d, directions, device=z.device, generator=generator)
-    a = a / a.norm(dim=0, keepdim=True)
-    proj = z.float() @ a  # [N, K]
-    t = torch.linspace(0.0, t_max, num_points, device=z.device)
-    angles = proj.unsqueeze(-1) * t  # [N, K, T]
-    real, imag = angles.cos().mean(0), angles.sin().mean(0)  # empirical characteristic function
-    gauss = torch.exp(-0.5 * t**2)
-    err = (real - gauss) ** 2 + imag**2  # [K, T]
-    weight = gauss  # Epps-Pulley weighting; the integrand is even, so integrate over t >= 0 twice
-    stat = 2.0 * torch.trapezoid(err * weight, t, dim=-1)
-    return stat.mean()
-
-
-def vicreg(z: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """VICReg variance + covariance terms on ``z [N, D]``."""
-    z = z.float() - z.float().mean(0)
-    std = torch.sqrt(z.var(0) + eps)
-    variance = F.relu(1.0 - std).mean()
-    cov = (z.T @ z) / max(z.shape[0] - 1, 1)
-    off = cov - torch.diag(torch.diag(cov))
-    return variance + off.pow(2).sum() / z.shape[1]
-
-
 class JEPA(nn.Module):
     """Context encoder, EMA target encoder and predictor; ``forward`` returns the training loss.
 
@@ -341,6 +288,7 @@ class JEPA(nn.Module):
         self.loss_cfg = loss
         self.loss_weights = {m: 1.0 for m in context.tokenizers} | dict(loss_weights or {})
         self.target_norms = {m: loss.target_norm for m in context.tokenizers} | dict(target_norms or {})
+        self.sigreg_draws = 0  # SIGReg calls so far: call k projects on directions seeded k
 
     def forward(self, parts: dict[str, dict]) -> dict[str, torch.Tensor]:
         """parts: {modality: {"input": a batch of that modality, "context_idx" [B, Nc], "target_idx"
@@ -392,9 +340,7 @@ class JEPA(nn.Module):
             pred_loss = latent_loss(pred.float(), target.float(), self.loss_cfg.type)
             reg = pred_loss.new_zeros(())
             if self.loss_cfg.regularizer != "none" and self.loss_cfg.regularizer_weight > 0:
-                ctx = contexts[m][0]
-                z = ctx[context_real] if context_real is not None else ctx.reshape(-1, ctx.shape[-1])
-                reg = sigreg(z, self.loss_cfg.sigreg_directions) if self.loss_cfg.regularizer == "sigreg" else vicreg(z)
+                reg = self._regularizer(contexts[m][0], context_real)
             w = self.loss_weights[m]
             part_loss = w * (pred_loss + self.loss_cfg.regularizer_weight * reg)
             loss = part_loss if loss is None else loss + part_loss
@@ -403,6 +349,19 @@ class JEPA(nn.Module):
             out[f"prediction/{m}"] = pred_loss.detach()
         return {"loss": loss, "prediction": prediction, "regularizer": regularizer, **out}
 
+    def _regularizer(self, ctx: torch.Tensor, real: Optional[torch.Tensor]) -> torch.Tensor:
+        """SIGReg or VICReg on one modality's context encoding ``ctx [B, Nc, D]``: on its per-sample
+        means or on all its real tokens (``loss.regularizer_on``)."""
+        if self.loss_cfg.regularizer_on == "samples":
+            z = pool_tokens(ctx, real)
+        else:
+            z = ctx[real] if real is not None else ctx.reshape(-1, ctx.shape[-1])
+        if self.loss_cfg.regularizer == "vicreg":
+            return vicreg(z)
+        # directions from a counter, not the global generator, so that every rank draws the same ones
+        self.sigreg_draws += 1
+        return sigreg(z, self.loss_cfg.sigreg_directions, torch.Generator().manual_seed(self.sigreg_draws))
+
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """EMA: target <- momentum * target + (1 - momentum) * context, one fused op per list."""
@@ -410,21 +369,6 @@ class JEPA(nn.Module):
         src = list(self.context.parameters())
         torch._foreach_mul_(tgt, momentum)
         torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
-
-
-def feature_health(pooled: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Collapse monitors on pooled features [B, D]: mean per-dim std and effective rank.
-
-    Effective rank is exp(entropy of the normalised singular values) of the centred features: 1 for
-    a fully collapsed set, up to min(B, D) for well-spread ones.
-    """
-    z = pooled.float()
-    z = z - z.mean(0)
-    std = z.std(0).mean() if z.shape[0] > 1 else z.new_zeros(())
-    s = torch.linalg.svdvals(z)
-    p = s / s.sum().clamp_min(1e-12)
-    erank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-    return {"target_std": std, "target_erank": erank}
 
 
 def cosine_schedule(step: int, total: int, start: float, end: float, warmup: int = 0) -> float:

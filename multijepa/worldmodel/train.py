@@ -21,7 +21,8 @@ import torch
 
 from multijepa.checkpoint import keep_copy, load_checkpoint, save_checkpoint
 from multijepa.config import plain
-from multijepa.core.jepa import cosine_schedule, feature_health
+from multijepa.core.jepa import cosine_schedule
+from multijepa.core.losses import feature_health
 from multijepa.episodes import iter_episodes
 from multijepa.errors import DataError, TrainingError
 from multijepa.recipe import Recipe, load_recipe, read_recipe_file, recipe_from_dict, recipe_to_dict
