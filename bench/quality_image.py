@@ -73,10 +73,12 @@ def main() -> None:
         return
     pixels = np.stack([read_image(f).float().div(255).flatten().numpy() for f in files])
     results["raw_pixels"] = probe_scores(pixels, labels, train_idx, test_idx)
-    results.update(split="validation (4 fifths of train / 1 fifth)" if args.validate else "test", steps=steps, train_minutes=round(train_minutes, 1), **provenance())
+    results.update(split="validation (4 fifths of train / 1 fifth)" if args.validate else "test", steps=steps,
+                   train_minutes=round(train_minutes, 1), **provenance())
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print(f"| CIFAR-10 dev ({'6400/1600 validation' if args.validate else '8000/2000 test'}) | {steps} steps, {train_minutes:.1f} min | "
+    split = "6400/1600 validation" if args.validate else "8000/2000 test"
+    print(f"| CIFAR-10 dev ({split}) | {steps} steps, {train_minutes:.1f} min | "
           f"{results['jepa']['linear']:.3f} | {results['random_init']['linear']:.3f} | "
           f"{results['raw_pixels']['linear']:.3f} |")
 

@@ -190,6 +190,22 @@ def test_backbone__encoding_modalities_together_equals_encoding_each_alone(three
         assert torch.allclose(together[m][0][real], alone[real], atol=1e-5), m
 
 
+def test_jepa__under_ddp_a_batch_without_a_modality_still_meets_the_other_ranks_sigreg(three, monkeypatch):
+    """SIGReg all-reduces per modality, so every rank calls it for every modality in the model's order:
+    one whose batch lacks a source calls it with no samples (faked two-rank world, calls recorded)."""
+    from multijepa.core import jepa
+
+    calls = []
+    monkeypatch.setattr(jepa, "world_size", lambda: 2)
+    monkeypatch.setattr(jepa, "sigreg", lambda z, *a, **k: (calls.append(len(z)), z.sum() * 0)[1])
+    model = build_model(mixed(three, "loss.regularizer=sigreg", "loss.regularizer_on=samples"))
+    batch = next(iter(Batches(mixed(three))))["parts"]
+    model({m: p for m, p in reversed(batch.items()) if m != "image"})
+    assert list(model.context.tokenizers) == ["audio", "image", "timeseries"]
+    assert calls == [len(batch["audio"]["input"]), 0, len(batch["timeseries"]["input"])]
+    assert model.sigreg_draws == 3
+
+
 def test_jepa__mixed_loss_is_the_weighted_sum_and_every_tokenizer_learns(three):
     r = mixed(three, "sources.audio.loss_weight=0.5", "sources.image.loss_weight=2")
     model = build_model(r)

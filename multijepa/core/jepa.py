@@ -16,7 +16,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from multijepa.core.losses import latent_loss, normalize_targets, sigreg, vicreg
+from multijepa.core.losses import latent_loss, normalize_targets, sigreg, vicreg, world_size
 from multijepa.core.transformer import PosEmbed, Segments, Transformer, init_weights, padding_waste, unpack
 from multijepa.errors import check
 
@@ -332,7 +332,11 @@ class JEPA(nn.Module):
     def _losses(self, parts: dict, preds: dict, targets: dict, contexts: dict, reals: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         loss = prediction = regularizer = None
-        for m in parts:
+        for m in self.context.tokenizers:  # one order on every rank, which SIGReg's all-reduce needs
+            if m not in parts:  # this rank's batch lacks m: meet the other ranks' SIGReg on it with no samples
+                if self.loss_cfg.regularizer == "sigreg" and self.loss_cfg.regularizer_weight > 0 and world_size() > 1:
+                    self._sigreg(next(iter(contexts.values()))[0].new_zeros(0, self.context.dim))
+                continue
             pred, target = preds[m], targets[m]
             context_real, target_real = reals[m]
             if target_real is not None:  # only real targets count; [K, D] after boolean indexing
@@ -356,8 +360,9 @@ class JEPA(nn.Module):
             z = pool_tokens(ctx, real)
         else:
             z = ctx[real] if real is not None else ctx.reshape(-1, ctx.shape[-1])
-        if self.loss_cfg.regularizer == "vicreg":
-            return vicreg(z)
+        return vicreg(z) if self.loss_cfg.regularizer == "vicreg" else self._sigreg(z)
+
+    def _sigreg(self, z: torch.Tensor) -> torch.Tensor:
         # directions from a counter, not the global generator, so that every rank draws the same ones
         self.sigreg_draws += 1
         return sigreg(z, self.loss_cfg.sigreg_directions, torch.Generator().manual_seed(self.sigreg_draws))

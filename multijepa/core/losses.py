@@ -37,6 +37,11 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Te
     return F.smooth_l1_loss(pred, target)
 
 
+def world_size() -> int:
+    """The number of ranks of the initialised ``torch.distributed`` process group, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def sigreg(z: torch.Tensor, directions: int, generator: Optional[torch.Generator] = None,
            num_points: int = 17, t_max: float = 3.0) -> torch.Tensor:
     """Sketched isotropic-Gaussian regulariser (SIGReg), LeJEPA's statistic.
@@ -49,8 +54,10 @@ def sigreg(z: torch.Tensor, directions: int, generator: Optional[torch.Generator
     isotropic Gaussian samples whatever N, growing with N for collapsed ones.
 
     Under ``torch.distributed`` the characteristic function is averaged over every rank's samples
-    (N is the global count) and gradients flow back to each rank's own share, so the statistic and
-    its gradient are those of the whole batch; every rank must then call it, with the same directions.
+    (N is the global count; one all-reduce, in the forward pass only) and each rank's gradient is
+    scaled by the number of ranks, so that DDP's average of the ranks' gradients is the gradient of
+    the whole batch's statistic. Every rank must then call it, in the same order and with the same
+    directions; a rank without samples passes an empty ``z``.
     """
     d = z.shape[1]
     a = torch.randn(d, directions, generator=generator).to(z.device)
@@ -59,11 +66,11 @@ def sigreg(z: torch.Tensor, directions: int, generator: Optional[torch.Generator
     angles = (z.float() @ a).unsqueeze(-1) * t  # [N, K, T]
     sums = torch.stack([angles.cos().sum(0), angles.sin().sum(0)])  # [2, K, T]
     n = torch.tensor(float(z.shape[0]), device=z.device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn import all_reduce  # autograd-aware; torch.distributed is absent on some builds
-
-        sums = all_reduce(sums)  # sums gradients over ranks in backward: see the docstring
-        dist.all_reduce(n)
+    if (world := world_size()) > 1:
+        total = torch.cat([sums.detach().flatten(), n.view(1)])
+        dist.all_reduce(total)
+        n = total[-1]
+        sums = total[:-1].view_as(sums) + world * (sums - sums.detach())  # the value of the whole batch's sums
     real, imag = sums / n.clamp_min(1.0)
     gauss = torch.exp(-0.5 * t**2)
     err = (real - gauss) ** 2 + imag**2  # [K, T]
