@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--jepa-only", action="store_true", help="skip the baselines and timings (quick experiments)")
     ap.add_argument("--baselines-only", action="store_true",
                     help="only the baselines (random-init encoder, random-init mini-PointNet alone); no pretraining")
+    ap.add_argument("--validate", action="store_true",
+                    help="probe on a validation fifth of the pretraining shapes (fitted on the other four fifths); "
+                         "the held-out 20%% are not read, for choosing settings")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides")
     args = ap.parse_args()
 
@@ -86,13 +89,17 @@ def main() -> None:
     filelist = out / "train.txt"
     filelist.write_text("".join(f"{Path(index.files[i]).resolve()}\n" for i in train_idx))
 
+    files = list(index.files)
+    if args.validate:  # pretraining still sees all its shapes; the probe splits them
+        fit, val = stratified_split(labels[train_idx], 0.2, seed=1)
+        files, labels, train_idx, test_idx = [files[i] for i in train_idx], labels[train_idx], fit, val
     start_load = wait_until_quiet() if args.wait_quiet else load_average()
     base = [f"data.path={filelist}", "train.progress=false"] + args.overrides
     if args.baselines_only:
         recipe = load_recipe(args.recipe, base)
-        results = {"random_init": probe_scores(Embedder.random_init(recipe).embed(index.files, batch_size=128,
+        results = {"random_init": probe_scores(Embedder.random_init(recipe).embed(files, batch_size=128,
                                                                                 num_workers=2), labels, train_idx, test_idx),
-                   "mini_pointnet": probe_scores(mini_pointnet_features(index.files, recipe), labels, train_idx, test_idx),
+                   "mini_pointnet": probe_scores(mini_pointnet_features(files, recipe), labels, train_idx, test_idx),
                    **provenance(torch.get_num_threads())}
         (out / "results_baselines.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
@@ -111,14 +118,14 @@ def main() -> None:
     jepa = load(run / "last.pt")
     models = [("jepa", jepa)] + ([] if args.jepa_only else [("random_init", Embedder.random_init(jepa.recipe))])
     for name, model in models:
-        results[name] = probe_scores(model.embed(index.files, batch_size=128, num_workers=2), labels, train_idx, test_idx)
+        results[name] = probe_scores(model.embed(files, batch_size=128, num_workers=2), labels, train_idx, test_idx)
     if not args.jepa_only:
-        results["mini_pointnet"] = probe_scores(mini_pointnet_features(index.files, jepa.recipe), labels, train_idx,
+        results["mini_pointnet"] = probe_scores(mini_pointnet_features(files, jepa.recipe), labels, train_idx,
                                                 test_idx)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     results["final_target_erank"] = round(metrics[-1]["target_erank"], 2)
     if args.jepa_only:
-        print(json.dumps(results))
+        print(json.dumps({"split": "validation" if args.validate else "test", **results}))
         return
     threads = torch.get_num_threads()
     timings = {"cpu_threads": threads}
@@ -127,12 +134,14 @@ def main() -> None:
         if torch.cuda.is_available():
             timings[f"cuda_32x{points}_ms"] = round(time_grouping("cuda", points), 2)
     results["fps_knn_64x32"] = timings
-    results.update(steps=steps_done, steps_planned=steps, cut_at_deadline=cut_short,
+    results.update(split="validation (4 fifths of train / 1 fifth)" if args.validate else "test",
+                   steps=steps_done, steps_planned=steps, cut_at_deadline=cut_short,
                    train_minutes=round(train_minutes, 1), load_average_at_start=start_load,
                    n_train=len(train_idx), n_test=len(test_idx), **provenance(threads))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / ("results_validation.json" if args.validate else "results.json")).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print(f"| ModelNet10 dev ({len(train_idx)}/{len(test_idx)}) | {steps_done} steps, {train_minutes:.1f} min | "
+    split = "validation " if args.validate else ""
+    print(f"| ModelNet10 dev ({split}{len(train_idx)}/{len(test_idx)}) | {steps_done} steps, {train_minutes:.1f} min | "
           f"{results['jepa']['linear']:.3f} | {results['random_init']['linear']:.3f} | "
           f"{results['jepa']['knn']:.3f} | {results['random_init']['knn']:.3f} | "
           f"{results['mini_pointnet']['linear']:.3f} / {results['mini_pointnet']['knn']:.3f} |")
