@@ -332,9 +332,10 @@ class JEPA(nn.Module):
     def _losses(self, parts: dict, preds: dict, targets: dict, contexts: dict, reals: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         loss = prediction = regularizer = None
+        regularize = self.loss_cfg.regularizer != "none" and self.loss_cfg.regularizer_weight > 0
         for m in self.context.tokenizers:  # one order on every rank, which SIGReg's all-reduce needs
             if m not in parts:  # this rank's batch lacks m: meet the other ranks' SIGReg on it with no samples
-                if self.loss_cfg.regularizer == "sigreg" and self.loss_cfg.regularizer_weight > 0 and world_size() > 1:
+                if regularize and self.loss_cfg.regularizer == "sigreg" and world_size() > 1:
                     self._sigreg(next(iter(contexts.values()))[0].new_zeros(0, self.context.dim))
                 continue
             pred, target = preds[m], targets[m]
@@ -343,7 +344,7 @@ class JEPA(nn.Module):
                 pred, target = pred[target_real], target[target_real]
             pred_loss = latent_loss(pred.float(), target.float(), self.loss_cfg.type)
             reg = pred_loss.new_zeros(())
-            if self.loss_cfg.regularizer != "none" and self.loss_cfg.regularizer_weight > 0:
+            if regularize:
                 reg = self._regularizer(contexts[m][0], context_real)
             w = self.loss_weights[m]
             part_loss = w * (pred_loss + self.loss_cfg.regularizer_weight * reg)
