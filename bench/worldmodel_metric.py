@@ -38,7 +38,7 @@ from scipy.stats import spearmanr
 
 from multijepa.episodes import CAMERAS, iter_episodes
 from multijepa.worldmodel import WorldModel, WorldModelConfig
-from multijepa.worldmodel.model import ObservationEncoder, load_encoder
+from multijepa.worldmodel.observe import ObservationEncoder, load_encoder
 from multijepa.worldmodel.plan import ReacherGoals, cem
 
 

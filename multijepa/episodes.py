@@ -10,13 +10,15 @@ An episode of ``T`` steps is a folder (or one sample of a webdataset shard) hold
                    or frames.npy, uint8 [T + 1, H, W, C] (what shards hold: one member instead of T + 1);
                    or frames.mp4 (any video type multijepa reads), T + 1 frames, decoded as RGB
     state.npy      float32 [T + 1, D]: state-vector observations (a time series of D channels)
+    points.npy     float32 [T + 1, P, 3 + F]: point-cloud observations, P points a step (xyz, then the
+                   features a point-cloud encoder keeps: normals, colours)
     audio.wav      optional, any audio type multijepa reads: the sound over the episode, cut into T + 1
                    equal slots, one per observation (a world model hears the window ending with slot t)
     proprio.npy    float32 [T + 1, P], optional: proprioceptive state (the robot's joints; ``record`` writes
                    what :data:`PROPRIO` says for a MuJoCo environment)
     rewards.npy    float32 [T], optional
 
-At least one of frames, state and audio is present. Observation t is what was seen before action t;
+At least one of frames, state, points and audio is present. Observation t is what was seen before action t;
 observation T is what the last action led to.
 
 >>> ep = read_episode("episodes/ep_000000")  # doctest: +SKIP
@@ -47,13 +49,13 @@ from multijepa.readers.video import VIDEO_EXTENSIONS, write_video
 
 FORMAT = "multijepa-episode-v1"
 META = "episode.json"
-ARRAYS = ("actions", "state", "proprio", "rewards", "frames")  # the .npy members an episode may hold
+ARRAYS = ("actions", "state", "points", "proprio", "rewards", "frames")  # the .npy members an episode may hold
 
 
 @dataclass
 class Episode:
-    """One episode: ``actions`` [T, A]; ``frames`` uint8 [T + 1, H, W, C], ``state`` [T + 1, D] and/or
-    ``audio`` float [C, S] at ``audio_rate`` Hz; optional ``proprio`` [T + 1, P] and ``rewards`` [T];
+    """One episode: ``actions`` [T, A]; ``frames`` uint8 [T + 1, H, W, C], ``state`` [T + 1, D], ``points``
+    [T + 1, P, 3 + F] and/or ``audio`` float [C, S] at ``audio_rate`` Hz; optional ``proprio`` [T + 1, P] and ``rewards`` [T];
     ``meta`` from episode.json."""
 
     actions: torch.Tensor
@@ -65,6 +67,7 @@ class Episode:
     name: str = ""
     audio: Optional[torch.Tensor] = None
     audio_rate: int = 0
+    points: Optional[torch.Tensor] = None
 
     @property
     def steps(self) -> int:
@@ -77,13 +80,13 @@ def _check(ep: Episode) -> Episode:
     if ep.actions.ndim != 2 or t == 0:
         raise DecodeError(f"{ep.name}: actions must be [steps, action_dim] with at least one step, got "
                           f"{list(ep.actions.shape)}")
-    if ep.frames is None and ep.state is None and ep.audio is None:
-        raise DecodeError(f"{ep.name}: no observations (frames/, frames.npy, a frames video, state.npy or an audio "
-                          f"file); record them with the episode")
+    if ep.frames is None and ep.state is None and ep.points is None and ep.audio is None:
+        raise DecodeError(f"{ep.name}: no observations (frames/, frames.npy, a frames video, state.npy, points.npy "
+                          f"or an audio file); record them with the episode")
     if ep.audio is not None and (ep.audio.ndim != 2 or ep.audio.shape[1] < t + 1 or ep.audio_rate < 1):
         raise DecodeError(f"{ep.name}: audio must be [channels, samples] with at least one sample per observation "
                           f"({t + 1}) and a sample rate, got {list(ep.audio.shape)} at {ep.audio_rate} Hz")
-    for key, per in (("frames", t + 1), ("state", t + 1), ("proprio", t + 1), ("rewards", t)):
+    for key, per in (("frames", t + 1), ("state", t + 1), ("points", t + 1), ("proprio", t + 1), ("rewards", t)):
         value = getattr(ep, key)
         if value is not None and len(value) != per:
             raise DecodeError(f"{ep.name}: {key} has {len(value)} entries for {t} actions; an episode of T steps "
@@ -91,7 +94,9 @@ def _check(ep: Episode) -> Episode:
     if ep.frames is not None and (ep.frames.ndim != 4 or ep.frames.dtype != torch.uint8):
         raise DecodeError(f"{ep.name}: frames must be uint8 [steps + 1, H, W, C], got {ep.frames.dtype} "
                           f"{list(ep.frames.shape)}")
-    for key in ("state", "proprio", "actions", "audio"):
+    if ep.points is not None and (ep.points.ndim != 3 or ep.points.shape[1] < 1 or ep.points.shape[2] < 3):
+        raise DecodeError(f"{ep.name}: points must be [steps + 1, P, 3 + F] (xyz first), got {list(ep.points.shape)}")
+    for key in ("state", "points", "proprio", "actions", "audio"):
         value = getattr(ep, key)
         if value is not None and not torch.isfinite(value).all():
             raise DecodeError(f"{ep.name}: {key} holds NaN or infinite values")
@@ -183,13 +188,14 @@ def iter_episodes(root: Union[str, Path]) -> Iterator[Episode]:
 
 
 def write_episode(out: Union[str, Path], actions, frames=None, state=None, proprio=None, rewards=None,
-                  meta: Optional[dict] = None, frames_as: str = "png", audio=None, audio_rate: int = 0) -> Path:
+                  meta: Optional[dict] = None, frames_as: str = "png", audio=None, audio_rate: int = 0,
+                  points=None) -> Path:
     """Write one episode folder atomically (a temporary folder renamed into place).
 
     Args:
         out: the episode folder to create (it must not exist).
-        actions: [T, A]; frames: uint8 [T + 1, H, W, C]; state: [T + 1, D]; proprio: [T + 1, P];
-            rewards: [T] (arrays or tensors; see the module's docstring).
+        actions: [T, A]; frames: uint8 [T + 1, H, W, C]; state: [T + 1, D]; points: [T + 1, P, 3 + F];
+            proprio: [T + 1, P]; rewards: [T] (arrays or tensors; see the module's docstring).
         meta: more entries for episode.json (env, policy, seed ...).
         audio: float [C, S] (or [S]) in [-1, 1] at ``audio_rate`` Hz, the sound over the episode: audio.wav
             (32-bit float, lossless).
@@ -202,8 +208,8 @@ def write_episode(out: Union[str, Path], actions, frames=None, state=None, propr
     if frames_as not in ("png", "npy", "mp4"):
         raise MultijepaError(f"write_episode: frames_as={frames_as!r}: use png, npy or mp4")
     arrays = {k: None if v is None else torch.as_tensor(np.asarray(v)) for k, v in
-              dict(actions=actions, frames=frames, state=state, proprio=proprio, rewards=rewards).items()}
-    for key in ("actions", "state", "proprio", "rewards"):
+              dict(actions=actions, frames=frames, state=state, points=points, proprio=proprio, rewards=rewards).items()}
+    for key in ("actions", "state", "points", "proprio", "rewards"):
         if arrays[key] is not None:
             arrays[key] = arrays[key].float()
     if audio is not None:

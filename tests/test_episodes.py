@@ -20,7 +20,8 @@ def _episode(t: int = 5, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return dict(actions=rng.uniform(-1, 1, (t, 2)).astype(np.float32),
                 frames=rng.integers(0, 256, (t + 1, 8, 8, 3), dtype=np.uint8),
-                state=rng.normal(size=(t + 1, 4)).astype(np.float32), rewards=rng.normal(size=t).astype(np.float32))
+                state=rng.normal(size=(t + 1, 4)).astype(np.float32), rewards=rng.normal(size=t).astype(np.float32),
+                points=rng.normal(size=(t + 1, 10, 3)).astype(np.float32))
 
 
 @pytest.mark.parametrize("frames_as", ["png", "npy"])
@@ -80,7 +81,8 @@ def test_episode_shards__hold_the_same_episodes(tmp_path):
     assert [p.name for p in shards] == ["episodes-000000.tar", "episodes-000001.tar"]
     folders, packed = list(iter_episodes(tmp_path / "eps")), list(iter_episodes(tmp_path / "shards"))
     assert [e.steps for e in packed] == [4, 5, 6]
-    assert all(torch.equal(a.frames, b.frames) and torch.equal(a.state, b.state) for a, b in zip(folders, packed))
+    assert all(torch.equal(a.frames, b.frames) and torch.equal(a.state, b.state) and torch.equal(a.points, b.points)
+               for a, b in zip(folders, packed))
 
 
 def test_episode__bad_episodes_are_named(tmp_path):
@@ -89,6 +91,10 @@ def test_episode__bad_episodes_are_named(tmp_path):
         write_episode(tmp_path / "a", **{**parts, "frames": parts["frames"][:5]})
     with pytest.raises(DecodeError, match="no observations"):
         write_episode(tmp_path / "b", actions=parts["actions"])
+    with pytest.raises(DecodeError, match=r"points must be \[steps \+ 1, P, 3 \+ F\] \(xyz first\), got \[6, 10, 2\]"):
+        write_episode(tmp_path / "b", **{**parts, "points": parts["points"][..., :2]})
+    with pytest.raises(DecodeError, match="points holds NaN"):
+        write_episode(tmp_path / "b", **{**parts, "points": parts["points"] * np.nan})
     folder = write_episode(tmp_path / "c", **parts)
     (folder / "actions.npy").write_bytes(b"junk")
     with pytest.raises(DecodeError, match="actions.npy: not a readable .npy"):

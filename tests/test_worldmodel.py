@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_AUDIO, TINY_IMAGE
+from conftest import ROOT, TINY, TINY_AUDIO, TINY_IMAGE
 from multijepa.cli import main
 from multijepa.episodes import CAMERAS, read_episode, state_series, write_episode
 from multijepa.errors import DataError, MultijepaError, RecipeError, TrainingError
@@ -24,8 +24,12 @@ TINY_WM = ["worldmodel.dim=32", "worldmodel.depth=1", "worldmodel.heads=2", "wor
            "worldmodel.rollout_steps=2", "worldmodel.pool=2", "data.batch_size=8", "train.progress=false",
            "train.log_every=2", "train.checkpoint_every=2", "optim.warmup_steps=2", "train.precision=fp32"]
 
+TINY_VIDEO = TINY + ["video.frames=4", "video.frame_stride=2", "video.size=32", "video.patch_size=8", "mask.min_context=2"]
+TINY_POINTS = TINY + ["pointcloud.num_points=128", "pointcloud.num_groups=16", "pointcloud.group_size=8",
+                      "pointcloud.pointnet_width=16", "mask.min_context=2"]
 
-def _dot_episodes(root, episodes: int = 6, steps: int = 8, size: int = 16, seed: int = 0) -> None:
+
+def _dot_episodes(root, episodes: int = 6, steps: int = 8, size: int = 16, seed: int = 0, frames_as: str = "png") -> None:
     """A dot that each action moves by up to 2 px: frames uint8 [T + 1, size, size, 3], state = its position."""
     rng = np.random.default_rng(seed)
     for e in range(episodes):
@@ -41,7 +45,7 @@ def _dot_episodes(root, episodes: int = 6, steps: int = 8, size: int = 16, seed:
                 a = rng.uniform(-1, 1, 2).astype(np.float32)
                 actions.append(a)
                 pos = np.clip(pos + 2 * a, 2, size - 3)
-        write_episode(root / f"ep_{e:03d}", np.stack(actions), np.stack(frames), np.stack(states))
+        write_episode(root / f"ep_{e:03d}", np.stack(actions), np.stack(frames), np.stack(states), frames_as=frames_as)
 
 
 def _train(*overrides: str):
@@ -217,6 +221,11 @@ def test_worldmodel__state_observations_through_a_timeseries_encoder(tmp_path):
     ep = read_episode(tmp_path / "eps/ep_000")
     assert wm.encode(ep.state).shape == (7, 1, 32)
     assert wm.plan(ep.state[:1], ep.state[-1:], horizon=2, samples=8, iterations=1).shape == (2, 2)
+    windows = wm.observer.inputs(ep.state)  # per step the 4 latest states, the first repeated before the start
+    assert wm.observer.history == 3 and windows.shape == (7, 3, 4)
+    assert torch.equal(windows[0], ep.state[0][:, None].expand(3, 4)) and torch.equal(windows[6], ep.state[3:7].T)
+    assert wm.plan(ep.state[:5], ep.state[-1:], horizon=2, past_actions=ep.actions[3:4], context=2, samples=8,
+                   iterations=1).shape == (2, 2)
 
 
 @pytest.mark.filterwarnings("ignore:step 1. target representations look collapsed")  # one pretraining step
@@ -251,6 +260,67 @@ def test_worldmodel__audio_observations_through_an_audio_encoder(tmp_path):
     with pytest.raises(DataError, match="has no audio file, which worldmodel.observation=audio reads"):
         _train(*TINY_WM, "worldmodel.observation=audio", f"worldmodel.encoder={tmp_path / 'enc/last.pt'}",
                f"data.path={tmp_path / 'silent'}", f"run.dir={tmp_path / 'wm2'}")
+
+
+@pytest.mark.filterwarnings("ignore:step 1. target representations look collapsed")  # one pretraining step
+def test_worldmodel__frames_through_a_video_encoder_as_clips_ending_at_each_step(tmp_path):
+    """A video encoder reads, per step, the clip of its last video.frames frames (every frame_stride-th), the first
+    frame repeated before the start; planning hands it that much past before the predictor's context."""
+    _dot_episodes(tmp_path / "eps", episodes=3, steps=6, frames_as="mp4")  # the encoder pretrains on frames.mp4
+    main(["pretrain", "video", *TINY_VIDEO, f"data.path={tmp_path / 'eps'}", "train.steps=1", "data.batch_size=3",
+          f"run.dir={tmp_path / 'enc'}"])
+    main(["pretrain", "worldmodel", *TINY_WM, f"worldmodel.encoder={tmp_path / 'enc/last.pt'}",
+          f"data.path={tmp_path / 'eps'}", "train.steps=2", f"run.dir={tmp_path / 'wm'}"])
+    wm = WorldModel.load(tmp_path / "wm/last.pt", device="cpu")
+    assert wm.observer.modality == "video" and wm.observer.history == 6  # 4 frames, every 2nd
+    ep = read_episode(tmp_path / "eps/ep_000")
+    clips = wm.observer.inputs(ep.frames)
+    assert clips.shape == (7, 3, 4, 32, 32)
+    assert all(torch.equal(clips[0][:, k], clips[0][:, 0]) for k in range(4))  # frame 0 four times
+    assert torch.equal(clips[6][:, 0], clips[0][:, 0]) and torch.equal(clips[6][:, 1], clips[2][:, 3])  # 0, 2, 4, 6
+    assert torch.equal(clips[5][:, 1], clips[1][:, 3]) and torch.equal(clips[5][:, 2], clips[3][:, 3])  # 0, 1, 3, 5
+    assert wm.encode(ep.frames).shape == (7, 4, 32)  # a (2, 4, 4) grid pooled in 2-wide cells
+    plan = wm.plan(ep.frames[:5], ep.frames[-1:], horizon=2, past_actions=ep.actions[3:4], context=2, samples=8,
+                   iterations=1)
+    assert plan.shape == (2, 2)
+    with pytest.raises(MultijepaError, match="context=6 for 5 observations"):
+        wm.plan(ep.frames[:5], ep.frames[-1:], horizon=2, context=6)
+    with pytest.raises(MultijepaError, match="frames observations must be uint8"):
+        wm.encode(ep.frames.float())
+
+
+@pytest.mark.filterwarnings("ignore:step 1. target representations look collapsed")
+def test_worldmodel__point_cloud_observations_through_a_point_cloud_encoder(tmp_path):
+    """points.npy [T + 1, P, 3] per episode, folders and shards alike, read by a point-cloud encoder."""
+    from multijepa.episodes import write_episode_shards
+
+    rng = np.random.default_rng(0)
+    clouds = tmp_path / "clouds"
+    clouds.mkdir()
+    for e in range(3):  # a box whose proportions the actions change
+        actions = rng.uniform(-1, 1, (5, 3)).astype(np.float32)
+        sides = np.exp(np.cumsum(np.concatenate([np.zeros((1, 3)), 0.3 * actions]), 0))  # [6, 3]
+        points = (rng.uniform(-1, 1, (6, 200, 3)) * sides[:, None]).astype(np.float32)
+        write_episode(tmp_path / "eps" / f"ep_{e}", actions, points=points)
+        for t, cloud in enumerate(points):
+            np.save(clouds / f"{e}_{t}.npy", cloud)
+    main(["pretrain", "pointcloud", *TINY_POINTS, f"data.path={clouds}", "train.steps=1", f"run.dir={tmp_path / 'enc'}"])
+    write_episode_shards(tmp_path / "eps", tmp_path / "shards")
+    common = [*TINY_WM, "worldmodel.observation=points", f"worldmodel.encoder={tmp_path / 'enc/last.pt'}",
+              "train.steps=2"]
+    with pytest.raises(RecipeError, match="worldmodel.pool=2: the encoder's token grid None"):
+        _train(*common, f"data.path={tmp_path / 'eps'}", f"run.dir={tmp_path / 'bad'}")
+    main(["pretrain", "worldmodel", *common, "worldmodel.pool=1", f"data.path={tmp_path / 'shards'}",
+          f"run.dir={tmp_path / 'wm'}"])
+    wm = WorldModel.load(tmp_path / "wm/last.pt", device="cpu")
+    ep = read_episode(tmp_path / "eps/ep_0")
+    assert wm.observer.modality == "pointcloud" and wm.observer.history == 0
+    assert wm.encode(ep.points).shape == (6, 16, 32)  # 16 groups, one token each
+    assert wm.rollout(ep.points[:2], ep.actions).shape == (4, 16, 32)
+    assert wm.plan(ep.points[:1], ep.points[-1:], horizon=2, samples=8, iterations=1).shape == (2, 3)
+    with pytest.raises(DataError, match="has no points.npy, which worldmodel.observation=points reads"):
+        write_episode(tmp_path / "flat" / "ep", np.zeros((2, 3)), state=np.zeros((3, 2)))
+        _train(*common, "worldmodel.pool=1", f"data.path={tmp_path / 'flat'}", f"run.dir={tmp_path / 'wm2'}")
 
 
 def test_worldmodel__trains_on_episode_shards(trained, tmp_path, capsys):

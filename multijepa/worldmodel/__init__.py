@@ -7,8 +7,9 @@ rollouts, and planning with CEM or MPPI (docs/world-models.md).
 >>> wmod.evaluate_planning(wm, "Reacher-v5", episodes=10)["success_rate"]                 # doctest: +SKIP
 """
 
-from multijepa.worldmodel.model import (ActionPredictor, ObservationEncoder, WorldModel, WorldModelConfig,
-                                        WorldModelRecipe, block_causal_mask, rollout_latents)
+from multijepa.worldmodel.model import (ActionPredictor, WorldModel, WorldModelConfig, WorldModelRecipe,
+                                        block_causal_mask, rollout_latents)
+from multijepa.worldmodel.observe import ObservationEncoder
 from multijepa.worldmodel.plan import PLANNERS, TASKS, ReacherGoals, cem, evaluate_planning, mppi
 from multijepa.worldmodel.train import load_any_recipe, load_worldmodel_recipe, train_world_model
 

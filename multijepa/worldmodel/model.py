@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,13 +29,10 @@ import torch.nn.functional as F
 from multijepa.checkpoint import load_checkpoint
 from multijepa.config import build, plain
 from multijepa.core.transformer import Transformer, init_weights, sincos_embed
-from multijepa.errors import DataError, MultijepaError, RecipeError, check
-from multijepa.modalities import MODALITIES
-from multijepa.recipe import OptimConfig, Recipe, RunConfig, TrainConfig, recipe_from_dict, token_grid
+from multijepa.errors import MultijepaError, RecipeError, check
+from multijepa.recipe import OptimConfig, RunConfig, TrainConfig, recipe_from_dict
 from multijepa.train import autocast, build_model, resolve_device, resolve_precision
-
-# Which encoder modality reads which kind of observation.
-OBSERVATION_MODALITY = {"frames": "image", "state": "timeseries", "audio": "audio"}
+from multijepa.worldmodel.observe import ObservationEncoder
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class WorldModelConfig:
 
     encoder: str = ""  # a multijepa checkpoint (last.pt) or export folder whose target encoder is frozen
     encoder_init: Literal["trained", "random"] = "trained"  # random: the same encoder at random init (a baseline)
-    observation: Literal["frames", "state", "audio"] = "frames"  # read by an image, timeseries or audio encoder
+    observation: Literal["frames", "state", "audio", "points"] = "frames"  # see multijepa/worldmodel/observe.py
     pool: int = 1  # average the encoder's tokens over cells of pool x pool grid positions; 0: one mean token
     normalize: bool = True  # layer-normalise each token's features, so every target is on one scale
     proprio: bool = False  # one more token per step from the episodes' proprio.npy, whose next value it predicts
@@ -225,116 +221,6 @@ def rollout_latents(predictor: ActionPredictor, z: torch.Tensor, actions: Option
     return torch.cat(out, 1), (torch.cat(p_out, 1) if p_out else None)
 
 
-def pool_grid(feats: torch.Tensor, grid: Optional[tuple[int, ...]], pool: int) -> torch.Tensor:
-    """Encoder tokens [B, N, F] averaged over ``pool``-sized cells of their grid ([B, N / pool^rank, F]), or
-    over all of them with ``pool`` 0 ([B, 1, F]); ``pool`` 1 keeps them."""
-    if pool == 0:
-        return feats.mean(1, keepdim=True)
-    if pool == 1:
-        return feats
-    b, n, f = feats.shape
-    if grid is None or len(grid) > 3 or any(g % pool for g in grid):
-        raise RecipeError(f"worldmodel.pool={pool}: the encoder's token grid {grid} is not divisible into "
-                          f"{pool}-wide cells; use a divisor of its sides, 1 (every token) or 0 (one mean token)")
-    x = feats.transpose(1, 2).reshape(b, f, *grid)
-    x = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(grid) - 1](x, pool)
-    return x.flatten(2).transpose(1, 2)
-
-
-class ObservationEncoder(nn.Module):
-    """The frozen encoder side of a world model: raw observations of one episode -> pooled tokens [T, N, F].
-
-    Frames are uint8 [T, H, W, C], read by the encoder's image section; states float [T, D] are read as
-    windows of the encoder's ``timeseries.length`` states ending at each step (the first state repeated
-    before the episode starts), so the encoder's time-series view of a state includes its recent past;
-    audio is a window per step [T, C, W] (``W``: the encoder's embedding window, ``audio.embed_window_seconds``
-    or else ``audio.clip_seconds``), which :meth:`observations` cuts from an episode's sound.
-    """
-
-    def __init__(self, encoder: nn.Module, recipe: Recipe, cfg: WorldModelConfig):
-        super().__init__()
-        self.modality = OBSERVATION_MODALITY[cfg.observation]
-        if self.modality not in recipe.modalities:
-            raise RecipeError(f"worldmodel.observation={cfg.observation} needs an encoder trained on "
-                              f"{self.modality}, but {cfg.encoder} was trained on {', '.join(recipe.modalities)}")
-        self.recipe = recipe.source(self.modality)
-        self.section = self.recipe.section(self.modality)
-        self.encoder = encoder.eval().requires_grad_(False)
-        self.cfg = cfg
-        spec = MODALITIES[self.modality]
-        self.grid = token_grid(self.recipe) if spec.token_grid is not None else None
-
-    def observations(self, episode) -> Optional[torch.Tensor]:
-        """What this encoder reads of an :class:`~multijepa.episodes.Episode` (None where it has none): its
-        frames [T + 1, H, W, C], states [T + 1, D], or audio windows [T + 1, C, W]: the sound is cut into
-        T + 1 equal slots and observation t is the encoder's embedding window ending with slot t (silence
-        before the start), resampled to the encoder's rate."""
-        if self.cfg.observation != "audio":
-            return episode.frames if self.cfg.observation == "frames" else episode.state
-        if episode.audio is None:
-            return None
-        a = self.section
-        sound = episode.audio
-        if a.model_channels == 1:
-            sound = sound.mean(0, keepdim=True)  # mixed down, as the audio reader does
-        elif len(sound) == 1:
-            sound = sound.expand(a.model_channels, -1)
-        elif len(sound) != a.model_channels:
-            raise DataError(f"{episode.name}: its audio has {len(sound)} channels, the encoder reads {a.model_channels}")
-        if episode.audio_rate != a.sample_rate:
-            import soxr
-
-            sound = torch.from_numpy(np.ascontiguousarray(
-                soxr.resample(sound.T.numpy(), episode.audio_rate, a.sample_rate, quality="HQ").T))
-        w, slots = a.window_samples, episode.steps + 1
-        padded = torch.cat([sound.new_zeros(len(sound), w), sound], 1)
-        ends = [w + round((t + 1) * sound.shape[1] / slots) for t in range(slots)]
-        return torch.stack([padded[:, end - w:end] for end in ends])
-
-    def inputs(self, observations: torch.Tensor) -> torch.Tensor:
-        """Raw observations [T, ...] -> the encoder's inputs [T, ...], as its modality reads them."""
-        spec = MODALITIES[self.modality]
-        if self.modality == "audio":
-            if observations.ndim != 3 or not observations.is_floating_point():
-                raise MultijepaError(f"audio observations must be float windows [T, C, W], got {observations.dtype} "
-                                     f"{list(observations.shape)} (ObservationEncoder.observations cuts them)")
-            return torch.stack([spec.from_tensor(x.float(), self.section, None)[-1] for x in observations])
-        if self.modality == "image":
-            if observations.ndim != 4 or observations.dtype != torch.uint8:
-                raise MultijepaError(f"frames must be uint8 [T, H, W, C], got {observations.dtype} "
-                                     f"{list(observations.shape)}")
-            return torch.stack([spec.from_tensor(f.permute(2, 0, 1), self.section, None) for f in observations])
-        if observations.ndim != 2:
-            raise MultijepaError(f"states must be [T, D], got {list(observations.shape)}")
-        h = self.section.length
-        padded = torch.cat([observations[:1].expand(h - 1, -1), observations.float()])
-        return torch.stack([spec.from_tensor(padded[t:t + h].T.contiguous(), self.section, None)
-                            for t in range(len(observations))])
-
-    @torch.no_grad()
-    def forward(self, observations: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        x = self.inputs(observations)
-        device = next(self.encoder.parameters()).device
-        out = []
-        for start in range(0, len(x), batch):
-            feats, _ = self.encoder(x[start:start + batch].to(device), self.modality)
-            z = pool_grid(feats.float(), self.grid, self.cfg.pool)
-            out.append(F.layer_norm(z, z.shape[-1:]) if self.cfg.normalize else z)
-        return torch.cat(out)
-
-
-def load_encoder(cfg: WorldModelConfig, seed: int = 0) -> tuple[nn.Module, Recipe]:
-    """The frozen target encoder named by ``worldmodel.encoder`` and its recipe; with ``encoder_init:
-    random`` the same architecture at random init (seeded), for the baseline world model."""
-    from multijepa.export import read_encoder  # the encoder side of a checkpoint or export
-
-    encoder, recipe, _ = read_encoder(cfg.encoder)
-    if cfg.encoder_init == "random":
-        torch.manual_seed(seed)
-        encoder = build_model(recipe).target
-    return encoder, recipe
-
-
 class WorldModel:
     """A trained world model: the frozen encoder and the action-conditioned predictor, for rollouts and planning.
 
@@ -374,8 +260,8 @@ class WorldModel:
         return wm
 
     def encode(self, observations: torch.Tensor) -> torch.Tensor:
-        """Raw observations of one episode [T, ...] (uint8 frames [T, H, W, C], states [T, D] or audio windows
-        [T, C, W] from ``observer.observations(episode)``) -> [T, N, F]."""
+        """Raw observations of one episode [T, ...] (uint8 frames [T, H, W, C], states [T, D], clouds [T, P, 3 + F]
+        or audio windows [T, C, W] from ``observer.observations(episode)``) -> [T, N, F]."""
         with autocast(self.precision, self.device):
             return self.observer(torch.as_tensor(observations))
 
@@ -421,11 +307,15 @@ class WorldModel:
 
     def plan(self, observations: torch.Tensor, goal: torch.Tensor, horizon: int = 5, method: str = "cem",
              past_actions: Optional[torch.Tensor] = None, reduce: str = "final",
-             proprio: Optional[torch.Tensor] = None, **planner) -> torch.Tensor:
+             proprio: Optional[torch.Tensor] = None, context: Optional[int] = None, **planner) -> torch.Tensor:
         """Actions [horizon, A] that bring the predicted representation closest to the goal's.
 
         Args:
             observations: the latest raw observations [T0, ...] (T0 >= 1; a few give the predictor motion).
+            context: the predictor starts from the last ``context`` of them (default: all, T0); the earlier
+                ones only give the encoder the past its inputs reach back to (``observer.history``: a video
+                clip's frames, a state window), as training did. ``past_actions`` and ``proprio`` then
+                cover the ``context`` observations.
             goal: the goal observation(s) [1, ...] as raw observations (the last is the goal).
             past_actions: [T0 - 1, A], the actions taken between those observations.
             proprio: [T0, P], the proprio at those observations, for a world model that ``uses_proprio`` (the
@@ -437,6 +327,10 @@ class WorldModel:
         if method not in PLANNERS:
             raise MultijepaError(f"plan: method {method!r}: use one of {', '.join(PLANNERS)}")
         z, z_goal = self.encode(observations), self.encode(goal)[-1]
+        if context is not None:
+            if not 1 <= context <= len(z):
+                raise MultijepaError(f"plan: context={context} for {len(z)} observations; give 1 to {len(z)}")
+            z = z[-context:]
         past = torch.zeros(0, len(self.action_low)) if past_actions is None else torch.as_tensor(past_actions).float()
         if len(past) != len(z) - 1:
             raise MultijepaError(f"plan: {len(past)} past actions for {len(z)} observations; give one fewer")

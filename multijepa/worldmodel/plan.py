@@ -158,7 +158,8 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
                       policy: str = "plan", reduce: str = "final", progress: bool = False,
                       action_repeat: Optional[int] = None, **planner) -> dict:
     """Closed-loop goal reaching: each episode plans ``horizon`` actions, executes the first ``replan_every``,
-    and plans again (model-predictive control), from the latest ``context`` observations. ``policy``:
+    and plans again (model-predictive control), from the latest ``context`` observations (the encoder also
+    reads the ``wm.observer.history`` before them, as in training: a clip's or state window's past). ``policy``:
     ``plan`` (the world model ``wm``) or ``random`` (uniform actions; ``wm`` may be None).
 
     ``steps`` is the episode's length in environment steps, the same for every policy. Each chosen action
@@ -200,9 +201,9 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
                         k = min(context, len(seen))
                         warm = None if plan is None else torch.cat([plan[replan_every:], plan[-1:].expand(
                             min(replan_every, horizon), -1)])[:horizon]
-                        plan = wm.plan(torch.stack(seen[-k:]), goal[observation][None], horizon, method,
-                                       torch.stack(done[len(done) - k + 1:]) if k > 1 else None, reduce,
-                                       torch.stack(felt[-k:]) if wm.uses_proprio else None,
+                        plan = wm.plan(torch.stack(seen[-(k + wm.observer.history):]), goal[observation][None],
+                                       horizon, method, torch.stack(done[len(done) - k + 1:]) if k > 1 else None,
+                                       reduce, torch.stack(felt[-k:]) if wm.uses_proprio else None, context=k,
                                        mean=warm, generator=rng, **planner)
                     action = plan[t % replan_every]
                 obs = task.step(action, min(repeat, steps - t * repeat))

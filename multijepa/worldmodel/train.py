@@ -29,8 +29,9 @@ from multijepa.recipe import Recipe, load_recipe, read_recipe_file, recipe_from_
 from multijepa.runlog import RunLog
 from multijepa.train import (_all_finite, _diverged, _progress, _StopRequest, autocast, build_model, param_groups,
                              resolve_device, resolve_precision, run_lock)
-from multijepa.worldmodel.model import (ActionPredictor, ObservationEncoder, WorldModelRecipe, latent_loss,
-                                        load_encoder, rollout_latents, worldmodel_recipe_from_dict)
+from multijepa.worldmodel.model import (ActionPredictor, WorldModelRecipe, latent_loss, rollout_latents,
+                                        worldmodel_recipe_from_dict)
+from multijepa.worldmodel.observe import ObservationEncoder, load_encoder
 
 # worldmodel keys that fix the predictor's shape or its inputs: a checkpoint resumes only under the same ones
 ARCHITECTURE_KEYS = ("encoder", "encoder_init", "observation", "pool", "normalize", "proprio", "residual", "dim",
@@ -64,8 +65,9 @@ class EpisodeLatents:
                            leave=False):
                 obs = observer.observations(ep)
                 if obs is None:
-                    raise DataError(f"{ep.name}: has no {dict(frames='frames', state='state.npy').get(key, 'audio file')}"
-                                    f", which worldmodel.observation={key} reads; record them, or change the observation")
+                    what = {"frames": "frames", "state": "state.npy", "points": "points.npy"}.get(key, "audio file")
+                    raise DataError(f"{ep.name}: has no {what}, which worldmodel.observation={key} reads; record "
+                                    f"them, or change the observation")
                 if use_proprio and ep.proprio is None:
                     raise DataError(f"{ep.name}: no proprio.npy, but worldmodel.proprio is true")
                 self.z.append(observer(obs).cpu())
