@@ -18,7 +18,7 @@ step reads, so that a planner can hand the encoder as much past as training gave
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -29,9 +29,6 @@ from multijepa.errors import DataError, MultijepaError, RecipeError
 from multijepa.modalities import MODALITIES
 from multijepa.recipe import Recipe, token_grid
 from multijepa.train import build_model
-
-if TYPE_CHECKING:
-    from multijepa.worldmodel.model import WorldModelConfig
 
 # The encoder modalities that read each kind of observation, in order of preference.
 OBSERVATION_MODALITY = {"frames": ("image", "video"), "state": ("timeseries",), "audio": ("audio",),
@@ -63,7 +60,7 @@ def _windows(observations: torch.Tensor, offsets: list[int]) -> list[torch.Tenso
 class ObservationEncoder(nn.Module):
     """Raw observations of one episode [T, ...] -> the frozen encoder's pooled tokens [T, N, F] (module docstring)."""
 
-    def __init__(self, encoder: nn.Module, recipe: Recipe, cfg: "WorldModelConfig"):
+    def __init__(self, encoder: nn.Module, recipe: Recipe, cfg: Any):  # cfg: the recipe's WorldModelConfig
         super().__init__()
         readers = OBSERVATION_MODALITY[cfg.observation]
         found = [m for m in readers if m in recipe.modalities]
@@ -151,7 +148,7 @@ class ObservationEncoder(nn.Module):
         return torch.cat(out)
 
 
-def load_encoder(cfg: "WorldModelConfig", seed: int = 0) -> tuple[nn.Module, Recipe]:
+def load_encoder(cfg: Any, seed: int = 0) -> tuple[nn.Module, Recipe]:
     """The frozen target encoder named by ``worldmodel.encoder`` and its recipe; with ``encoder_init:
     random`` the same architecture at random init (seeded), for the baseline world model."""
     from multijepa.export import read_encoder  # the encoder side of a checkpoint or export
