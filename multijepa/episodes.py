@@ -55,7 +55,8 @@ ARRAYS = ("actions", "state", "points", "proprio", "rewards", "frames")  # the .
 @dataclass
 class Episode:
     """One episode: ``actions`` [T, A]; ``frames`` uint8 [T + 1, H, W, C], ``state`` [T + 1, D], ``points``
-    [T + 1, P, 3 + F] and/or ``audio`` float [C, S] at ``audio_rate`` Hz; optional ``proprio`` [T + 1, P] and ``rewards`` [T];
+    [T + 1, P, 3 + F] and/or ``audio`` float [C, S] at ``audio_rate`` Hz; optional ``proprio`` [T + 1, P] and
+    ``rewards`` [T];
     ``meta`` from episode.json."""
 
     actions: torch.Tensor
@@ -208,7 +209,8 @@ def write_episode(out: Union[str, Path], actions, frames=None, state=None, propr
     if frames_as not in ("png", "npy", "mp4"):
         raise MultijepaError(f"write_episode: frames_as={frames_as!r}: use png, npy or mp4")
     arrays = {k: None if v is None else torch.as_tensor(np.asarray(v)) for k, v in
-              dict(actions=actions, frames=frames, state=state, points=points, proprio=proprio, rewards=rewards).items()}
+              dict(actions=actions, frames=frames, state=state, points=points, proprio=proprio,
+                   rewards=rewards).items()}
     for key in ("actions", "state", "points", "proprio", "rewards"):
         if arrays[key] is not None:
             arrays[key] = arrays[key].float()

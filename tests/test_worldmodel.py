@@ -24,12 +24,14 @@ TINY_WM = ["worldmodel.dim=32", "worldmodel.depth=1", "worldmodel.heads=2", "wor
            "worldmodel.rollout_steps=2", "worldmodel.pool=2", "data.batch_size=8", "train.progress=false",
            "train.log_every=2", "train.checkpoint_every=2", "optim.warmup_steps=2", "train.precision=fp32"]
 
-TINY_VIDEO = TINY + ["video.frames=4", "video.frame_stride=2", "video.size=32", "video.patch_size=8", "mask.min_context=2"]
+TINY_VIDEO = TINY + ["video.frames=4", "video.frame_stride=2", "video.size=32", "video.patch_size=8",
+                     "mask.min_context=2"]
 TINY_POINTS = TINY + ["pointcloud.num_points=128", "pointcloud.num_groups=16", "pointcloud.group_size=8",
                       "pointcloud.pointnet_width=16", "mask.min_context=2"]
 
 
-def _dot_episodes(root, episodes: int = 6, steps: int = 8, size: int = 16, seed: int = 0, frames_as: str = "png") -> None:
+def _dot_episodes(root, episodes: int = 6, steps: int = 8, size: int = 16, seed: int = 0,
+                  frames_as: str = "png") -> None:
     """A dot that each action moves by up to 2 px: frames uint8 [T + 1, size, size, 3], state = its position."""
     rng = np.random.default_rng(seed)
     for e in range(episodes):
