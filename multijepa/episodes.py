@@ -56,8 +56,7 @@ ARRAYS = ("actions", "state", "points", "proprio", "rewards", "frames")  # the .
 class Episode:
     """One episode: ``actions`` [T, A]; ``frames`` uint8 [T + 1, H, W, C], ``state`` [T + 1, D], ``points``
     [T + 1, P, 3 + F] and/or ``audio`` float [C, S] at ``audio_rate`` Hz; optional ``proprio`` [T + 1, P] and
-    ``rewards`` [T];
-    ``meta`` from episode.json."""
+    ``rewards`` [T]; ``meta`` from episode.json."""
 
     actions: torch.Tensor
     frames: Optional[torch.Tensor] = None
