@@ -287,6 +287,9 @@ def test_worldmodel__frames_through_a_video_encoder_as_clips_ending_at_each_step
     assert plan.shape == (2, 2)
     with pytest.raises(MultijepaError, match="context=6 for 5 observations"):
         wm.plan(ep.frames[:5], ep.frames[-1:], horizon=2, context=6)
+    z = wm.encode(ep.frames)
+    assert torch.allclose(wm.rollout(ep.frames[:5], ep.actions[3:], context=2),  # frames 0-2: the clips' past
+                          wm.rollout(z[None, 3:5], ep.actions[None, 3:])[0])
     with pytest.raises(MultijepaError, match="frames observations must be uint8"):
         wm.encode(ep.frames.float())
 

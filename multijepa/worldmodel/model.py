@@ -221,6 +221,15 @@ def rollout_latents(predictor: ActionPredictor, z: torch.Tensor, actions: Option
     return torch.cat(out, 1), (torch.cat(p_out, 1) if p_out else None)
 
 
+def _last(z: torch.Tensor, context: Optional[int], dim: int = 0) -> torch.Tensor:
+    """The last ``context`` steps of ``z`` along ``dim`` (all with None)."""
+    if context is None:
+        return z
+    if not 1 <= context <= z.shape[dim]:
+        raise MultijepaError(f"context={context} for {z.shape[dim]} observations; give 1 to {z.shape[dim]}")
+    return z.narrow(dim, z.shape[dim] - context, context)
+
+
 class WorldModel:
     """A trained world model: the frozen encoder and the action-conditioned predictor, for rollouts and planning.
 
@@ -267,7 +276,7 @@ class WorldModel:
 
     @torch.no_grad()
     def rollout(self, observations: torch.Tensor, actions: torch.Tensor,
-                proprio: Optional[torch.Tensor] = None) -> torch.Tensor:
+                proprio: Optional[torch.Tensor] = None, context: Optional[int] = None) -> torch.Tensor:
         """Predicted representations of the steps after the context, under ``actions``.
 
         Args:
@@ -277,10 +286,12 @@ class WorldModel:
                 result [B, H, N, F]); see :func:`rollout_latents`.
             proprio: the context's proprio, [T0, P] with raw observations or [B, T0, P] with tokens, where
                 the predictor was trained with proprio tokens (``uses_proprio``); its rollout predicts the rest.
+            context: as in :meth:`plan`: start from the last ``context`` observations, the earlier ones only the
+                encoder's past (``T0`` above is then ``context``).
         """
         observations = torch.as_tensor(observations)
         raw = observations.dtype == torch.uint8 or observations.ndim in (2, 3)  # tokens are [B, T0, N, F]
-        z = self.encode(observations)[None] if raw else observations
+        z = _last(self.encode(observations), context)[None] if raw else _last(observations, context, dim=1)
         actions = torch.as_tensor(actions)[None] if raw else torch.as_tensor(actions)
         if proprio is not None:
             proprio = torch.as_tensor(proprio).float()
@@ -326,11 +337,7 @@ class WorldModel:
 
         if method not in PLANNERS:
             raise MultijepaError(f"plan: method {method!r}: use one of {', '.join(PLANNERS)}")
-        z, z_goal = self.encode(observations), self.encode(goal)[-1]
-        if context is not None:
-            if not 1 <= context <= len(z):
-                raise MultijepaError(f"plan: context={context} for {len(z)} observations; give 1 to {len(z)}")
-            z = z[-context:]
+        z, z_goal = _last(self.encode(observations), context), self.encode(goal)[-1]
         past = torch.zeros(0, len(self.action_low)) if past_actions is None else torch.as_tensor(past_actions).float()
         if len(past) != len(z) - 1:
             raise MultijepaError(f"plan: {len(past)} past actions for {len(z)} observations; give one fewer")
