@@ -256,7 +256,7 @@ def test_worldmodel__audio_observations_through_an_audio_encoder(tmp_path):
     assert z.shape == (7, 3, 32)  # a (4, 12) grid pooled in 4 x 4 cells
     assert wm.rollout(windows[:2], ep.actions).shape == (5, 3, 32)
     assert wm.plan(windows[:1], windows[-1:], horizon=2, samples=8, iterations=1).shape == (2, 1)
-    with pytest.raises(MultijepaError, match="no goal task for an audio world model"):
+    with pytest.raises(MultijepaError, match="no goal task for a world model of audio observations"):
         evaluate_planning(wm, "Reacher-v5", episodes=1)
     write_episode(tmp_path / "silent" / "ep", np.zeros((steps, 1)), state=np.zeros((steps + 1, 2)))
     with pytest.raises(DataError, match="has no audio file, which worldmodel.observation=audio reads"):

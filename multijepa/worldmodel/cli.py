@@ -88,7 +88,8 @@ def add_worldmodel_commands(command: Callable[..., argparse.ArgumentParser], cou
                         "--policy random)")
     p.add_argument("--horizon", type=count(1), default=5, metavar="H", help="planned actions")
     p.add_argument("--replan-every", type=count(1), default=1, metavar="K", help="execute K planned actions, then plan again")
-    p.add_argument("--context", type=count(1), default=2, metavar="K", help="latest observations the predictor sees")
+    p.add_argument("--context", type=count(1), default=2, metavar="K",
+                   help="latest observations the predictor sees (the encoder also reads the past its inputs reach back to)")
     p.add_argument("--samples", type=count(2), default=128, metavar="S", help="action sequences per planner iteration")
     p.add_argument("--iterations", type=count(1), default=4, metavar="N")
     p.add_argument("--elites", type=count(1), default=16, metavar="N", help="CEM: sequences the Gaussian is refitted to")

@@ -177,8 +177,8 @@ def evaluate_planning(wm, env_id: str = "Reacher-v5", episodes: int = 10, steps:
                              f"(got replan_every={replan_every}, context={context})")
     observation = "frames" if wm is None else wm.observer.cfg.observation
     if observation not in ("frames", "state"):
-        raise MultijepaError(f"plan: no goal task for an {observation} world model in {env_id} (it gives frames and "
-                             f"states); plan with WorldModel.plan in your own loop")
+        raise MultijepaError(f"plan: no goal task for a world model of {observation} observations in {env_id} (it "
+                             f"gives frames and states); plan with WorldModel.plan in your own loop")
     size = wm.observer.section.size if wm is not None and observation == "frames" else 64
     camera = wm.render.get("camera") if wm is not None else None
     repeat = action_repeat or (wm.render.get("action_repeat", 1) if wm is not None and policy == "plan" else 1)
