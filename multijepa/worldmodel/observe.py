@@ -51,10 +51,9 @@ def pool_grid(feats: torch.Tensor, grid: Optional[tuple[int, ...]], pool: int) -
     return x.flatten(2).transpose(1, 2)
 
 
-def _windows(observations: torch.Tensor, offsets: list[int]) -> list[torch.Tensor]:
-    """Per step t, ``observations[t + o]`` for each offset o <= 0, the first observation where t + o < 0."""
-    t = torch.arange(len(observations))[:, None] + torch.tensor(offsets)[None]
-    return list(observations[t.clamp_min(0)])
+def _window_index(steps: int, offsets: list[int]) -> torch.Tensor:
+    """[steps, len(offsets)]: per step t the observations t + o (offsets o <= 0), the first one where t + o < 0."""
+    return (torch.arange(steps)[:, None] + torch.tensor(offsets)[None]).clamp_min(0)
 
 
 class ObservationEncoder(nn.Module):
@@ -127,10 +126,12 @@ class ObservationEncoder(nn.Module):
         if self.modality == "video":
             from multijepa.modalities.video import clip_transform
 
-            offsets = [-k * section.frame_stride for k in reversed(range(section.frames))]
-            return torch.stack([clip_transform(clip.numpy(), section, None) for clip in _windows(observations, offsets)])
+            # Without a generator the transform is per frame (resize, centre crop, normalise): each frame once.
+            frames = clip_transform(observations.numpy(), section, None)  # [C, T, size, size]
+            idx = _window_index(len(observations), [-k * section.frame_stride for k in reversed(range(section.frames))])
+            return frames[:, idx].transpose(0, 1).contiguous()  # [T, C, frames, size, size]
         if self.modality == "timeseries":
-            windows = _windows(observations.float(), list(range(1 - section.length, 1)))
+            windows = observations.float()[_window_index(len(observations), list(range(1 - section.length, 1)))]
             return torch.stack([spec.from_tensor(w.T.contiguous(), section, None) for w in windows])
         if self.modality == "audio":  # its from_tensor gives the model input last
             return torch.stack([spec.from_tensor(x.float(), section, None)[-1] for x in observations])
