@@ -79,11 +79,17 @@ class ObservationEncoder(nn.Module):
         self.grid = token_grid(self.recipe) if spec.token_grid is not None else None
 
     @property
-    def history(self) -> int:
-        """How many earlier observations one step's input reads (a clip's or a state window's past; else 0)."""
+    def offsets(self) -> list[int]:
+        """The observations one step's input reads, relative to the step (oldest first): a clip's frames, a
+        state window; [0] where a step reads its own observation alone."""
         if self.modality == "video":
-            return (self.section.frames - 1) * self.section.frame_stride
-        return self.section.length - 1 if self.modality == "timeseries" else 0
+            return [-k * self.section.frame_stride for k in reversed(range(self.section.frames))]
+        return list(range(1 - self.section.length, 1)) if self.modality == "timeseries" else [0]
+
+    @property
+    def history(self) -> int:
+        """How many earlier observations one step's input reads (the past a planner must hand it)."""
+        return -self.offsets[0]
 
     def observations(self, episode) -> Optional[torch.Tensor]:
         """What this encoder reads of an :class:`~multijepa.episodes.Episode` (None where it has none): its
@@ -128,10 +134,10 @@ class ObservationEncoder(nn.Module):
 
             # Without a generator the transform is per frame (resize, centre crop, normalise): each frame once.
             frames = clip_transform(observations.numpy(), section, None)  # [C, T, size, size]
-            idx = _window_index(len(observations), [-k * section.frame_stride for k in reversed(range(section.frames))])
-            return frames[:, idx].transpose(0, 1).contiguous()  # [T, C, frames, size, size]
+            clips = frames[:, _window_index(len(observations), self.offsets)]  # [C, T, video.frames, size, size]
+            return clips.transpose(0, 1).contiguous()
         if self.modality == "timeseries":
-            windows = observations.float()[_window_index(len(observations), list(range(1 - section.length, 1)))]
+            windows = observations.float()[_window_index(len(observations), self.offsets)]  # [T, length, D]
             return torch.stack([spec.from_tensor(w.T.contiguous(), section, None) for w in windows])
         if self.modality == "audio":  # its from_tensor gives the model input last
             return torch.stack([spec.from_tensor(x.float(), section, None)[-1] for x in observations])
