@@ -9,7 +9,7 @@ cross-validated probe on TRAIN alone (what the recipe was tuned on: TEST is not 
 tuning), a cosine kNN probe, and 1-nearest-neighbour Euclidean distance on the raw series (computed
 here; for unequal-length JapaneseVowels on the archive's equal-length `_eq` version and on
 zero-padded raw series). Prints a Markdown table and writes results.json (results_seedsK-M.json with
-``--first-seed``).
+``--first-seed``; ``--cv-only`` writes cv_results.json, TRAIN figures alone).
 
 ``--for SET:KEY=VALUE`` adds an override for one set only (after the shared ones), e.g. a longer
 pretraining for the largest set. docs/results.md gives the overrides behind its table.
@@ -169,17 +169,19 @@ def main() -> None:
         results[name] = evaluate_set(name, Path(args.data), out, args.recipe, args.overrides + per_set.get(name, []),
                                      args.cv_only, args.seeds, args.first_seed)
         print(name, json.dumps(results[name]), flush=True)
+    meta = {"date": str(date.today()), "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
+            "command": " ".join(["python", *sys.argv])}
+    last_seed = args.first_seed + args.seeds - 1
+    file_name = "results.json" if args.first_seed == 0 else f"results_seeds{args.first_seed}-{last_seed}.json"
+    if args.cv_only:  # TRAIN figures only, in a file of their own: a tuning run never replaces a TEST table
+        file_name = "cv_" + file_name
+    # a run that adds seeds (--first-seed) does not overwrite the earlier run's file
+    (out / file_name).write_text(json.dumps({"meta": meta, "sets": results}, indent=2))
     if args.cv_only:
         for name, r in results.items():
             print(f"{name:18s} train 5-fold CV linear: JEPA {r['jepa']['train_cv_linear']:.3f}  "
                   f"random init {r['random_init']['train_cv_linear']:.3f}")
         return
-    meta = {"date": str(date.today()), "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
-            "command": " ".join(["python", *sys.argv])}
-    last_seed = args.first_seed + args.seeds - 1
-    file_name = "results.json" if args.first_seed == 0 else f"results_seeds{args.first_seed}-{last_seed}.json"
-    # a run that adds seeds (--first-seed) does not overwrite the earlier run's file
-    (out / file_name).write_text(json.dumps({"meta": meta, "sets": results}, indent=2))
     print(f"\nMeans over {args.seeds} seed(s) ({args.first_seed} .. {last_seed}), spread (std) in brackets:\n")
     print("| set | train / test | JEPA linear | random-init linear | 1-NN ED | raw linear | JEPA > random? "
           "| JEPA > 1-NN ED? | JEPA kNN / random kNN | train 5-fold CV, JEPA / random | pretrain per seed (wall) |")

@@ -4,8 +4,10 @@ Runs what docs/world-models.md shows, as a user runs it (the CLI), timing every 
 
 1. ``multijepa record Reacher-v5`` (smooth random actions, each for ``--action-repeat`` environment steps, 64 x 64
    frames from the top-down camera and state vectors);
-2. pixels: ``multijepa pretrain frames`` (the image encoder), ``multijepa pretrain worldmodel`` on it, and the
-   same world model on the encoder at random init (``worldmodel.encoder_init=random``);
+2. pixels: ``multijepa pretrain frames`` (the image encoder; with ``--pixel-encoder video``, ``multijepa pretrain
+   clips``, a video JEPA on clips of 4 frames, each episode's frames written as one H.264 file first),
+   ``multijepa pretrain worldmodel`` on it, and the same world model on the encoder at random init
+   (``worldmodel.encoder_init=random``);
 3. states: a time-series JEPA on windows of recent states, and its two world models the same way;
 4. ``multijepa plan`` (CEM, model-predictive control) with each world model, and ``--policy random`` (at
    every environment step, and at the world models' action repeat).
@@ -13,7 +15,7 @@ Runs what docs/world-models.md shows, as a user runs it (the CLI), timing every 
     python bench/worldmodel_reacher.py --out bench/out/reacher      # about an hour on 2 cores
 
 A finished stage is kept (its output exists), so a rerun redoes only what is missing. Results go to
-OUT/results.json and are printed as the table docs/results.md holds.
+OUT/results.json (results_seedS.json for --plan-seed S other than 1000) and are printed as the table docs/results.md holds.
 """
 
 from __future__ import annotations
@@ -53,6 +55,19 @@ def stage(name: str, args: list[str], times: dict, done: bool = False) -> None:
     Path(times["_file"]).write_text(json.dumps({k: v for k, v in times.items() if k != "_file"}, indent=1))
 
 
+def write_clips(episodes: Path, clips: Path) -> Path:
+    """Each episode's frames as one near-lossless H.264 file in ``clips`` (what recipes/clips.yaml reads)."""
+    from multijepa.episodes import read_episode
+    from multijepa.readers.video import write_video
+
+    clips.mkdir(parents=True, exist_ok=True)
+    for folder in sorted(episodes.glob("ep_*")):
+        target = clips / f"{folder.name}.mp4"
+        if not target.exists():
+            write_video(target, read_episode(folder).frames.numpy())
+    return clips
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/out/reacher"))
@@ -70,6 +85,8 @@ def main() -> None:
                     help="multijepa plan options shared by every planning run (one quoted string)")
     ap.add_argument("--proprio", action="store_true",
                     help="pixel world models also read (and predict) the arm's proprio, as V-JEPA 2-AC does")
+    ap.add_argument("--pixel-encoder", choices=["image", "video"], default="image",
+                    help="video: the pixel world models read clips through a video JEPA trained on the episodes")
     ap.add_argument("--skip", nargs="*", default=[], choices=["pixels", "state"])
     args = ap.parse_args()
     out = args.out
@@ -84,15 +101,22 @@ def main() -> None:
           done=(episodes / f"ep_{args.episodes - 1:06d}").is_dir())
     worlds = {}
     if "pixels" not in args.skip:
-        stage("pixel encoder", ["pretrain", "frames", f"data.path={episodes}", f"run.dir={out / 'frames'}",
-                                f"train.steps={args.encoder_steps}", "train.progress=false"], times,
-              done=(out / "frames/last.pt").exists())
+        if args.pixel_encoder == "image":
+            stage("pixel encoder", ["pretrain", "frames", f"data.path={episodes}", f"run.dir={out / 'frames'}",
+                                    f"train.steps={args.encoder_steps}", "train.progress=false"], times,
+                  done=(out / "frames/last.pt").exists())
+        else:
+            clips = write_clips(episodes, out / "clips")
+            stage("pixel encoder", ["pretrain", "clips", f"data.path={clips}", f"run.dir={out / 'frames'}",
+                                    f"train.steps={args.encoder_steps}", "train.progress=false"],
+                  times, done=(out / "frames/last.pt").exists())
+        pool = ["worldmodel.pool=2"] if args.pixel_encoder == "video" else []
         kind = "pixels + proprio" if args.proprio else "pixels"
         for init in ("trained", "random"):
             run = out / f"wm_pixels{'_proprio' if args.proprio else ''}_{init}"
             stage(f"{kind} world model ({init} encoder)",
                   ["pretrain", "worldmodel", f"worldmodel.encoder={out / 'frames/last.pt'}",
-                   f"worldmodel.encoder_init={init}", f"worldmodel.proprio={str(args.proprio).lower()}",
+                   f"worldmodel.encoder_init={init}", f"worldmodel.proprio={str(args.proprio).lower()}", *pool,
                    f"data.path={episodes}", f"run.dir={run}", f"train.steps={args.wm_steps}", "train.progress=false"],
                   times, done=(run / "last.pt").exists())
             worlds[f"{kind}, {init} encoder"] = run
@@ -136,7 +160,7 @@ def main() -> None:
     summary = {"provenance": provenance(), "times": times,
                "planning": {k: {key: v[key] for key in ("success_rate", "final_distance", "episodes", "seconds")}
                             for k, v in results.items()}}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / f"results{tag}.json").write_text(json.dumps(summary, indent=1))  # validation beside test
     print("\n| policy | success (final distance < 0.05) | mean final distance | planning time |\n|---|---|---|---|")
     for k, v in summary["planning"].items():
         print(f"| {k} | {v['success_rate']:.3f} ({round(v['success_rate'] * v['episodes'])}/{v['episodes']}) | "
