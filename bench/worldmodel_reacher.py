@@ -15,7 +15,8 @@ Runs what docs/world-models.md shows, as a user runs it (the CLI), timing every 
     python bench/worldmodel_reacher.py --out bench/out/reacher      # about an hour on 2 cores
 
 A finished stage is kept (its output exists), so a rerun redoes only what is missing. Results go to
-OUT/results.json (results_seedS.json for --plan-seed S other than 1000) and are printed as the table docs/results.md holds.
+OUT/results.json (results_seedS.json for a --plan-seed S other than 1000) and are printed as the table
+docs/results.md holds.
 """
 
 from __future__ import annotations

@@ -267,7 +267,7 @@ def shipped_recipes() -> dict[str, Path]:
     """The recipes that ship inside the package (``multijepa/recipes/*.yaml``), by name, sorted.
 
     >>> sorted(shipped_recipes())[:3]
-    ['audio', 'frames', 'image']
+    ['audio', 'clips', 'frames']
     >>> shipped_recipes()["audio"].name
     'audio.yaml'
     """

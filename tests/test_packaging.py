@@ -170,7 +170,7 @@ def test_load_recipe__unknown_name_lists_the_shipped_recipes(monkeypatch, tmp_pa
 
 def test_load_recipe__missing_path_or_folder_says_how_to_pass_a_recipe(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found; pass the path of a YAML recipe file or the name "
-                                          "of a shipped recipe \\(audio, frames, image"):
+                                          "of a shipped recipe \\(audio, clips, frames, image"):
         load_recipe(tmp_path / "missing.yaml")
     with pytest.raises(RecipeError, match="is a folder, not a recipe file"):
         load_recipe(tmp_path)
