@@ -102,16 +102,12 @@ def main() -> None:
           done=(episodes / f"ep_{args.episodes - 1:06d}").is_dir())
     worlds = {}
     if "pixels" not in args.skip:
-        if args.pixel_encoder == "image":
-            stage("pixel encoder", ["pretrain", "frames", f"data.path={episodes}", f"run.dir={out / 'frames'}",
-                                    f"train.steps={args.encoder_steps}", "train.progress=false"], times,
-                  done=(out / "frames/last.pt").exists())
-        else:
-            clips = write_clips(episodes, out / "clips")
-            stage("pixel encoder", ["pretrain", "clips", f"data.path={clips}", f"run.dir={out / 'frames'}",
-                                    f"train.steps={args.encoder_steps}", "train.progress=false"],
-                  times, done=(out / "frames/last.pt").exists())
-        pool = ["worldmodel.pool=2"] if args.pixel_encoder == "video" else []
+        # The video encoder's 2 x 4 x 4 grid pools 2-wide to the image encoder's 4 tokens a step.
+        recipe, data, pool = (("frames", episodes, []) if args.pixel_encoder == "image" else
+                              ("clips", write_clips(episodes, out / "clips"), ["worldmodel.pool=2"]))
+        stage("pixel encoder", ["pretrain", recipe, f"data.path={data}", f"run.dir={out / 'frames'}",
+                                f"train.steps={args.encoder_steps}", "train.progress=false"], times,
+              done=(out / "frames/last.pt").exists())
         kind = "pixels + proprio" if args.proprio else "pixels"
         for init in ("trained", "random"):
             run = out / f"wm_pixels{'_proprio' if args.proprio else ''}_{init}"

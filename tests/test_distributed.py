@@ -67,5 +67,8 @@ def test_sigreg__under_ddp_is_the_statistic_and_gradient_of_the_whole_batch(tmp_
     stat.backward()
     for rank in (0, 1):
         got = torch.load(f"{out}.{rank}", weights_only=True)
-        assert got["stat"].item() == pytest.approx(stat.item(), rel=1e-5)
+        # rel 1e-4, as for the gradient: once in a full suite run (2026-12-03) a rank's statistic was 7e-5 off
+        # this process's (2.78211 vs 2.78231; the cause not found). A wrong count or a missing all-reduce is
+        # off by tens of percent.
+        assert got["stat"].item() == pytest.approx(stat.item(), rel=1e-4)
         torch.testing.assert_close(got["grad"], net.weight.grad, rtol=1e-4, atol=1e-6)

@@ -295,6 +295,23 @@ def test_worldmodel__frames_through_a_video_encoder_as_clips_ending_at_each_step
 
 
 @pytest.mark.filterwarnings("ignore:step 1. target representations look collapsed")
+def test_worldmodel__the_clips_recipe_as_documented(tmp_path):
+    """recipes/clips.yaml as docs/world-models.md runs it: frames.mp4 episodes, a future-masked video encoder on
+    4-frame clips (its own grid and masks, only the model shrunk), and a world model pooling its grid 2-wide."""
+    _dot_episodes(tmp_path / "eps", episodes=3, steps=6, frames_as="mp4")
+    main(["pretrain", "clips", *TINY, "mask.min_context=16", f"data.path={tmp_path / 'eps'}", "train.steps=1",
+          "data.batch_size=3", f"run.dir={tmp_path / 'enc'}"])
+    main(["pretrain", "worldmodel", *TINY_WM, f"worldmodel.encoder={tmp_path / 'enc/last.pt'}",
+          f"data.path={tmp_path / 'eps'}", "train.steps=2", f"run.dir={tmp_path / 'wm'}"])
+    wm = WorldModel.load(tmp_path / "wm/last.pt", device="cpu")
+    assert wm.observer.recipe.mask.mode == "future" and wm.observer.history == 3  # 4 consecutive frames
+    assert wm.encode(read_episode(tmp_path / "eps/ep_000").frames).shape == (7, 4, 32)  # (2, 4, 4) pooled 2-wide
+    with pytest.raises(RecipeError, match="worldmodel.pool=4: the encoder's token grid \\(2, 4, 4\\)"):
+        _train(*TINY_WM, "worldmodel.pool=4", f"worldmodel.encoder={tmp_path / 'enc/last.pt'}",
+               f"data.path={tmp_path / 'eps'}", f"run.dir={tmp_path / 'wm4'}")
+
+
+@pytest.mark.filterwarnings("ignore:step 1. target representations look collapsed")
 def test_worldmodel__point_cloud_observations_through_a_point_cloud_encoder(tmp_path):
     """points.npy [T + 1, P, 3] per episode, folders and shards alike, read by a point-cloud encoder."""
     from multijepa.episodes import write_episode_shards
