@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from multijepa.evaluate import knn_accuracy, linear_probe_accuracy
+from multijepa.evaluate import attentive_probe_accuracy, knn_accuracy, linear_probe_accuracy, token_sets
 from multijepa.plot import plot_runs
 from multijepa.recipe import Recipe, load_recipe
 from multijepa.train import pretrain
@@ -132,11 +132,27 @@ def final_step(run: Path) -> int:
     return int(torch.load(run / "last.pt", weights_only=True)["step"])
 
 
-def probe_scores(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray) -> dict:
-    """Linear-probe and kNN test accuracy of frozen features on one train/test split."""
+def probe_scores(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
+                 tokens: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict:
+    """Linear-probe and kNN test accuracy of frozen features on one train/test split; with ``tokens``
+    (tokens [S, T, D], pad [S, T], as :func:`embed_for_probes` gives) the attentive probe's too."""
     tr, te = train_idx, test_idx
-    return {"linear": linear_probe_accuracy(features[tr], labels[tr], features[te], labels[te]),
-            "knn": knn_accuracy(features[tr], labels[tr], features[te], labels[te])}
+    scores = {"linear": linear_probe_accuracy(features[tr], labels[tr], features[te], labels[te]),
+              "knn": knn_accuracy(features[tr], labels[tr], features[te], labels[te])}
+    if tokens is not None:
+        x, pad = tokens
+        scores["attentive"] = attentive_probe_accuracy(x[tr], pad[tr], labels[tr], x[te], pad[te], labels[te])
+    return scores
+
+
+def embed_for_probes(model, files: list, attentive: bool, **kwargs) -> tuple[np.ndarray, Optional[tuple]]:
+    """An encoder's pooled features of ``files`` [S, D] and, with ``attentive``, every view's tokens as
+    (tokens [S, T, D], pad [S, T]) for the attentive probe (the pooled features then come from the same
+    pass, as ``embed`` pools them)."""
+    if not attentive:
+        return model.embed(files, **kwargs), None
+    tokens, pad, pooled = token_sets(model.embed(files, tokens=True, windows=True, **kwargs))
+    return pooled, (tokens, pad)
 
 
 def provenance(threads: Optional[int] = None) -> dict:

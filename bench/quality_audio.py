@@ -21,11 +21,13 @@ import dataclasses
 import json
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, load_average, plot_run, probe_scores, provenance, train_for_cpu_seconds, wait_until_quiet
+from common import (ROOT, embed_for_probes, load_average, plot_run, probe_scores, provenance, train_for_cpu_seconds,
+                    wait_until_quiet)
 
 from multijepa.readers import read_audio
 from multijepa.transforms import crop_or_pad
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--no-wait", action="store_true")
     ap.add_argument("--jepa-only", action="store_true",
                     help="only the JEPA and random-init encoders: no log-mel baselines, no speed (quick experiments)")
+    ap.add_argument("--no-attentive", action="store_true", help="skip the attentive probe (linear and kNN only)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -132,13 +135,13 @@ def main() -> None:
         recipe = load_recipe(args.recipe, base + [f"run.dir={run}"])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    def probe(features: np.ndarray) -> dict:
-        return probe_scores(features, digits, train_idx, test_idx)
+    def probe(features: np.ndarray, tokens: Optional[tuple] = None) -> dict:
+        return probe_scores(features, digits, train_idx, test_idx, tokens)
 
     results: dict = {}
     jepa = load(run / "last.pt", device="cpu")
     for name, model in [("jepa", jepa), ("random_init", Embedder.random_init(jepa.recipe, device="cpu"))]:
-        results[name] = probe(model.embed(files, batch_size=128))
+        results[name] = probe(*embed_for_probes(model, files, not args.no_attentive, batch_size=128))
     results["final_target_erank"] = round(metrics[-1]["target_erank"], 2)
     if not args.jepa_only:
         results["mean_log_mel"] = probe(mean_log_mel(files, recipe))

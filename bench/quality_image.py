@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, calibrated_steps, plot_run, probe_scores, provenance
+from common import ROOT, calibrated_steps, embed_for_probes, plot_run, probe_scores, provenance
 
 from multijepa.datasets.files import list_folder
 from multijepa.modalities import MODALITIES
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true",
                     help="probe on a validation fifth of the training images (fitted on the other four fifths); "
                          "the test images are not read, for choosing settings")
+    ap.add_argument("--no-attentive", action="store_true", help="skip the attentive probe (linear and kNN only)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides")
     args = ap.parse_args()
 
@@ -60,14 +61,15 @@ def main() -> None:
     train_minutes = (time.perf_counter() - t0) / 60
     plot_run(run)
 
-    def features(model: Embedder) -> np.ndarray:
-        return model.embed(files, batch_size=256, num_workers=2)
+    def scores(model: Embedder) -> dict:
+        feats, tokens = embed_for_probes(model, files, not args.no_attentive, batch_size=256, num_workers=2)
+        return probe_scores(feats, labels, train_idx, test_idx, tokens)
 
     results = {}
     jepa = load(run / "last.pt")
     models = [("jepa", jepa)] + ([] if args.jepa_only else [("random_init", Embedder.random_init(jepa.recipe))])
     for name, model in models:
-        results[name] = probe_scores(features(model), labels, train_idx, test_idx)
+        results[name] = scores(model)
     if args.jepa_only:
         print(json.dumps({"split": "validation" if args.validate else "test", **results}))
         return
@@ -78,9 +80,11 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     split = "6400/1600 validation" if args.validate else "8000/2000 test"
-    print(f"| CIFAR-10 dev ({split}) | {steps} steps, {train_minutes:.1f} min | "
-          f"{results['jepa']['linear']:.3f} | {results['random_init']['linear']:.3f} | "
-          f"{results['raw_pixels']['linear']:.3f} |")
+
+    def cell(r: dict) -> str:
+        return "/".join(f"{r[k]:.3f}" for k in ("linear", "knn", "attentive") if k in r)
+    print(f"| CIFAR-10 dev ({split}) | {steps} steps, {train_minutes:.1f} min | {cell(results['jepa'])} | "
+          f"{cell(results['random_init'])} | {cell(results['raw_pixels'])} |")
 
 
 if __name__ == "__main__":

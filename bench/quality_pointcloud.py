@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (ROOT, calibrated_steps, final_step, load_average, pretrain_for_at_most, probe_scores,
-                    provenance, wait_until_quiet)
+from common import (ROOT, calibrated_steps, embed_for_probes, final_step, load_average, pretrain_for_at_most,
+                    probe_scores, provenance, wait_until_quiet)
 
 from multijepa.datasets.files import list_folder
 from multijepa.modalities import MODALITIES
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true",
                     help="probe on a validation fifth of the pretraining shapes (fitted on the other four fifths); "
                          "the held-out 20%% are not read, for choosing settings")
+    ap.add_argument("--no-attentive", action="store_true", help="skip the attentive probe (linear and kNN only)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides")
     args = ap.parse_args()
 
@@ -99,8 +100,9 @@ def main() -> None:
     base = [f"data.path={filelist}", "train.progress=false"] + args.overrides
     if args.baselines_only:
         recipe = load_recipe(args.recipe, base)
-        results = {"random_init": probe_scores(Embedder.random_init(recipe).embed(files, batch_size=128,
-                                                                                num_workers=2), labels, train_idx, test_idx),
+        feats, tokens = embed_for_probes(Embedder.random_init(recipe), files, not args.no_attentive,
+                                         batch_size=128, num_workers=2)
+        results = {"random_init": probe_scores(feats, labels, train_idx, test_idx, tokens),
                    "mini_pointnet": probe_scores(mini_pointnet_features(files, recipe), labels, train_idx, test_idx),
                    **provenance(torch.get_num_threads())}
         (out / f"results_baselines{'_validation' if args.validate else ''}.json").write_text(json.dumps(results, indent=2))
@@ -120,7 +122,8 @@ def main() -> None:
     jepa = load(run / "last.pt")
     models = [("jepa", jepa)] + ([] if args.jepa_only else [("random_init", Embedder.random_init(jepa.recipe))])
     for name, model in models:
-        results[name] = probe_scores(model.embed(files, batch_size=128, num_workers=2), labels, train_idx, test_idx)
+        feats, tokens = embed_for_probes(model, files, not args.no_attentive, batch_size=128, num_workers=2)
+        results[name] = probe_scores(feats, labels, train_idx, test_idx, tokens)
     if not args.jepa_only:
         results["mini_pointnet"] = probe_scores(mini_pointnet_features(files, jepa.recipe), labels, train_idx,
                                                 test_idx)

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import provenance
+from common import embed_for_probes, provenance
 from multijepa.readers.series import read_series
 from multijepa.embed import Embedder, load
-from multijepa.evaluate import knn_accuracy, linear_probe_accuracy, probe_features
+from multijepa.evaluate import attentive_probe_accuracy, knn_accuracy, linear_probe_accuracy, probe_features
 from multijepa.plot import plot_runs
 from multijepa.recipe import TimeSeriesConfig, load_recipe
 from multijepa.train import pretrain
@@ -88,7 +88,7 @@ def baselines(name: str, data: Path) -> dict:
 
 
 def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: list[str], cv_only: bool = False,
-                 seeds: int = 1, first_seed: int = 0) -> dict:
+                 seeds: int = 1, first_seed: int = 0, attentive: bool = True, reuse: bool = False) -> dict:
     train_file, test_file = data / name / f"{name}_TRAIN.ts", data / name / f"{name}_TEST.ts"
     x_train, l_train = labelled(train_file)
     x_test, l_test = labelled(test_file)
@@ -99,8 +99,8 @@ def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: 
     result: dict = {"n_train": len(y_train), "n_test": len(y_test), "classes": len(classes), "pretrain_minutes": []}
     for seed in range(first_seed, first_seed + seeds):
         recipe = load_recipe(recipe_path, [f"data.path={train_file}", f"run.dir={out / name / f'seed{seed}'}",
-                                           "run.resume=false", "train.progress=false", "train.threads=1",
-                                           f"train.seed={seed}"] + overrides)
+                                           f"run.resume={str(reuse).lower()}", "train.progress=false",
+                                           "train.threads=1", f"train.seed={seed}"] + overrides)
         t0 = time.perf_counter()
         run = pretrain(recipe)
         result["pretrain_minutes"].append(round((time.perf_counter() - t0) / 60, 2))
@@ -108,13 +108,15 @@ def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: 
         jepa = load(run / "last.pt", device="cpu")
         result.update(length=jepa.recipe.timeseries.length, channels=jepa.recipe.timeseries.channels)
         for which, model in [("jepa", jepa), ("random_init", Embedder.random_init(jepa.recipe, seed=seed, device="cpu"))]:
-            f_train = model.embed([train_file])
+            f_train, t_train = embed_for_probes(model, [train_file], attentive and not cv_only)
             scores = {"train_cv_linear": probe_features(f_train, y_train, folds=5)["linear"]}
             if not cv_only:  # tuning: TEST is never embedded
-                f_test = model.embed([test_file])
+                f_test, t_test = embed_for_probes(model, [test_file], attentive)
                 assert len(f_train) == len(y_train) and len(f_test) == len(y_test)
                 scores.update(linear=linear_probe_accuracy(f_train, y_train, f_test, y_test),
                               knn=knn_accuracy(f_train, y_train, f_test, y_test))
+                if attentive:
+                    scores["attentive"] = attentive_probe_accuracy(*t_train, y_train, *t_test, y_test)
             per_seed = result.setdefault(which, {}).setdefault("per_seed", [])
             per_seed.append(scores)
     for which in ("jepa", "random_init"):
@@ -142,6 +144,10 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--for", dest="per_set", action="append", default=[], metavar="SET:KEY=VALUE",
                     help="a recipe override for one set only (repeatable), e.g. JapaneseVowels:train.steps=4000")
+    ap.add_argument("--no-attentive", action="store_true", help="skip the attentive probe (linear and kNN only)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="probe the runs already under --out that reached train.steps (same recipe) instead of "
+                         "pretraining them again; their pretrain minutes then read 0")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every set, e.g. train.steps=300")
     args = ap.parse_args()
     per_set: dict[str, list[str]] = {}
@@ -167,7 +173,8 @@ def main() -> None:
         return
     for name in args.sets:
         results[name] = evaluate_set(name, Path(args.data), out, args.recipe, args.overrides + per_set.get(name, []),
-                                     args.cv_only, args.seeds, args.first_seed)
+                                     args.cv_only, args.seeds, args.first_seed, not args.no_attentive,
+                                     args.reuse)
         print(name, json.dumps(results[name]), flush=True)
     meta = {"date": str(date.today()), "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
             "command": " ".join(["python", *sys.argv])}
@@ -184,8 +191,8 @@ def main() -> None:
         return
     print(f"\nMeans over {args.seeds} seed(s) ({args.first_seed} .. {last_seed}), spread (std) in brackets:\n")
     print("| set | train / test | JEPA linear | random-init linear | 1-NN ED | raw linear | JEPA > random? "
-          "| JEPA > 1-NN ED? | JEPA kNN / random kNN | train 5-fold CV, JEPA / random | pretrain per seed (wall) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| JEPA > 1-NN ED? | JEPA kNN / random kNN | JEPA attentive / random attentive | train 5-fold CV, JEPA / random | pretrain per seed (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ed = f"{r['one_nn_ed']:.3f}" + (f" (published {r['one_nn_ed_published']:.3f})" if r["one_nn_ed_published"] else "")
         if "one_nn_ed_padded" in r:
@@ -196,6 +203,7 @@ def main() -> None:
         print(f"| {name} | {r['n_train']} / {r['n_test']} | {j:.3f}{spread('jepa')} | {rnd:.3f}{spread('random_init')} "
               f"| {ed} | {r['raw_linear']:.3f} | {verdict(j, rnd)} | {verdict(j, r['one_nn_ed'])} "
               f"| {r['jepa']['knn']:.3f} / {r['random_init']['knn']:.3f} "
+              f"| {r['jepa'].get('attentive', float('nan')):.3f} / {r['random_init'].get('attentive', float('nan')):.3f} "
               f"| {r['jepa']['train_cv_linear']:.3f} / {r['random_init']['train_cv_linear']:.3f} "
               f"| {np.mean(r['pretrain_minutes']):.1f} min |")
 

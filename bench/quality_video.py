@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, calibrated_steps, load_average, plot_run, provenance
+from common import ROOT, calibrated_steps, embed_for_probes, load_average, plot_run, probe_scores, provenance
 
 from multijepa.embed import Embedder, load
 from multijepa.evaluate import linear_probe_accuracy, stratified_split
@@ -234,8 +234,10 @@ def main() -> None:
     results: dict = {"eval": args.eval, "raw_pixel_mean": baseline}
     jepa = load(run / "last.pt", device="cpu")
     for name, model in [("jepa", jepa), ("random_init", Embedder.random_init(jepa.recipe, device="cpu"))]:
-        fit, score = model.embed(fit_files, batch_size=128), model.embed(score_files, batch_size=128)
-        results[name] = {k: round(linear_probe_accuracy(fit, y_fit, score, y_score), 4)
+        feats, tokens = embed_for_probes(model, fit_files + score_files, not args.no_attentive, batch_size=128)
+        fit_rows, score_rows = np.arange(len(fit_files)), np.arange(len(fit_files), len(feats))
+        results[name] = {k: {probe: round(acc, 4) for probe, acc in probe_scores(
+                             feats, np.concatenate([y_fit, y_score]), fit_rows, score_rows, tokens).items()}
                          for k, (y_fit, y_score) in targets.items()}
         print(name, results[name], flush=True)
     results["final_loss"] = round(metrics[-1]["loss"], 4)
