@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true", help="only the KTH decoding speed (no data, no training)")
     ap.add_argument("--baselines-only", action="store_true",
                     help="only the raw-pixel baseline (each video's mean frame) on the chosen split; no training")
+    ap.add_argument("--no-attentive", action="store_true", help="skip the attentive probe (linear and kNN only)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides (after the bench's own)")
     args = ap.parse_args()
     torch.set_num_threads(1)
