@@ -124,10 +124,30 @@ class AttentiveProbe(nn.Module):
         self.head = nn.Linear(queries * dim, classes)
 
     def forward(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        kv = self.norm_kv(tokens)
-        x, _ = self.attn(self.query.expand(len(tokens), -1, -1), kv, kv, key_padding_mask=pad, need_weights=False)
-        x = x + self.mlp(self.norm(x))
-        return self.head(x.flatten(1))
+        return self.head(self.pool(tokens, pad).flatten(1))
+
+    def pool(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """``attn(query, norm_kv(tokens), norm_kv(tokens))`` followed by the residual MLP: [B, Q, D].
+
+        Computed without projecting every token to a key and a value. With linear key and value maps,
+        a query's logit q . (W_k n_t + b_k) is (W_k^T q) . n_t plus a constant that the softmax drops,
+        and sum_t a_t (W_v n_t + b_v) is W_v (sum_t a_t n_t) + b_v; likewise for the layer norm's own
+        scale and shift. So the tokens are read twice, against Q x heads vectors, instead of being
+        multiplied by two D x D matrices: about D / heads times less work on long token sets.
+        """
+        b, t, d = tokens.shape
+        q_count, heads = self.query.shape[1], self.attn.num_heads
+        wq, wk, wv = self.attn.in_proj_weight.chunk(3)
+        bq, _, bv = self.attn.in_proj_bias.chunk(3)
+        n = F.layer_norm(tokens, (d,), eps=self.norm_kv.eps)  # the layer norm without its scale and shift
+        gain, shift = self.norm_kv.weight, self.norm_kv.bias
+        q = (self.query[0] @ wq.T + bq).view(q_count, heads, d // heads) * (d // heads) ** -0.5
+        look = torch.einsum("qhe,hed->qhd", q, wk.view(heads, d // heads, d)) * gain  # each query-head in token space
+        logits = (n @ look.reshape(q_count * heads, d).T).masked_fill(pad[:, :, None], float("-inf"))
+        seen = torch.einsum("btk,btd->bkd", logits.softmax(1), n) * gain + shift  # [B, Q x heads, D]
+        values = torch.einsum("bqhd,hed->bqhe", seen.view(b, q_count, heads, d), wv.view(heads, d // heads, d))
+        x = self.attn.out_proj(values.reshape(b, q_count, d) + bv)
+        return x + self.mlp(self.norm(x))
 
 
 def _fit_attentive(tokens: torch.Tensor, pad: torch.Tensor, y: torch.Tensor, classes: int, lr: float, steps: int,

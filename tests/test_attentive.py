@@ -10,8 +10,10 @@ import pytest
 
 import multijepa
 from multijepa.cli import main
-from multijepa.evaluate import (_concat_token_sets, attentive_probe_accuracy, linear_probe_accuracy, probe,
-                                stratified_split, token_sets)
+import torch
+
+from multijepa.evaluate import (AttentiveProbe, _concat_token_sets, attentive_probe_accuracy, linear_probe_accuracy,
+                                probe, stratified_split, token_sets)
 
 from conftest import IMAGE_RECIPE, TINY_IMAGE, TINY_TS, write_ts
 
@@ -39,6 +41,24 @@ def test_attentive_probe__reads_what_the_mean_of_tokens_hides():
     attentive = attentive_probe_accuracy(x[tr], pad[tr], y[tr], x[te], pad[te], y[te], seed=0, **FAST)
     linear = linear_probe_accuracy(x[tr].mean(1), y[tr], x[te].mean(1), y[te])
     assert attentive >= 0.9 and linear <= 0.7, (attentive, linear)
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_attentive_pooler__equals_multihead_attention_over_layer_normed_tokens(queries):
+    """The pooler folds the key and value maps into the queries; it must give what projecting every token
+    through nn.MultiheadAttention gives, padding and the layer norm's own scale and shift included."""
+    torch.manual_seed(0)
+    model = AttentiveProbe(48, 5, queries=queries)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # scale, shift and biases away from their initial 1 and 0
+    x = torch.randn(4, 20, 48) * 2 + 1
+    pad = torch.zeros(4, 20, dtype=torch.bool)
+    pad[1, 13:] = True
+    x[1, 13:] = 1e3  # loud padding
+    kv = model.norm_kv(x)
+    ref, _ = model.attn(model.query.expand(4, -1, -1), kv, kv, key_padding_mask=pad, need_weights=False)
+    torch.testing.assert_close(model.pool(x, pad), ref + model.mlp(model.norm(ref)), rtol=1e-4, atol=1e-5)
 
 
 def test_attentive_probe__ignores_padding_slots_and_is_deterministic():
