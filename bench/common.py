@@ -21,7 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from multijepa.evaluate import attentive_probe_accuracy, knn_accuracy, linear_probe_accuracy, token_sets
+from multijepa.evaluate import (attentive_probe_accuracy, knn_accuracy, linear_probe_accuracy, stratified_split,
+                                token_sets)
 from multijepa.plot import plot_runs
 from multijepa.recipe import Recipe, load_recipe
 from multijepa.train import pretrain
@@ -130,6 +131,21 @@ def train_for_cpu_seconds(recipe_path: str, overrides: list[str], run_dir: Path,
 
 def final_step(run: Path) -> int:
     return int(torch.load(run / "last.pt", weights_only=True)["step"])
+
+
+def dev_splits(files: list, labels: np.ndarray, out: Path, validate: bool) -> tuple[list, np.ndarray, np.ndarray,
+                                                                                  np.ndarray, Path]:
+    """A labelled dev folder's splits: a stratified 20% test split (seed 0) that pretraining never sees,
+    its other 80% written as ``out/train.txt`` for ``data.path``. With ``validate`` the probes' split is
+    inside those 80% instead (a fifth, seed 1), so the test files are not read at all. Returns (files,
+    labels, probe-fit rows, probe-score rows, the file list)."""
+    train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
+    filelist = out / "train.txt"
+    filelist.write_text("".join(f"{Path(files[i]).resolve()}\n" for i in train_idx))
+    if validate:
+        fit, val = stratified_split(labels[train_idx], 0.2, seed=1)
+        return [files[i] for i in train_idx], labels[train_idx], fit, val, filelist
+    return list(files), labels, train_idx, test_idx, filelist
 
 
 def probe_scores(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,

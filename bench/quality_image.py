@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, calibrated_steps, embed_for_probes, plot_run, probe_scores, provenance
+from common import ROOT, calibrated_steps, dev_splits, embed_for_probes, plot_run, probe_scores, provenance
 
 from multijepa.datasets.files import list_folder
 from multijepa.modalities import MODALITIES
 from multijepa.readers import read_image
 from multijepa.embed import Embedder, load
-from multijepa.evaluate import stratified_split
 from multijepa.recipe import load_recipe
 from multijepa.train import pretrain
 
@@ -44,15 +43,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = list_folder(args.data, MODALITIES["image"].extensions)
-    files, labels = list(index.files), np.array(index.labels)
-    train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
-    filelist = out / "train.txt"
-    filelist.write_text("".join(f"{Path(files[i]).resolve()}\n" for i in train_idx))
-
+    # With --validate pretraining still sees all training images; the probe splits them.
+    files, labels, train_idx, test_idx, filelist = dev_splits(index.files, np.array(index.labels), out, args.validate)
     base = [f"data.path={filelist}", "train.progress=false"] + args.overrides
-    if args.validate:  # pretraining still sees all training images; the probe splits them
-        fit, val = stratified_split(labels[train_idx], 0.2, seed=1)
-        files, labels, train_idx, test_idx = [files[i] for i in train_idx], labels[train_idx], fit, val
     steps = args.steps or calibrated_steps(args.recipe, base, out, args.minutes)
     recipe = load_recipe(args.recipe, base + [f"run.dir={out / 'run'}", f"train.steps={steps}",
                                               f"train.checkpoint_every={max(steps // 10, 1)}"])

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (ROOT, calibrated_steps, embed_for_probes, final_step, load_average, pretrain_for_at_most,
-                    probe_scores, provenance, wait_until_quiet)
+from common import (ROOT, calibrated_steps, dev_splits, embed_for_probes, final_step, load_average,
+                    pretrain_for_at_most, probe_scores, provenance, wait_until_quiet)
 
 from multijepa.datasets.files import list_folder
 from multijepa.modalities import MODALITIES
 from multijepa.embed import Embedder, load
-from multijepa.evaluate import stratified_split
 from multijepa.recipe import load_recipe
 from multijepa.tokenizers.pointcloud import group_points
 
@@ -87,15 +86,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = list_folder(args.data, MODALITIES["pointcloud"].extensions)
-    labels = np.array(index.labels)
-    train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
-    filelist = out / "train.txt"
-    filelist.write_text("".join(f"{Path(index.files[i]).resolve()}\n" for i in train_idx))
-
-    files = list(index.files)
-    if args.validate:  # pretraining still sees all its shapes; the probe splits them
-        fit, val = stratified_split(labels[train_idx], 0.2, seed=1)
-        files, labels, train_idx, test_idx = [files[i] for i in train_idx], labels[train_idx], fit, val
+    # With --validate pretraining still sees all its shapes; the probe splits them.
+    files, labels, train_idx, test_idx, filelist = dev_splits(index.files, np.array(index.labels), out, args.validate)
     start_load = wait_until_quiet() if args.wait_quiet else load_average()
     base = [f"data.path={filelist}", "train.progress=false"] + args.overrides
     if args.baselines_only:

@@ -6,6 +6,12 @@ and head dims that JEPA runs. The measurement behind ``multijepa.core.transforme
 
 Prints one row per (dtype, head dim, tokens, mask) with milliseconds per call of each form and the
 faster one; every call holds about the same number of tokens (batch x heads x tokens = 2^15).
+
+    .venv/bin/python bench/speed_attention.py --threads 1 --probe
+
+times instead one training step (forward + backward) of the attentive probe's pooler on a batch of 64
+token sets, in the form ``multijepa.evaluate.AttentiveProbe`` computes (key and value maps folded into
+the queries) against projecting every token through ``nn.MultiheadAttention``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ def milliseconds(fn: Callable, dtype: torch.dtype, shape: tuple[int, int, int, i
             with torch.no_grad():
                 fn(q, k, v, mask)
 
+    return mean_milliseconds(once, min_seconds)
+
+
+def mean_milliseconds(once: Callable[[], None], min_seconds: float) -> float:
+    """Two warm-up calls of ``once``, then the mean time of as many as fill ``min_seconds`` (3 at least)."""
     for _ in range(2):
         once()
     calls, start = 0, time.perf_counter()
@@ -58,14 +69,41 @@ def milliseconds(fn: Callable, dtype: torch.dtype, shape: tuple[int, int, int, i
     return (time.perf_counter() - start) / calls * 1000
 
 
+def probe_rows(min_seconds: float) -> None:
+    """The attentive probe's step, folded against projected, at the token sets the quality benches probe."""
+    from multijepa.evaluate import AttentiveProbe
+    print("| tokens | width | heads | projected (nn.MultiheadAttention) | folded (AttentiveProbe) | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for tokens, dim in ((64, 192), (192, 128), (768, 128), (256, 384)):  # CIFAR, series, video clips, wider
+        torch.manual_seed(0)
+        model = AttentiveProbe(dim, 10)
+        x, pad, y = torch.randn(64, tokens, dim), torch.zeros(64, tokens, dtype=torch.bool), torch.randint(0, 10, (64,))
+
+        def projected() -> None:
+            kv = model.norm_kv(x)
+            out, _ = model.attn(model.query.expand(len(x), -1, -1), kv, kv, key_padding_mask=pad, need_weights=False)
+            F.cross_entropy(model.head((out + model.mlp(model.norm(out))).flatten(1)), y).backward()
+
+        def folded() -> None:
+            F.cross_entropy(model(x, pad), y).backward()
+
+        slow, fast = mean_milliseconds(projected, min_seconds), mean_milliseconds(folded, min_seconds)
+        print(f"| {tokens} | {dim} | {model.attn.num_heads} | {slow:.1f} ms | {fast:.1f} ms | {slow / fast:.1f}x |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=0.3, help="least time spent on each measurement")
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--probe", action="store_true", help="time the attentive probe's pooler instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probe:
+        print(f"torch {torch.__version__}, {args.threads} threads, fp32; one step of 64 token sets")
+        return probe_rows(args.seconds)
     print(f"torch {torch.__version__}, {args.threads} threads; ms per call, batch x heads x tokens = {TOTAL}")
     print("| dtype | head dim | tokens | mask | pass | SDPA | matmul | faster | the code picks |")
     print("|---|---|---|---|---|---|---|---|---|")
