@@ -150,9 +150,10 @@ class AttentiveProbe(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-def _fit_attentive(tokens: torch.Tensor, pad: torch.Tensor, y: torch.Tensor, classes: int, lr: float, steps: int,
-                   seed: int, batch_size: int = 64) -> AttentiveProbe:
-    """Train an :class:`AttentiveProbe` for ``steps`` AdamW steps (one-cycle schedule, shuffled epochs)."""
+def _fit_attentive(tokens: torch.Tensor, pad: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, classes: int,
+                   lr: float, steps: int, seed: int, batch_size: int = 64) -> AttentiveProbe:
+    """Train an :class:`AttentiveProbe` on the samples ``rows`` for ``steps`` AdamW steps (one-cycle
+    schedule, shuffled epochs); a batch gathers its rows, so no copy of the token sets is made."""
     torch.manual_seed(seed)
     model = AttentiveProbe(tokens.shape[-1], classes).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -160,7 +161,7 @@ def _fit_attentive(tokens: torch.Tensor, pad: torch.Tensor, y: torch.Tensor, cla
     g = torch.Generator().manual_seed(seed)
     done = 0
     while done < steps:
-        for idx in torch.randperm(len(y), generator=g).split(batch_size):
+        for idx in rows[torch.randperm(len(rows), generator=g)].split(batch_size):
             loss = F.cross_entropy(model(tokens[idx], pad[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -193,15 +194,15 @@ def attentive_probe_accuracy(tokens_train: np.ndarray, pad_train: np.ndarray, y_
     ytr = torch.as_tensor(y_train, dtype=torch.long)
     classes = int(max(y_train.max(), y_test.max())) + 1
     steps = max(epochs * -(-len(ytr) // batch_size), ATTENTIVE_MIN_STEPS if min_steps is None else min_steps)
-    fit, val = stratified_split(y_train, 0.2, seed)
+    fit, val = (torch.as_tensor(part) for part in stratified_split(y_train, 0.2, seed))
     best_lr, best_acc = lr_grid[0], -1.0
     if len(val) and len(lr_grid) > 1:
         for lr in lr_grid:
-            model = _fit_attentive(xtr[fit], ptr[fit], ytr[fit], classes, lr, steps, seed, batch_size)
+            model = _fit_attentive(xtr, ptr, ytr, fit, classes, lr, steps, seed, batch_size)
             acc = float((_attentive_predict(model, xtr[val], ptr[val]) == ytr[val]).double().mean())
             if acc > best_acc:
                 best_lr, best_acc = lr, acc
-    model = _fit_attentive(xtr, ptr, ytr, classes, best_lr, steps, seed, batch_size)
+    model = _fit_attentive(xtr, ptr, ytr, torch.arange(len(ytr)), classes, best_lr, steps, seed, batch_size)
     pred = _attentive_predict(model, torch.as_tensor(tokens_test, dtype=torch.float32),
                               torch.as_tensor(pad_test, dtype=torch.bool))
     return float((pred.numpy() == y_test).mean())
