@@ -5,6 +5,7 @@ for the digit and for its direction of motion; and clips per second decoded + to
     .venv/bin/python bench/quality_video.py --eval val --minutes 6  # choosing settings (validation split)
     .venv/bin/python bench/quality_video.py --speed-only            # KTH clips per second, each backend
     .venv/bin/python bench/quality_video.py --baselines-only        # raw pixels (each video's mean frame)
+    .venv/bin/python bench/quality_video.py --eval val --checkpoint OUT/run_test/last.pt  # probe a finished run
 
 The moving-digits set (``make_moving_digits``), deterministic given ``--seed``:
 
@@ -186,6 +187,8 @@ def main() -> None:
     ap.add_argument("--baselines-only", action="store_true",
                     help="only the raw-pixel baseline (each video's mean frame) on the chosen split; no training")
     ap.add_argument("--no-attentive", action="store_true", help="skip the attentive probe (linear and kNN only)")
+    ap.add_argument("--checkpoint", default="", help="probe this checkpoint of a finished run (of these settings, "
+                    "pretrained on the same training videos) instead of training one")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides (after the bench's own)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -223,17 +226,24 @@ def main() -> None:
     base = [f"data.path={filelist}", "train.progress=false", "train.threads=1", "data.num_workers=0"]
     base += BENCH + args.overrides
     load_at_start = load_average()
-    steps = args.steps or calibrated_steps(args.recipe, base, out, args.minutes * 0.97)  # 3% for checkpoints
-    recipe = load_recipe(args.recipe, base + [f"run.dir={out / f'run_{args.eval}'}", f"train.steps={steps}",
-                                              f"train.checkpoint_every={max(steps // 5, 1)}", "run.resume=false"])
-    t0 = time.perf_counter()
-    run = pretrain(recipe)
-    train_minutes = (time.perf_counter() - t0) / 60
-    plot_run(run)
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+        run, train_minutes = checkpoint.parent, 0.0
+        steps = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+    else:
+        steps = args.steps or calibrated_steps(args.recipe, base, out, args.minutes * 0.97)  # 3% for checkpoints
+        recipe = load_recipe(args.recipe, base + [f"run.dir={out / f'run_{args.eval}'}", f"train.steps={steps}",
+                                                  f"train.checkpoint_every={max(steps // 5, 1)}", "run.resume=false"])
+        t0 = time.perf_counter()
+        run = pretrain(recipe)
+        train_minutes = (time.perf_counter() - t0) / 60
+        plot_run(run)
+        checkpoint = run / "last.pt"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if m["step"] <= steps]
 
-    results: dict = {"eval": args.eval, "raw_pixel_mean": baseline}
-    jepa = load(run / "last.pt", device="cpu")
+    results: dict = {"eval": args.eval, "raw_pixel_mean": baseline, "checkpoint": str(checkpoint)}
+    jepa = load(checkpoint, device="cpu")
     for name, model in [("jepa", jepa), ("random_init", Embedder.random_init(jepa.recipe, device="cpu"))]:
         feats, tokens = embed_for_probes(model, fit_files + score_files, not args.no_attentive, batch_size=128)
         fit_rows, score_rows = np.arange(len(fit_files)), np.arange(len(fit_files), len(feats))
@@ -247,7 +257,8 @@ def main() -> None:
         results["kth_speed"] = kth_speed(Path(args.kth), args.recipe)
     results.update(steps=steps, train_minutes=round(train_minutes, 1), n_pretrain=len(files),
                    n_fit=len(fit_files), n_score=len(score_files), load_at_start=load_at_start, **provenance(1))
-    (out / f"results_{args.eval}.json").write_text(json.dumps(results, indent=2))
+    name = f"results_{args.eval}" + (f"_{checkpoint.parent.name}_{steps}" if args.checkpoint else "")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 
