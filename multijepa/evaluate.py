@@ -135,7 +135,7 @@ class AttentiveProbe(nn.Module):
         scale and shift. So the tokens are read twice, against Q x heads vectors, instead of being
         multiplied by two D x D matrices: about D / heads times less work on long token sets.
         """
-        b, t, d = tokens.shape
+        b, _, d = tokens.shape
         q_count, heads = self.query.shape[1], self.attn.num_heads
         wq, wk, wv = self.attn.in_proj_weight.chunk(3)
         bq, _, bv = self.attn.in_proj_bias.chunk(3)
