@@ -272,6 +272,26 @@ def test_series_tokenizer__instance_norm_hides_scale_and_offset():
     assert torch.allclose(n[..., :16].mean(-1), torch.zeros(1, 2), atol=1e-5) and (n[..., 16:] == 0).all()
 
 
+@pytest.mark.parametrize("independent", [True, False])
+def test_series_tokenizer__keep_levels_tells_levels_apart_over_real_samples_only(independent):
+    torch.manual_seed(0)
+    tok = SeriesTokenizer(2, patch_size=4, stride=4, dim=8, widths=(4,), independent=independent, keep_levels=True)
+    plain = SeriesTokenizer(2, patch_size=4, stride=4, dim=8, widths=(4,), independent=independent)
+    assert tok.levels.in_features == (2 if independent else 4) and plain.levels is None
+    x = torch.randn(1, 2, 16)
+    moved = x.clone()
+    moved[:, 0] = moved[:, 0] * 100.0 + 5.0  # channel 0's level and scale only: the same shape
+    a, b = tok(x)[0], tok(moved)[0]
+    assert torch.allclose(plain(x)[0], plain(moved)[0], atol=1e-4)  # without: levels are gone
+    if independent:  # tokens are channel-major, 4 per channel: channel 0's move, channel 1's stay
+        assert (a[0, :4] - b[0, :4]).abs().amax(-1).min() > 1e-2 and torch.allclose(a[0, 4:], b[0, 4:], atol=1e-5)
+    else:
+        assert (a - b).abs().amax(-1).min() > 1e-2
+    padded = torch.cat([moved, torch.full((1, 2, 8), float("nan"))], -1)  # padding changes no level
+    real = [0, 1, 2, 3, 6, 7, 8, 9] if independent else [0, 1, 2, 3]
+    assert torch.allclose(tok(padded)[0][:, real], b, atol=1e-5)
+
+
 def test_series_tokenizer__a_token_sees_only_its_own_patch():
     torch.manual_seed(0)
     tok = SeriesTokenizer(1, patch_size=4, stride=4, dim=8, widths=(4, 4), kernel_size=3, normalize=False)
@@ -351,10 +371,11 @@ def test_jepa__padded_batch_trains_with_finite_loss():
     ("timeseries.missing=drop", "timeseries.missing"),
     ("timeseries.window_hop=-1", "timeseries.window_hop"),
     ("timeseries.npz_split=val", "timeseries.npz_split"),
+    ("timeseries.keep_levels=true timeseries.instance_norm=false", "timeseries.keep_levels"),  # nothing to keep
 ])
 def test_load_recipe__bad_timeseries_values_name_the_key(override, key):
     with pytest.raises(RecipeError, match=f"'{key}'"):
-        load_recipe(RECIPE, [override])
+        load_recipe(RECIPE, override.split())
 
 
 def test_token_grid__channel_independent_or_mixed():

@@ -49,10 +49,25 @@ def instance_norm(series: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
     series [B, C, L] with NaN padding -> float [B, C, L] without NaN.
     """
+    return instance_norm_and_levels(series, eps)[0]
+
+
+def instance_norm_and_levels(series: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`instance_norm` and what it takes out: per channel asinh(mean) and log(std), float [B, C, 2].
+
+    asinh and log keep levels of any unit within a few units of 0 (a sign-keeping log for the mean;
+    a constant channel's log std is log(1e-4), about -9), so one linear map can read them.
+
+    >>> x = torch.tensor([[[1.0, 3.0, float("nan")]]])
+    >>> [round(v, 3) for v in instance_norm_and_levels(x)[1][0, 0].tolist()]  # asinh(2), log(1)
+    [1.444, 0.0]
+    """
     real = ~torch.isnan(series)
     x = torch.nan_to_num(series, nan=0.0)
     mean, var = masked_moments(x, real, (-1,))
-    return ((x - mean) / torch.sqrt(var + eps)) * real
+    std = torch.sqrt(var + eps)
+    levels = torch.cat([torch.asinh(mean), torch.log(std.clamp_min(1e-4))], -1)
+    return ((x - mean) / std) * real, levels
 
 
 class SeriesTokenizer(nn.Module):
@@ -67,6 +82,9 @@ class SeriesTokenizer(nn.Module):
         independent: one token per (channel, patch), all channels through the same weights, coords
             (channel, t); otherwise one token per patch mixing all channels, coords (t,).
         normalize: per-series instance norm first, so absolute scale does not leak into tokens.
+        keep_levels: with ``normalize``, every token also gets a linear embedding of what the norm took
+            out of its channel (asinh mean, log std; all channels' in mixed mode), added before the
+            LayerNorm: shapes are compared free of scale, and a class carried by levels is not lost.
 
     >>> tok = SeriesTokenizer(3, patch_size=4, stride=4, dim=16, widths=(8,), independent=True)
     >>> tokens, coords = tok(torch.randn(2, 3, 32))
@@ -75,9 +93,14 @@ class SeriesTokenizer(nn.Module):
     """
 
     def __init__(self, channels: int, patch_size: int, stride: int, dim: int, widths: Sequence[int] = (32, 32),
-                 kernel_size: int = 3, independent: bool = True, normalize: bool = True):
+                 kernel_size: int = 3, independent: bool = True, normalize: bool = True, keep_levels: bool = False):
         super().__init__()
         self.patch_size, self.stride, self.independent, self.normalize = patch_size, stride, independent, normalize
+        self.levels = None
+        if normalize and keep_levels:
+            # nn.Linear's default weights: a level's part of a token starts about as large as a patch's. No
+            # bias: where levels are alike in every series (z-normalised sets) they add nothing at all.
+            self.levels = nn.Linear(2 if independent else 2 * channels, dim, bias=False)
         layers: list[nn.Module] = []
         width = 1 if independent else channels
         for w in widths:
@@ -93,7 +116,10 @@ class SeriesTokenizer(nn.Module):
 
     def forward(self, series: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """series [B, C, L] (NaN = padding) -> tokens [B, N, D], coords [B, N, 2 or 1]."""
-        x = instance_norm(series) if self.normalize else torch.nan_to_num(series, nan=0.0)
+        if self.normalize:
+            x, levels = instance_norm_and_levels(series)
+        else:
+            x, levels = torch.nan_to_num(series, nan=0.0), None
         b, c, _ = x.shape
         patches = x.unfold(-1, self.patch_size, self.stride)  # [B, C, P, S]
         p = patches.shape[2]
@@ -105,5 +131,10 @@ class SeriesTokenizer(nn.Module):
         else:
             flat = rearrange(patches, "b c p s -> (b p) c s")
             coords = t.reshape(1, p, 1)
-        tokens = rearrange(self.norm(self.proj(self.convs(flat).flatten(1))), "(b n) d -> b n d", b=b)
-        return tokens, coords.expand(b, -1, -1)
+        tokens = rearrange(self.proj(self.convs(flat).flatten(1)), "(b n) d -> b n d", b=b)
+        if self.levels is not None:
+            if self.independent:  # [B, C, D] -> one row per (channel, patch), channel-major like the tokens
+                tokens = tokens + repeat(self.levels(levels), "b c d -> b (c p) d", p=p)
+            else:
+                tokens = tokens + self.levels(levels.flatten(1))[:, None]
+        return self.norm(tokens), coords.expand(b, -1, -1)
