@@ -278,6 +278,9 @@ def test_series_tokenizer__keep_levels_tells_levels_apart_over_real_samples_only
     tok = SeriesTokenizer(2, patch_size=4, stride=4, dim=8, widths=(4,), independent=independent, keep_levels=True)
     plain = SeriesTokenizer(2, patch_size=4, stride=4, dim=8, widths=(4,), independent=independent)
     assert tok.levels.in_features == (2 if independent else 4) and plain.levels is None
+    raw = SeriesTokenizer(2, patch_size=4, stride=4, dim=8, widths=(4,), independent=independent, normalize=False,
+                          keep_levels=True)
+    assert raw.levels is None  # without instance norm the tokens see the levels themselves: nothing to add
     x = torch.randn(1, 2, 16)
     moved = x.clone()
     moved[:, 0] = moved[:, 0] * 100.0 + 5.0  # channel 0's level and scale only: the same shape
@@ -371,11 +374,10 @@ def test_jepa__padded_batch_trains_with_finite_loss():
     ("timeseries.missing=drop", "timeseries.missing"),
     ("timeseries.window_hop=-1", "timeseries.window_hop"),
     ("timeseries.npz_split=val", "timeseries.npz_split"),
-    ("timeseries.keep_levels=true timeseries.instance_norm=false", "timeseries.keep_levels"),  # nothing to keep
 ])
 def test_load_recipe__bad_timeseries_values_name_the_key(override, key):
     with pytest.raises(RecipeError, match=f"'{key}'"):
-        load_recipe(RECIPE, override.split())
+        load_recipe(RECIPE, [override])
 
 
 def test_token_grid__channel_independent_or_mixed():

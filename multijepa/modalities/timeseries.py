@@ -42,7 +42,8 @@ class TimeSeriesConfig:
     conv_widths: tuple[int, ...] = (32, 32)  # the convolution stack run inside each patch
     kernel_size: int = 3  # odd; zero padding inside the patch, so a token never sees a neighbouring patch
     instance_norm: bool = True  # each series (window) and channel to zero mean, unit variance: scales do not leak
-    keep_levels: bool = False  # with instance_norm, tokens also embed each channel's mean and std that it took out
+    # with instance_norm, tokens also embed each channel's mean and std that it took out (without it: no effect)
+    keep_levels: bool = False
     missing: Literal["interpolate", "zero", "error"] = "interpolate"  # NaN, ? or empty values inside a series
     csv_layout: Literal["long", "wide"] = "long"  # long: one series per file, rows = time, columns = channels
     # A class label column: auto is none for a .csv, first for a .txt/.tsv (the UCR archive's layout)
@@ -69,9 +70,6 @@ def validate_timeseries(ts: TimeSeriesConfig, where: str) -> None:
           f"samples), got {ts.stride}")
     check(ts.channels >= 0, where, "timeseries.channels", "must be 0 (from the data) or positive")
     check(ts.length >= 0, where, "timeseries.length", "must be 0 (from the data) or positive")
-    check(ts.instance_norm or not ts.keep_levels, where, "timeseries.keep_levels",
-          "is true, but timeseries.instance_norm is false: there are no levels taken out to keep (the "
-          "tokens see the raw series); set keep_levels=false or instance_norm=true")
     stride = patch_stride(ts)
     if ts.length:
         fits = ts.length >= ts.patch_size and (ts.length - ts.patch_size) % stride == 0
