@@ -268,7 +268,7 @@ def test_series_tokenizer__instance_norm_hides_scale_and_offset():
     scaled = x * torch.tensor([[[100.0], [0.01]]]) + torch.tensor([[[5.0], [-3.0]]])
     assert torch.allclose(tok(x)[0], tok(scaled)[0], atol=1e-4)
     padded = torch.cat([x, torch.full((1, 2, 8), float("nan"))], -1)
-    n = instance_norm(padded)
+    n = instance_norm(padded)[0]
     assert torch.allclose(n[..., :16].mean(-1), torch.zeros(1, 2), atol=1e-5) and (n[..., 16:] == 0).all()
 
 

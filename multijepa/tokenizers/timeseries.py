@@ -44,23 +44,18 @@ def valid_tokens(series: torch.Tensor, patch_size: int, stride: int, independent
     return per_patch
 
 
-def instance_norm(series: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per series and channel, zero mean and unit variance over real samples; padding becomes 0.
+def instance_norm(series: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per series and channel, zero mean and unit variance over real samples; padding becomes 0. Also
+    returns what it took out (for ``keep_levels``): per channel asinh(mean) and log(std).
 
-    series [B, C, L] with NaN padding -> float [B, C, L] without NaN.
-    """
-    return instance_norm_and_levels(series, eps)[0]
-
-
-def instance_norm_and_levels(series: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`instance_norm` and what it takes out: per channel asinh(mean) and log(std), float [B, C, 2].
-
+    series [B, C, L] with NaN padding -> float [B, C, L] without NaN, and levels float [B, C, 2].
     asinh and log keep levels of any unit within a few units of 0 (a sign-keeping log for the mean;
     a constant channel's log std is log(1e-4), about -9), so one linear map can read them.
 
     >>> x = torch.tensor([[[1.0, 3.0, float("nan")]]])
-    >>> [round(v, 3) for v in instance_norm_and_levels(x)[1][0, 0].tolist()]  # asinh(2), log(1)
-    [1.444, 0.0]
+    >>> normed, levels = instance_norm(x)
+    >>> normed[0, 0, :2].tolist(), [round(v, 3) for v in levels[0, 0].tolist()]  # asinh(2), log(1)
+    ([-1.0, 1.0], [1.444, 0.0])
     """
     real = ~torch.isnan(series)
     x = torch.nan_to_num(series, nan=0.0)
@@ -117,7 +112,7 @@ class SeriesTokenizer(nn.Module):
     def forward(self, series: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """series [B, C, L] (NaN = padding) -> tokens [B, N, D], coords [B, N, 2 or 1]."""
         if self.normalize:
-            x, levels = instance_norm_and_levels(series)
+            x, levels = instance_norm(series)
         else:
             x, levels = torch.nan_to_num(series, nan=0.0), None
         b, c, _ = x.shape
