@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import multijepa
-from multijepa.core.masking import MaskConfig, sample_future_masks
+from multijepa.core.masking import MaskConfig, sample_block_masks, sample_future_masks, sample_grid_masks
 from multijepa.errors import RecipeError
 from multijepa.recipe import load_recipe
 
@@ -67,6 +67,45 @@ def test_recipe__future_masks_are_validated_against_the_time_axis():
         load_recipe("audio", ["mask.mode=past"])
 
 
+def test_future_share__a_share_of_batches_predicts_the_future_and_the_rest_keeps_its_tubes():
+    grid = (4, 4, 4)  # video: time, rows, cols
+    mix = MaskConfig(num_targets=4, target_scale=(0.15, 0.25), full_span_axes=(0,), future_share=0.5,
+                     future_targets=1, future_scale=(0.25, 0.5))
+    time = np.indices(grid)[0].reshape(-1)
+    g, kinds = torch.Generator().manual_seed(3), []
+    for _ in range(200):
+        ctx, tgt = sample_grid_masks(grid, mix, 2, g, time_axis=0)
+        if tgt.shape[1] == 1:  # a future batch: one span of 1-2 whole steps right after the context
+            kinds.append("future")
+            for b in range(2):
+                steps = np.unique(time[tgt[b, 0].numpy()])
+                assert time[ctx[b].numpy()].max() + 1 == steps[0] and len(steps) in (1, 2)
+                assert tgt.shape[2] == 16 * len(steps)
+        else:  # a blocks batch: four tubes through every frame
+            kinds.append("tubes")
+            assert tgt.shape[1] == 4 and all(len(np.unique(time[t.numpy()])) == 4 for t in tgt[0])
+    assert 70 < kinds.count("future") < 130
+    # No share, no extra draw: the masks are those of a run without the setting.
+    plain = MaskConfig(num_targets=4, target_scale=(0.15, 0.25), full_span_axes=(0,))
+    a = sample_grid_masks(grid, plain, 3, torch.Generator().manual_seed(5), time_axis=0)
+    b = sample_block_masks(grid, plain, 3, torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_recipe__future_share_is_validated_with_the_keys_it_sizes_from():
+    assert load_recipe("video", ["mask.future_share=0.5"]).mask.future_share == 0.5
+    with pytest.raises(RecipeError, match="mask.future_share.*between 0 and 1"):
+        load_recipe("video", ["mask.future_share=1.5"])
+    with pytest.raises(RecipeError, match="mask.future_share.*applies to mode blocks"):
+        load_recipe("video", ["mask.mode=future", "mask.num_targets=1", "mask.future_share=0.5"])
+    with pytest.raises(RecipeError, match="mask.future_scale.*time steps"):
+        load_recipe("video", ["mask.future_share=0.5", "mask.future_targets=2", "mask.future_scale=[0.5,0.75]"])
+    with pytest.raises(RecipeError, match="mask.future_share.*image tokens have no time axis"):
+        load_recipe("image", ["mask.future_share=0.5"])
+    with pytest.raises(RecipeError, match="mask.future_share.*point-cloud tokens have no time axis"):
+        load_recipe("pointcloud", ["mask.future_share=0.5"])
+
+
 def test_pretrain__future_prediction_on_padded_series_and_on_audio(tmp_path):
     rng = np.random.default_rng(0)
     series = [[np.sin(np.linspace(0, 8, 20 + 4 * (i % 3))) + rng.normal(0, 0.1, 20 + 4 * (i % 3))] for i in range(16)]
@@ -74,6 +113,9 @@ def test_pretrain__future_prediction_on_padded_series_and_on_audio(tmp_path):
     run = multijepa.pretrain(load_recipe("timeseries", TINY_TS + [
         f"data.path={data}", f"run.dir={tmp_path / 'ts'}", "train.steps=3", "mask.mode=future", "mask.num_targets=2",
         "mask.target_scale=[0.15,0.25]"]))
+    assert multijepa.load(run / "last.pt").embed([str(data)]).shape == (16, 32)
+    run = multijepa.pretrain(load_recipe("timeseries", TINY_TS + [  # both objectives, batch by batch
+        f"data.path={data}", f"run.dir={tmp_path / 'mix'}", "train.steps=6", "mask.future_share=0.5"]))
     assert multijepa.load(run / "last.pt").embed([str(data)]).shape == (16, 32)
     waves = [torch.sin(torch.linspace(0, 400 * (1 + i % 3), 4000))[None] for i in range(8)]
     run = multijepa.pretrain(load_recipe("audio", TINY_AUDIO + [f"run.dir={tmp_path / 'au'}", "train.steps=2",

@@ -14,7 +14,7 @@ same number of target tokens; context sets are cut to the batch's smallest so te
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -35,6 +35,10 @@ class MaskConfig:
     axis right after a split point, each spanning the other axes whole; the context is the latest
     ``context_scale`` share of the past before it (at least ``min_context`` tokens). Aspects and
     ``full_span_axes`` do not apply there.
+
+    ``future_share`` > 0 (``mode: blocks`` only) trains both objectives in one run: that share of the
+    batches, drawn per batch, gets future masks instead of blocks, with ``future_targets`` spans of
+    ``future_scale`` of the time axis (and the same context settings).
     """
 
     mode: Literal["blocks", "future"] = "blocks"
@@ -45,6 +49,14 @@ class MaskConfig:
     context_aspect: tuple[float, float] = (1.0, 1.0)
     min_context: int = 4  # fewest context tokens a sample may keep
     full_span_axes: tuple[int, ...] = ()  # grid axes every block spans entirely (video tubes, audio time spans)
+    future_share: float = 0.0  # mode blocks: share of batches that predict the future instead
+    future_targets: int = 1  # future spans per sample in those batches
+    future_scale: tuple[float, float] = (0.25, 0.5)  # share of the time axis covered by each such span
+
+
+def future_part(cfg: MaskConfig) -> MaskConfig:
+    """The ``mode: future`` masks that ``future_share`` of a blocks run's batches get."""
+    return replace(cfg, mode="future", num_targets=cfg.future_targets, target_scale=cfg.future_scale, future_share=0.0)
 
 
 def _uniform(rng: tuple[float, float], g: torch.Generator) -> float:
@@ -175,7 +187,11 @@ def _cut_to_smallest(contexts: list[torch.Tensor], g: torch.Generator) -> torch.
 
 def sample_grid_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int, g: torch.Generator,
                       valid: torch.Tensor | None = None, time_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The masks ``cfg.mode`` asks for on a token grid: :func:`sample_block_masks` or :func:`sample_future_masks`."""
+    """The masks ``cfg.mode`` asks for on a token grid: :func:`sample_block_masks` or :func:`sample_future_masks`
+    (for ``future_share`` of the batches of a blocks run; the generator draws the choice only then)."""
+    if cfg.mode == "blocks" and cfg.future_share > 0 and time_axis is not None \
+            and torch.rand((), generator=g).item() < cfg.future_share:
+        cfg = future_part(cfg)
     if cfg.mode == "future":
         if time_axis is None:
             raise RecipeError("mask.mode=future needs a time axis, and these tokens have none")
@@ -240,23 +256,25 @@ def sample_future_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int,
 
 
 def validate_future_mask(m: MaskConfig, grid: tuple[int, ...], time_axis: int | None, where: str,
-                         modality: str = "these") -> None:
-    """Check that ``mode: future`` masks fit the grid's time axis: the spans and ``min_context`` tokens of past."""
+                         modality: str = "these", targets_key: str = "mask.num_targets",
+                         scale_key: str = "mask.target_scale") -> None:
+    """Check that ``mode: future`` masks fit the grid's time axis: the spans and ``min_context`` tokens of past
+    (``targets_key`` and ``scale_key``: the recipe keys their count and sizes come from)."""
     check(time_axis is not None, where, "mask.mode",
           f"is future, but {modality} tokens have no time axis to predict along; use mask.mode=blocks")
-    check(m.num_targets >= 1, where, "mask.num_targets", "must be at least 1")
-    check_range(m.target_scale, where, "mask.target_scale", 1e-6, 1.0)
+    check(m.num_targets >= 1, where, targets_key, "must be at least 1")
+    check_range(m.target_scale, where, scale_key, 1e-6, 1.0)
     check_range(m.context_scale, where, "mask.context_scale", 1e-6, 1.0)
     check(m.min_context >= 1, where, "mask.min_context", "must be at least 1")
     steps = grid[time_axis]
     per_step = math.prod(grid) // steps
-    check(round(m.target_scale[0] * steps) >= 1, where, "mask.target_scale",
+    check(round(m.target_scale[0] * steps) >= 1, where, scale_key,
           f"gives future spans of under one of the {steps} time steps of the {list(grid)} token grid; raise it")
     longest, need = max(1, round(m.target_scale[1] * steps)), math.ceil(m.min_context / per_step)
-    check(need + m.num_targets * longest <= steps, where, "mask.target_scale",
+    check(need + m.num_targets * longest <= steps, where, scale_key,
           f"allows {m.num_targets} future spans of {longest} steps after the {need} past steps that "
           f"mask.min_context={m.min_context} needs, more than the token grid's {steps} time steps; lower "
-          f"mask.target_scale, mask.num_targets or mask.min_context, or use longer clips")
+          f"{scale_key}, {targets_key} or mask.min_context, or use longer clips")
 
 
 def sample_neighbourhood_masks(coords: torch.Tensor, cfg: MaskConfig, g: torch.Generator,
@@ -313,10 +331,18 @@ def sample_neighbourhood_masks(coords: torch.Tensor, cfg: MaskConfig, g: torch.G
 def validate_grid_mask(m: MaskConfig, grid: tuple[int, ...], where: str, time_axis: int | None = None,
                        modality: str = "these") -> None:
     """Check the masks ``m.mode`` asks for on ``grid`` (``time_axis``: the grid's time axis, or None)."""
+    check(0 <= m.future_share <= 1, where, "mask.future_share", f"must be between 0 and 1, got {m.future_share}")
     if m.mode == "future":
+        check(m.future_share == 0, where, "mask.future_share",
+              "applies to mode blocks (a share of its batches gets future masks); with mode future every batch does: set it to 0")
         validate_future_mask(m, grid, time_axis, where, modality)
-    else:
-        validate_mask(m, grid, where)
+        return
+    validate_mask(m, grid, where)
+    if m.future_share > 0:
+        check(time_axis is not None, where, "mask.future_share",
+              f"asks for future masks, but {modality} tokens have no time axis to predict along; set it to 0")
+        validate_future_mask(future_part(m), grid, time_axis, where, modality,
+                             targets_key="mask.future_targets", scale_key="mask.future_scale")
 
 
 def validate_mask(m: MaskConfig, grid: tuple[int, ...], where: str) -> None:
@@ -349,6 +375,8 @@ def validate_neighbourhood_mask(m: MaskConfig, num_tokens: int, where: str) -> N
     """Check that neighbourhood masks can be sampled from ``num_tokens`` tokens without looping for ever."""
     check(m.mode == "blocks", where, "mask.mode",
           "is future, but point-cloud tokens have no time axis to predict along; use mask.mode=blocks")
+    check(m.future_share == 0, where, "mask.future_share",
+          "asks for future masks, but point-cloud tokens have no time axis to predict along; set it to 0")
     check(m.num_targets >= 1, where, "mask.num_targets", "must be at least 1")
     check_range(m.target_scale, where, "mask.target_scale", 1e-6, 1.0)
     check_range(m.context_scale, where, "mask.context_scale", 1e-6, 1.0)
