@@ -56,7 +56,7 @@ def calibrated_steps(recipe_path: str, overrides: list[str], out: Path, minutes:
     rows = [json.loads(line) for line in (out / "calib/metrics.jsonl").read_text().splitlines()]
     per_s = float(np.mean([r["samples_per_s"] for r in rows[1:]]))
     steps = int(minutes * 60 * per_s / calib.data.batch_size)
-    print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {minutes} min", flush=True)
+    print(f"calibration: {per_s:.1f} samples/s -> {steps} steps in {minutes:.1f} min", flush=True)
     return steps
 
 

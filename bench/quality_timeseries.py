@@ -37,7 +37,8 @@ import torch
 from common import embed_for_probes, provenance
 from multijepa.readers.series import read_series
 from multijepa.embed import Embedder, load
-from multijepa.evaluate import attentive_probe_accuracy, knn_accuracy, linear_probe_accuracy, probe_features
+from multijepa.evaluate import (attentive_probe_accuracy, knn_accuracy, linear_probe_accuracy, probe_features,
+                                stratified_folds)
 from multijepa.plot import plot_runs
 from multijepa.recipe import TimeSeriesConfig, load_recipe
 from multijepa.train import pretrain
@@ -64,6 +65,16 @@ def one_nn_euclidean(train: list[np.ndarray], y_train: np.ndarray, test: list[np
     a, b = flat_series(train, test)
     d = (b**2).sum(1, keepdims=True) - 2 * b @ a.T + (a**2).sum(1)
     return float((y_train[d.argmin(1)] == y_test).mean())
+
+
+def one_nn_euclidean_cv(series: list[np.ndarray], labels: np.ndarray, folds: int = 5) -> float:
+    """1-NN Euclidean accuracy by stratified k-fold on one split (TRAIN), the folds of the probes' CV."""
+    parts = stratified_folds(labels, folds)
+    hits = 0
+    for i, te in enumerate(parts):
+        tr = np.concatenate(parts[:i] + parts[i + 1:])
+        hits += one_nn_euclidean([series[j] for j in tr], labels[tr], [series[j] for j in te], labels[te]) * len(te)
+    return hits / len(labels)
 
 
 def baselines(name: str, data: Path) -> dict:
@@ -125,7 +136,10 @@ def evaluate_set(name: str, data: Path, out: Path, recipe_path: str, overrides: 
             values = np.array([r[key] for r in runs])
             result[which][key] = round(float(values.mean()), 4)
             result[which][f"{key}_std"] = round(float(values.std()), 4)
-    if cv_only:
+    if cv_only:  # the 1-NN baseline on the same TRAIN folds (on the equal-length files where a set has them)
+        eq_train = data / name / f"{name}_eq_TRAIN.ts"
+        x_cv, l_cv = labelled(eq_train) if eq_train.exists() else (x_train, l_train)
+        result["one_nn_ed_cv"] = round(one_nn_euclidean_cv(x_cv, np.array([classes.index(v) for v in l_cv])), 4)
         return result
     result.update(baselines(name, data))
     return result
@@ -187,7 +201,7 @@ def main() -> None:
     if args.cv_only:
         for name, r in results.items():
             print(f"{name:18s} train 5-fold CV linear: JEPA {r['jepa']['train_cv_linear']:.3f}  "
-                  f"random init {r['random_init']['train_cv_linear']:.3f}")
+                  f"random init {r['random_init']['train_cv_linear']:.3f}  1-NN ED {r['one_nn_ed_cv']:.3f}")
         return
     print(f"\nMeans over {args.seeds} seed(s) ({args.first_seed} .. {last_seed}), spread (std) in brackets:\n")
     print("| set | train / test | JEPA linear | random-init linear | 1-NN ED | raw linear | JEPA > random? "
