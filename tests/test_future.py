@@ -96,10 +96,10 @@ def test_recipe__future_share_is_validated_with_the_keys_it_sizes_from():
     assert load_recipe("video", ["mask.future_share=0.5"]).mask.future_share == 0.5
     with pytest.raises(RecipeError, match="mask.future_share.*between 0 and 1"):
         load_recipe("video", ["mask.future_share=1.5"])
-    with pytest.raises(RecipeError, match="mask.future_share.*applies to mode blocks"):
-        load_recipe("video", ["mask.mode=future", "mask.num_targets=1", "mask.future_share=0.5"])
     with pytest.raises(RecipeError, match="mask.future_scale.*time steps"):
         load_recipe("video", ["mask.future_share=0.5", "mask.future_targets=2", "mask.future_scale=[0.5,0.75]"])
+    # Clips of two time steps: a span of 25% is drawn as one step, not refused.
+    assert load_recipe("video", ["video.frames=4", "mask.min_context=2", "mask.future_share=0.5"]).mask.future_share == 0.5
     with pytest.raises(RecipeError, match="mask.future_share.*image tokens have no time axis"):
         load_recipe("image", ["mask.future_share=0.5"])
     with pytest.raises(RecipeError, match="mask.future_share.*point-cloud tokens have no time axis"):

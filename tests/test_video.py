@@ -321,7 +321,8 @@ def test_video_tokenizer__shapes_coords_in_grid_order_and_backward():
 
 
 def test_video_masks__target_blocks_are_tubes_through_every_frame():
-    recipe = load_recipe(VIDEO_RECIPE)
+    assert load_recipe(VIDEO_RECIPE).mask.full_span_axes == ()  # the recipe's boxes; tubes on request
+    recipe = load_recipe(VIDEO_RECIPE, ["mask.full_span_axes=[0]"])
     grid = token_grid(recipe)
     assert grid == (4, 4, 4) and recipe.mask.full_span_axes == (0,)
     context, targets = sample_block_masks(grid, recipe.mask, 16, torch.Generator().manual_seed(0))

@@ -36,9 +36,10 @@ class MaskConfig:
     ``context_scale`` share of the past before it (at least ``min_context`` tokens). Aspects and
     ``full_span_axes`` do not apply there.
 
-    ``future_share`` > 0 (``mode: blocks`` only) trains both objectives in one run: that share of the
-    batches, drawn per batch, gets future masks instead of blocks, with ``future_targets`` spans of
-    ``future_scale`` of the time axis (and the same context settings).
+    ``future_share`` > 0 (``mode: blocks``; ``mode: future`` ignores it) trains both objectives in one
+    run: that share of the batches, drawn per batch, gets future masks instead of blocks, with
+    ``future_targets`` spans of ``future_scale`` of the time axis, at least one step each (and the
+    same context settings).
     """
 
     mode: Literal["blocks", "future"] = "blocks"
@@ -257,9 +258,10 @@ def sample_future_masks(grid: tuple[int, ...], cfg: MaskConfig, batch_size: int,
 
 def validate_future_mask(m: MaskConfig, grid: tuple[int, ...], time_axis: int | None, where: str,
                          modality: str = "these", targets_key: str = "mask.num_targets",
-                         scale_key: str = "mask.target_scale") -> None:
+                         scale_key: str = "mask.target_scale", short_spans_ok: bool = False) -> None:
     """Check that ``mode: future`` masks fit the grid's time axis: the spans and ``min_context`` tokens of past
-    (``targets_key`` and ``scale_key``: the recipe keys their count and sizes come from)."""
+    (``targets_key`` and ``scale_key``: the recipe keys their count and sizes come from; ``short_spans_ok``:
+    a span under one step is drawn as one step, as ``future_share`` does for clips of few steps)."""
     check(time_axis is not None, where, "mask.mode",
           f"is future, but {modality} tokens have no time axis to predict along; use mask.mode=blocks")
     check(m.num_targets >= 1, where, targets_key, "must be at least 1")
@@ -268,7 +270,7 @@ def validate_future_mask(m: MaskConfig, grid: tuple[int, ...], time_axis: int | 
     check(m.min_context >= 1, where, "mask.min_context", "must be at least 1")
     steps = grid[time_axis]
     per_step = math.prod(grid) // steps
-    check(round(m.target_scale[0] * steps) >= 1, where, scale_key,
+    check(short_spans_ok or round(m.target_scale[0] * steps) >= 1, where, scale_key,
           f"gives future spans of under one of the {steps} time steps of the {list(grid)} token grid; raise it")
     longest, need = max(1, round(m.target_scale[1] * steps)), math.ceil(m.min_context / per_step)
     check(need + m.num_targets * longest <= steps, where, scale_key,
@@ -332,9 +334,7 @@ def validate_grid_mask(m: MaskConfig, grid: tuple[int, ...], where: str, time_ax
                        modality: str = "these") -> None:
     """Check the masks ``m.mode`` asks for on ``grid`` (``time_axis``: the grid's time axis, or None)."""
     check(0 <= m.future_share <= 1, where, "mask.future_share", f"must be between 0 and 1, got {m.future_share}")
-    if m.mode == "future":
-        check(m.future_share == 0, where, "mask.future_share",
-              "applies to mode blocks (a share of its batches gets future masks); with mode future every batch does: set it to 0")
+    if m.mode == "future":  # every batch predicts the future; future_share and its sizes have no say
         validate_future_mask(m, grid, time_axis, where, modality)
         return
     validate_mask(m, grid, where)
@@ -342,7 +342,7 @@ def validate_grid_mask(m: MaskConfig, grid: tuple[int, ...], where: str, time_ax
         check(time_axis is not None, where, "mask.future_share",
               f"asks for future masks, but {modality} tokens have no time axis to predict along; set it to 0")
         validate_future_mask(future_part(m), grid, time_axis, where, modality,
-                             targets_key="mask.future_targets", scale_key="mask.future_scale")
+                             targets_key="mask.future_targets", scale_key="mask.future_scale", short_spans_ok=True)
 
 
 def validate_mask(m: MaskConfig, grid: tuple[int, ...], where: str) -> None:
